@@ -1,0 +1,10 @@
+//! docker-on-top: a Docker volume plugin that gives containers a copy-on-write (overlayfs)
+//! view of a host directory.
+//!
+//! Layers, outermost first: [`server`] and [`wire`] speak Docker's plugin protocol and know
+//! nothing of files; [`driver`] owns every invariant of the on-disk state; [`sys`] is the small
+//! OS boundary (mounts) behind a trait.
+
+pub mod driver;
+pub mod names;
+pub mod options;
