@@ -1,14 +1,41 @@
 //! The volume driver: volume lifecycle, per-ID mount counts and the volatile discard.
-//! (API skeleton; bodies being written.)
+//!
+//! This is where every invariant of [`crate::store`] is kept. It is synchronous (the server
+//! calls it through `spawn_blocking`); it takes validated [`VolumeName`]s and [`MountId`]s and
+//! never sees the wire format. Mounting goes through the [`Sys`] trait.
+//!
+//! # State machine of one volume
+//!
+//! The kernel says whether the overlay is mounted at `mountpoint/` in our mount namespace; the
+//! records in `activemounts/` say who uses it. They combine as follows:
+//!
+//! | kernel    | records                    | meaning and what Mount does                         |
+//! |-----------|----------------------------|-----------------------------------------------------|
+//! | mounted   | some                       | in use: count one more                              |
+//! | mounted   | none                       | left by a crash after mount, or a busy last unmount: reuse; a volatile volume is unmounted and discarded first (refused while busy) |
+//! | unmounted | none                       | idle: discard if volatile, mount                    |
+//! | unmounted | all from an earlier boot   | idle after a reboot: records are void               |
+//! | unmounted | some from this boot (or Go)| unmounted here but perhaps still held in another mount namespace: refused while any process holds it, else the records are void |
+//!
+//! Last Unmount unmounts *before* deleting its record, and Mount mounts *before* writing its
+//! record, so a crash between the two steps always leaves one of the rows above. A volatile
+//! volume's changes are discarded at the first Mount after the last Unmount, never at Unmount,
+//! so they can be recovered in between; the discard renames the upper into the trash in
+//! constant time and the [`Janitor`] deletes it.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::SystemTime;
 
 use thiserror::Error;
 
+use crate::janitor::Janitor;
 use crate::names::{MountId, VolumeName};
-use crate::options::OptionsError;
+use crate::options::{OptionsError, VolumeOptions};
+use crate::store::{self, Metadata, MountRecord, Root, VolumeDir};
+use crate::sys::{Holder, OverlaySpec, RealSys, Sys, SysError};
 
 /// Everything a request can fail with. Messages are one lower-case sentence; causes are
 /// chained as `source`, never repeated in the message.
@@ -22,8 +49,65 @@ pub enum DriverError {
         #[source]
         source: OptionsError,
     },
-    #[error("todo")]
-    Todo,
+    #[error(
+        "volume {name} already exists with other options (base {base:?}, volatile {volatile}); remove it first or use another name"
+    )]
+    Conflict {
+        name: VolumeName,
+        base: PathBuf,
+        volatile: bool,
+    },
+    #[error("volume {name} has no mount with ID {id}")]
+    UnknownMountId { name: VolumeName, id: MountId },
+    #[error(
+        "volume {name} is still mounted by {holder} in another mount namespace; stop it before using or removing the volume"
+    )]
+    HeldElsewhere { name: VolumeName, holder: Holder },
+    #[error(
+        "the mountpoint of volume {name} is busy: a process still uses files under {mountpoint:?}"
+    )]
+    Busy {
+        name: VolumeName,
+        mountpoint: PathBuf,
+    },
+    #[error("cannot mount volume {name}")]
+    Mount {
+        name: VolumeName,
+        #[source]
+        source: SysError,
+    },
+    #[error("cannot unmount volume {name}")]
+    Unmount {
+        name: VolumeName,
+        #[source]
+        source: SysError,
+    },
+    #[error("cannot inspect the mounts of volume {name}")]
+    Inspect {
+        name: VolumeName,
+        #[source]
+        source: SysError,
+    },
+    #[error("the base directory of volume {name} is unusable: {base:?}")]
+    BaseGone {
+        name: VolumeName,
+        base: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{action} failed for volume {name}")]
+    Io {
+        name: VolumeName,
+        action: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot use the state directory {root:?}")]
+    Root {
+        root: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// What `Get` reports about a volume.
@@ -36,43 +120,12 @@ pub struct VolumeInfo {
     pub base: Option<PathBuf>,
     pub volatile: Option<bool>,
     pub mounted: bool,
-    /// Sum of the usage counts of all mount IDs on record.
+    /// Sum of the usage counts of the mount IDs on record while mounted; 0 when unmounted.
     pub active_mounts: u64,
     pub upper: PathBuf,
     /// Set when the volume's directory exists but its metadata cannot be read: the volume is
     /// still reported (dockerd forgets a volume on any `Get` error).
     pub error: Option<String>,
-}
-
-pub struct Driver {}
-
-impl Driver {
-    pub fn create(
-        &self,
-        _name: &VolumeName,
-        _options: &BTreeMap<String, String>,
-    ) -> Result<(), DriverError> {
-        Err(DriverError::Todo)
-    }
-    pub fn remove(&self, _name: &VolumeName) -> Result<(), DriverError> {
-        Err(DriverError::Todo)
-    }
-    pub fn mount(&self, _name: &VolumeName, _id: &MountId) -> Result<PathBuf, DriverError> {
-        Err(DriverError::Todo)
-    }
-    pub fn unmount(&self, _name: &VolumeName, _id: &MountId) -> Result<(), DriverError> {
-        Err(DriverError::Todo)
-    }
-    /// The mountpoint while mounted, `None` while not; an error for an unknown volume.
-    pub fn path(&self, _name: &VolumeName) -> Result<Option<PathBuf>, DriverError> {
-        Err(DriverError::Todo)
-    }
-    pub fn get(&self, _name: &VolumeName) -> Result<VolumeInfo, DriverError> {
-        Err(DriverError::Todo)
-    }
-    pub fn list(&self) -> Result<Vec<VolumeName>, DriverError> {
-        Err(DriverError::Todo)
-    }
 }
 
 /// How the driver is set up; built by `main` from the command line.
@@ -84,15 +137,931 @@ pub struct DriverConfig {
     pub legacy_mount_api: bool,
 }
 
-impl Driver {
+/// The driver. Cheap to open: it reads nothing per volume until asked about one.
+pub struct Driver<S: Sys = RealSys> {
+    root: Root,
+    sys: S,
+    boot_id: String,
+    janitor: OnceLock<Janitor>,
+}
+
+impl Driver<RealSys> {
     /// Opens (creating if needed) the state root. Does no work proportional to the number of
     /// volumes: the service may be socket-activated for every request.
-    pub fn open(_config: DriverConfig) -> Result<Driver, DriverError> {
-        Ok(Driver {})
+    pub fn open(config: DriverConfig) -> Result<Self, DriverError> {
+        Self::with_sys(
+            &config.root,
+            RealSys {
+                legacy_only: config.legacy_mount_api,
+            },
+        )
+    }
+}
+
+impl<S: Sys> Driver<S> {
+    /// Opens the state root at `root` with the given OS boundary.
+    pub fn with_sys(root: &Path, sys: S) -> Result<Self, DriverError> {
+        let root_err = |source| DriverError::Root {
+            root: root.to_owned(),
+            source,
+        };
+        let root = Root::open(root).map_err(root_err)?;
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map_err(root_err)?
+            .trim()
+            .to_owned();
+        Ok(Self {
+            root,
+            sys,
+            boot_id,
+            janitor: OnceLock::new(),
+        })
+    }
+
+    pub fn root(&self) -> &Root {
+        &self.root
+    }
+
+    pub fn sys(&self) -> &S {
+        &self.sys
     }
 
     /// Starts the background thread that deletes discarded uppers and removed volumes,
     /// finishing deletions a previous process was interrupted in. Call once, after the
     /// service has told systemd it is ready.
-    pub fn start_janitor(&self) {}
+    pub fn start_janitor(&self) {
+        if self.janitor.get().is_some() {
+            return;
+        }
+        match Janitor::start(self.root.clone()) {
+            Ok(j) => {
+                let _ = self.janitor.set(j);
+            }
+            Err(e) => log::warn!("cannot start the trash deleter: {e}"),
+        }
+    }
+
+    fn kick_janitor(&self) {
+        if let Some(j) = self.janitor.get() {
+            j.kick();
+        }
+    }
+
+    // ----- Create -----------------------------------------------------------------------
+
+    pub fn create(
+        &self,
+        name: &VolumeName,
+        options: &BTreeMap<String, String>,
+    ) -> Result<(), DriverError> {
+        let opts = VolumeOptions::parse(options, self.root.path()).map_err(|source| {
+            DriverError::Options {
+                name: name.clone(),
+                source,
+            }
+        })?;
+        let vol = self.root.volume(name);
+        let io_err = |action| {
+            move |source| DriverError::Io {
+                name: name.clone(),
+                action,
+                source,
+            }
+        };
+        if vol.path.exists() {
+            return self.check_same_options(name, &vol, &opts);
+        }
+
+        let base_meta =
+            std::fs::metadata(opts.base.path()).map_err(|source| DriverError::BaseGone {
+                name: name.clone(),
+                base: opts.base.path().to_owned(),
+                source,
+            })?;
+        let staging = VolumeDir::at(self.root.staging_slot(name));
+        let built = (|| -> io::Result<()> {
+            std::fs::create_dir(&staging.path)?;
+            // Held until the rename, so the janitor never takes a staging directory in use.
+            let staging_lock = std::fs::File::open(&staging.path)?;
+            staging_lock.lock()?;
+            for dir in [
+                staging.work(),
+                staging.mountpoint(),
+                staging.active_mounts(),
+            ] {
+                std::fs::create_dir(dir)?;
+            }
+            staging.install_fresh_upper(&base_meta)?;
+            staging.write_metadata(&Metadata {
+                base: opts.base.path().to_owned(),
+                volatile: opts.volatile,
+                created_at: Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
+            })?;
+            std::fs::File::open(&staging.path)?.sync_all()?;
+            std::fs::rename(&staging.path, &vol.path)?;
+            std::fs::File::open(self.root.path())?.sync_all()
+        })();
+        match built {
+            Ok(()) => {
+                log::info!(
+                    "created volume {name} (base {:?}, volatile {})",
+                    opts.base.path(),
+                    opts.volatile
+                );
+                Ok(())
+            }
+            Err(e) => {
+                if std::fs::rename(&staging.path, self.root.trash_slot("staging")).is_ok() {
+                    self.kick_janitor();
+                }
+                // Lost a race with a concurrent Create of the same name.
+                let raced = matches!(e.raw_os_error(), Some(39 /* ENOTEMPTY */ | 17 /* EEXIST */));
+                if raced && vol.path.exists() {
+                    self.check_same_options(name, &vol, &opts)
+                } else {
+                    Err(io_err("creating the volume directory")(e))
+                }
+            }
+        }
+    }
+
+    fn check_same_options(
+        &self,
+        name: &VolumeName,
+        vol: &VolumeDir,
+        opts: &VolumeOptions,
+    ) -> Result<(), DriverError> {
+        let meta = self.read_metadata(name, vol)?;
+        // Go-created volumes store the base as given; compare canonical forms.
+        let stored = std::fs::canonicalize(&meta.base).unwrap_or(meta.base.clone());
+        if stored == opts.base.path() && meta.volatile == opts.volatile {
+            Ok(())
+        } else {
+            Err(DriverError::Conflict {
+                name: name.clone(),
+                base: meta.base,
+                volatile: meta.volatile,
+            })
+        }
+    }
+
+    fn read_metadata(&self, name: &VolumeName, vol: &VolumeDir) -> Result<Metadata, DriverError> {
+        vol.read_metadata().map_err(|source| DriverError::Io {
+            name: name.clone(),
+            action: "reading metadata.json",
+            source,
+        })
+    }
+
+    // ----- Mount ------------------------------------------------------------------------
+
+    pub fn mount(&self, name: &VolumeName, id: &MountId) -> Result<PathBuf, DriverError> {
+        let (vol, _lock) = self.lock(name)?;
+        let meta = self.read_metadata(name, &vol)?;
+        let records = self.read_records(name, &vol)?;
+        let mountpoint = vol.mountpoint();
+        let mut mounted = self.is_mounted(name, &mountpoint)?;
+
+        if !mounted && !records.is_empty() {
+            self.void_records_unless_held(name, &vol, &records)?;
+        }
+        if mounted && records.is_empty() && meta.volatile {
+            // An overlay nobody is on record for may carry a dead user's changes: start over.
+            match self.sys.unmount(&mountpoint) {
+                Ok(()) => mounted = false,
+                Err(SysError::Busy) => {
+                    return Err(DriverError::Busy {
+                        name: name.clone(),
+                        mountpoint,
+                    });
+                }
+                Err(source) => {
+                    return Err(DriverError::Unmount {
+                        name: name.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        if !mounted {
+            self.prepare_layers(name, &vol, &meta)?;
+            self.sys
+                .mount_overlay(&self.overlay_spec(name, &vol, &meta))
+                .map_err(|source| DriverError::Mount {
+                    name: name.clone(),
+                    source,
+                })?;
+            log::info!("mounted volume {name} at {mountpoint:?}");
+        }
+
+        let previous = records
+            .iter()
+            .find(|(rid, _)| rid == id)
+            .filter(|_| mounted) // records of an unmounted overlay were voided above
+            .map_or(0, |(_, r)| r.usage_count);
+        vol.write_record(
+            id,
+            &MountRecord {
+                usage_count: previous + 1,
+                boot_id: Some(self.boot_id.clone()),
+            },
+        )
+        .map_err(|source| DriverError::Io {
+            name: name.clone(),
+            action: "recording the mount",
+            source,
+        })?;
+        log::debug!(
+            "volume {name}: mount ID {id} now used {} times",
+            previous + 1
+        );
+        Ok(mountpoint)
+    }
+
+    /// Called when the overlay is not mounted here but records exist: they are void unless
+    /// the overlay lives on in another mount namespace, which must never get a second overlay
+    /// on the same upper.
+    fn void_records_unless_held(
+        &self,
+        name: &VolumeName,
+        vol: &VolumeDir,
+        records: &[(MountId, MountRecord)],
+    ) -> Result<(), DriverError> {
+        let all_from_earlier_boot = records
+            .iter()
+            .all(|(_, r)| r.boot_id.as_deref().is_some_and(|b| b != self.boot_id));
+        if !all_from_earlier_boot {
+            self.refuse_if_held(name, vol)?;
+        }
+        log::info!(
+            "volume {name}: voiding {} stale mount record(s) of an overlay that is no longer mounted",
+            records.len()
+        );
+        vol.clear_records().map_err(|source| DriverError::Io {
+            name: name.clone(),
+            action: "clearing stale mount records",
+            source,
+        })
+    }
+
+    fn refuse_if_held(&self, name: &VolumeName, vol: &VolumeDir) -> Result<(), DriverError> {
+        let holders =
+            self.sys
+                .overlay_holders(&vol.upper())
+                .map_err(|source| DriverError::Inspect {
+                    name: name.clone(),
+                    source,
+                })?;
+        match holders.into_iter().next() {
+            Some(holder) => Err(DriverError::HeldElsewhere {
+                name: name.clone(),
+                holder,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes sure upper, work and mountpoint exist before a mount, discarding the upper of a
+    /// volatile volume.
+    fn prepare_layers(
+        &self,
+        name: &VolumeName,
+        vol: &VolumeDir,
+        meta: &Metadata,
+    ) -> Result<(), DriverError> {
+        let io_err = |action| {
+            move |source| DriverError::Io {
+                name: name.clone(),
+                action,
+                source,
+            }
+        };
+        let base = std::fs::metadata(&meta.base).map_err(|source| DriverError::BaseGone {
+            name: name.clone(),
+            base: meta.base.clone(),
+            source,
+        })?;
+        if !base.is_dir() {
+            return Err(DriverError::BaseGone {
+                name: name.clone(),
+                base: meta.base.clone(),
+                source: io::Error::from(rustix::io::Errno::NOTDIR),
+            });
+        }
+        let upper = vol.upper();
+        let upper_exists = upper.exists();
+        if meta.volatile
+            && upper_exists
+            && !is_empty_dir(&upper).map_err(io_err("reading the upper directory"))?
+        {
+            std::fs::rename(&upper, self.root.trash_slot(&format!("{name}-upper")))
+                .map_err(io_err("discarding the changes of a volatile volume"))?;
+            log::info!("discarded the changes of volatile volume {name}");
+            self.kick_janitor();
+            vol.install_fresh_upper(&base)
+                .map_err(io_err("creating a fresh upper directory"))?;
+        } else if !upper_exists {
+            if !meta.volatile {
+                log::warn!("volume {name} had no upper directory; starting with no changes");
+            }
+            vol.install_fresh_upper(&base)
+                .map_err(io_err("creating the upper directory"))?;
+        }
+        for dir in [vol.work(), vol.mountpoint()] {
+            match std::fs::create_dir(&dir) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                    return Err(io_err("creating the work directories")(e));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn overlay_spec(&self, name: &VolumeName, vol: &VolumeDir, meta: &Metadata) -> OverlaySpec {
+        OverlaySpec {
+            source: format!("docker-on-top:{name}"),
+            lower: meta.base.clone(),
+            upper: vol.upper(),
+            work: vol.work(),
+            target: vol.mountpoint(),
+        }
+    }
+
+    // ----- Unmount ----------------------------------------------------------------------
+
+    pub fn unmount(&self, name: &VolumeName, id: &MountId) -> Result<(), DriverError> {
+        let (vol, _lock) = self.lock(name)?;
+        let records = self.read_records(name, &vol)?;
+        let Some((_, record)) = records.iter().find(|(rid, _)| rid == id) else {
+            return Err(DriverError::UnknownMountId {
+                name: name.clone(),
+                id: id.clone(),
+            });
+        };
+        let io_err = |action| {
+            move |source| DriverError::Io {
+                name: name.clone(),
+                action,
+                source,
+            }
+        };
+        if record.usage_count > 1 {
+            let left = record.usage_count - 1;
+            vol.write_record(
+                id,
+                &MountRecord {
+                    usage_count: left,
+                    boot_id: Some(self.boot_id.clone()),
+                },
+            )
+            .map_err(io_err("recording the unmount"))?;
+            log::debug!("volume {name}: mount ID {id} now used {left} times");
+            return Ok(());
+        }
+        let mut result = Ok(());
+        if records.len() == 1 {
+            let mountpoint = vol.mountpoint();
+            if self.is_mounted(name, &mountpoint)? {
+                match self.sys.unmount(&mountpoint) {
+                    Ok(()) => log::info!("unmounted volume {name}"),
+                    // The record goes anyway: dockerd never repeats an Unmount. The next
+                    // Mount finds the overlay with no records and deals with it.
+                    Err(SysError::Busy) => {
+                        log::warn!("volume {name} stays mounted: {mountpoint:?} is busy");
+                        result = Err(DriverError::Busy {
+                            name: name.clone(),
+                            mountpoint,
+                        });
+                    }
+                    Err(source) => {
+                        return Err(DriverError::Unmount {
+                            name: name.clone(),
+                            source,
+                        });
+                    }
+                }
+            }
+        }
+        vol.delete_record(id)
+            .map_err(io_err("deleting the mount record"))?;
+        log::debug!("volume {name}: mount ID {id} released");
+        result
+    }
+
+    // ----- Remove -----------------------------------------------------------------------
+
+    pub fn remove(&self, name: &VolumeName) -> Result<(), DriverError> {
+        let Some((vol, _lock)) = self.try_lock(name)? else {
+            return Ok(());
+        };
+        let records = self.read_records(name, &vol)?;
+        let mountpoint = vol.mountpoint();
+        let mounted = self.is_mounted(name, &mountpoint)?;
+        if mounted || !records.is_empty() {
+            // dockerd sends Remove only when none of its containers uses the volume, so
+            // records are leftovers; but the overlay may live on elsewhere.
+            self.refuse_if_held(name, &vol)?;
+        }
+        if mounted {
+            match self.sys.unmount(&mountpoint) {
+                Ok(()) => log::info!("unmounted leftover mount of volume {name}"),
+                Err(SysError::Busy) => {
+                    return Err(DriverError::Busy {
+                        name: name.clone(),
+                        mountpoint,
+                    });
+                }
+                Err(source) => {
+                    return Err(DriverError::Unmount {
+                        name: name.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        std::fs::rename(&vol.path, self.root.trash_slot(name.as_str())).map_err(|source| {
+            DriverError::Io {
+                name: name.clone(),
+                action: "removing the volume directory",
+                source,
+            }
+        })?;
+        log::info!("removed volume {name}");
+        self.kick_janitor();
+        Ok(())
+    }
+
+    // ----- Queries ----------------------------------------------------------------------
+
+    /// The mountpoint while mounted, `None` while not; an error for an unknown volume.
+    pub fn path(&self, name: &VolumeName) -> Result<Option<PathBuf>, DriverError> {
+        let vol = self.existing(name)?;
+        let mountpoint = vol.mountpoint();
+        Ok(self.is_mounted(name, &mountpoint)?.then_some(mountpoint))
+    }
+
+    pub fn get(&self, name: &VolumeName) -> Result<VolumeInfo, DriverError> {
+        let vol = self.existing(name)?;
+        let mountpoint = vol.mountpoint();
+        let mounted = self.is_mounted(name, &mountpoint)?;
+        let (meta, error) = match vol.read_metadata() {
+            Ok(m) => (Some(m), None),
+            Err(e) => (None, Some(format!("cannot read metadata.json: {e}"))),
+        };
+        let active_mounts = if mounted {
+            self.read_records(name, &vol)?
+                .iter()
+                .map(|(_, r)| r.usage_count)
+                .sum()
+        } else {
+            0
+        };
+        let created_at = meta
+            .as_ref()
+            .and_then(|m| m.created_at.as_deref())
+            .and_then(|s| humantime::parse_rfc3339_weak(s).ok())
+            .or_else(|| {
+                std::fs::metadata(vol.metadata())
+                    .and_then(|m| m.modified())
+                    .ok()
+            })
+            .or_else(|| std::fs::metadata(&vol.path).and_then(|m| m.modified()).ok())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        Ok(VolumeInfo {
+            name: name.clone(),
+            mountpoint: mounted.then_some(mountpoint),
+            created_at,
+            base: meta.as_ref().map(|m| m.base.clone()),
+            volatile: meta.as_ref().map(|m| m.volatile),
+            mounted,
+            active_mounts,
+            upper: vol.upper(),
+            error,
+        })
+    }
+
+    /// Names of all volumes, sorted. Reads only the root directory.
+    pub fn list(&self) -> Result<Vec<VolumeName>, DriverError> {
+        let root_err = |source| DriverError::Root {
+            root: self.root.path().to_owned(),
+            source,
+        };
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(self.root.path()).map_err(root_err)? {
+            let entry = entry.map_err(root_err)?;
+            if !entry.file_type().map_err(root_err)?.is_dir() {
+                continue;
+            }
+            if let Some(name) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| VolumeName::parse(s).ok())
+            {
+                names.push(name);
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    // ----- Helpers ----------------------------------------------------------------------
+
+    fn existing(&self, name: &VolumeName) -> Result<VolumeDir, DriverError> {
+        let vol = self.root.volume(name);
+        match std::fs::symlink_metadata(&vol.path) {
+            Ok(m) if m.is_dir() => Ok(vol),
+            Ok(_) => Err(DriverError::NoSuchVolume(name.clone())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(DriverError::NoSuchVolume(name.clone()))
+            }
+            Err(source) => Err(DriverError::Io {
+                name: name.clone(),
+                action: "looking up the volume",
+                source,
+            }),
+        }
+    }
+
+    fn try_lock(
+        &self,
+        name: &VolumeName,
+    ) -> Result<Option<(VolumeDir, store::VolumeLock)>, DriverError> {
+        let vol = self.root.volume(name);
+        let lock = store::lock_volume(&vol.path).map_err(|source| DriverError::Io {
+            name: name.clone(),
+            action: "locking the volume",
+            source,
+        })?;
+        Ok(lock.map(|l| (vol, l)))
+    }
+
+    fn lock(&self, name: &VolumeName) -> Result<(VolumeDir, store::VolumeLock), DriverError> {
+        self.try_lock(name)?
+            .ok_or_else(|| DriverError::NoSuchVolume(name.clone()))
+    }
+
+    fn read_records(
+        &self,
+        name: &VolumeName,
+        vol: &VolumeDir,
+    ) -> Result<Vec<(MountId, MountRecord)>, DriverError> {
+        vol.read_records().map_err(|source| DriverError::Io {
+            name: name.clone(),
+            action: "reading mount records",
+            source,
+        })
+    }
+
+    fn is_mounted(&self, name: &VolumeName, mountpoint: &Path) -> Result<bool, DriverError> {
+        self.sys
+            .is_overlay_mounted(mountpoint)
+            .map_err(|source| DriverError::Inspect {
+                name: name.clone(),
+                source,
+            })
+    }
+}
+
+fn is_empty_dir(path: &Path) -> io::Result<bool> {
+    Ok(std::fs::read_dir(path)?.next().is_none())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::RecordingSys;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        base: PathBuf,
+        driver: Driver<RecordingSys>,
+    }
+
+    fn fixture() -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("base");
+        std::fs::create_dir(&base).unwrap();
+        std::fs::write(base.join("f"), "base").unwrap();
+        let driver = Driver::with_sys(&tmp.path().join("root"), RecordingSys::default()).unwrap();
+        Fixture {
+            _tmp: tmp,
+            base,
+            driver,
+        }
+    }
+
+    fn name(s: &str) -> VolumeName {
+        VolumeName::parse(s).unwrap()
+    }
+    fn id(s: &str) -> MountId {
+        MountId::parse(s).unwrap()
+    }
+
+    impl Fixture {
+        fn create(&self, vol: &str, volatile: bool) {
+            let mut o = BTreeMap::new();
+            o.insert("base".to_string(), self.base.to_str().unwrap().to_string());
+            o.insert("volatile".to_string(), volatile.to_string());
+            self.driver.create(&name(vol), &o).unwrap();
+        }
+        fn calls(&self) -> Vec<String> {
+            let s = self.driver.sys().state.lock().unwrap();
+            s.calls
+                .iter()
+                .map(|c| c.split(' ').next().unwrap().to_string())
+                .collect()
+        }
+        fn vol(&self, vol: &str) -> VolumeDir {
+            self.driver.root().volume(&name(vol))
+        }
+        fn count(&self, vol: &str, mount: &str) -> Option<u64> {
+            self.vol(vol)
+                .read_records()
+                .unwrap()
+                .into_iter()
+                .find(|(i, _)| i.as_str() == mount)
+                .map(|(_, r)| r.usage_count)
+        }
+    }
+
+    #[test]
+    fn create_is_idempotent_and_refuses_other_options() {
+        let f = fixture();
+        f.create("v", false);
+        f.create("v", false);
+        let mut o = BTreeMap::new();
+        o.insert("base".into(), f.base.to_str().unwrap().into());
+        o.insert("volatile".into(), "yes".into());
+        let err = f.driver.create(&name("v"), &o).unwrap_err();
+        assert!(matches!(err, DriverError::Conflict { .. }), "{err}");
+        assert_eq!(f.driver.list().unwrap(), vec![name("v")]);
+        let meta = f.vol("v").read_metadata().unwrap();
+        assert_eq!(meta.base, std::fs::canonicalize(&f.base).unwrap());
+        assert!(meta.created_at.is_some());
+    }
+
+    #[test]
+    fn bad_options_leave_nothing_on_disk() {
+        let f = fixture();
+        let mut o = BTreeMap::new();
+        o.insert("base".into(), "relative".into());
+        assert!(matches!(
+            f.driver.create(&name("v"), &o),
+            Err(DriverError::Options { .. })
+        ));
+        let entries: Vec<_> = std::fs::read_dir(f.driver.root().path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(entries, vec![std::ffi::OsString::from(".trash")]);
+    }
+
+    #[test]
+    fn counts_per_id_and_mounts_once() {
+        let f = fixture();
+        f.create("v", false);
+        let mp = f.driver.mount(&name("v"), &id("a")).unwrap();
+        assert_eq!(mp, f.vol("v").mountpoint());
+        f.driver.mount(&name("v"), &id("a")).unwrap(); // docker cp: same ID again
+        f.driver.mount(&name("v"), &id("b")).unwrap();
+        assert_eq!(f.count("v", "a"), Some(2));
+        assert_eq!(f.calls(), vec!["mount"]);
+        assert_eq!(f.driver.get(&name("v")).unwrap().active_mounts, 3);
+
+        f.driver.unmount(&name("v"), &id("a")).unwrap();
+        f.driver.unmount(&name("v"), &id("a")).unwrap();
+        assert_eq!(f.count("v", "a"), None);
+        assert_eq!(f.calls(), vec!["mount"], "unmounted while b uses it");
+        assert!(f.driver.path(&name("v")).unwrap().is_some());
+        f.driver.unmount(&name("v"), &id("b")).unwrap();
+        assert_eq!(f.calls(), vec!["mount", "unmount"]);
+        assert_eq!(f.driver.path(&name("v")).unwrap(), None);
+        let err = f.driver.unmount(&name("v"), &id("b")).unwrap_err();
+        assert_eq!(err.to_string(), "volume v has no mount with ID b");
+    }
+
+    #[test]
+    fn unknown_volume_errors() {
+        let f = fixture();
+        for err in [
+            f.driver.mount(&name("nope"), &id("a")).unwrap_err(),
+            f.driver.unmount(&name("nope"), &id("a")).unwrap_err(),
+            f.driver.path(&name("nope")).unwrap_err(),
+            f.driver.get(&name("nope")).unwrap_err(),
+        ] {
+            assert_eq!(err.to_string(), "volume nope does not exist");
+        }
+        f.driver.remove(&name("nope")).unwrap();
+    }
+
+    #[test]
+    fn volatile_changes_survive_unmount_and_go_at_next_mount() {
+        let f = fixture();
+        f.create("v", true);
+        f.driver.mount(&name("v"), &id("a")).unwrap();
+        std::fs::write(f.vol("v").upper().join("scratch"), "x").unwrap();
+        f.driver.unmount(&name("v"), &id("a")).unwrap();
+        assert!(
+            f.vol("v").upper().join("scratch").exists(),
+            "discarded at unmount"
+        );
+        f.driver.mount(&name("v"), &id("b")).unwrap();
+        assert!(
+            !f.vol("v").upper().join("scratch").exists(),
+            "not discarded"
+        );
+        let trash: Vec<_> = std::fs::read_dir(f.driver.root().trash())
+            .unwrap()
+            .collect();
+        assert_eq!(trash.len(), 1, "old upper moved to the trash");
+        crate::janitor::sweep(f.driver.root());
+        assert_eq!(
+            std::fs::read_dir(f.driver.root().trash()).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn persistent_changes_stay() {
+        let f = fixture();
+        f.create("v", false);
+        f.driver.mount(&name("v"), &id("a")).unwrap();
+        std::fs::write(f.vol("v").upper().join("kept"), "x").unwrap();
+        f.driver.unmount(&name("v"), &id("a")).unwrap();
+        f.driver.mount(&name("v"), &id("b")).unwrap();
+        assert!(f.vol("v").upper().join("kept").exists());
+    }
+
+    #[test]
+    fn upper_root_takes_the_base_owner_and_mode_also_after_discard() {
+        let f = fixture();
+        std::os::unix::fs::chown(&f.base, Some(1000), Some(1001)).unwrap();
+        std::fs::set_permissions(&f.base, std::fs::Permissions::from_mode(0o2770)).unwrap();
+        f.create("v", true);
+        let check = || {
+            let m = std::fs::metadata(f.vol("v").upper()).unwrap();
+            assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1000, 1001, 0o2770));
+        };
+        check();
+        f.driver.mount(&name("v"), &id("a")).unwrap();
+        std::fs::write(f.vol("v").upper().join("x"), "x").unwrap();
+        f.driver.unmount(&name("v"), &id("a")).unwrap();
+        f.driver.mount(&name("v"), &id("a")).unwrap();
+        check();
+    }
+
+    #[test]
+    fn records_of_an_earlier_boot_are_void() {
+        let f = fixture();
+        f.create("v", true);
+        std::fs::write(f.vol("v").upper().join("old"), "x").unwrap();
+        f.vol("v")
+            .write_record(
+                &id("old"),
+                &MountRecord {
+                    usage_count: 1,
+                    boot_id: Some("other".into()),
+                },
+            )
+            .unwrap();
+        // Held elsewhere would refuse; an earlier boot's records need no look.
+        f.driver
+            .sys()
+            .state
+            .lock()
+            .unwrap()
+            .held
+            .insert(f.vol("v").upper());
+        f.driver.mount(&name("v"), &id("new")).unwrap();
+        assert_eq!(f.count("v", "old"), None);
+        assert_eq!(f.count("v", "new"), Some(1));
+        assert!(
+            !f.vol("v").upper().join("old").exists(),
+            "volatile not discarded"
+        );
+    }
+
+    #[test]
+    fn records_of_this_boot_without_a_mount_are_checked_for_holders() {
+        let f = fixture();
+        f.create("v", false);
+        f.driver.mount(&name("v"), &id("a")).unwrap();
+        // Someone unmounted it here while a container elsewhere still holds it.
+        f.driver.sys().state.lock().unwrap().mounted.clear();
+        f.driver
+            .sys()
+            .state
+            .lock()
+            .unwrap()
+            .held
+            .insert(f.vol("v").upper());
+        let err = f.driver.mount(&name("v"), &id("b")).unwrap_err();
+        assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
+        assert_eq!(f.calls(), vec!["mount"], "second overlay on one upper");
+        let err = f.driver.remove(&name("v")).unwrap_err();
+        assert!(err.to_string().contains("pid 4242"), "{err}");
+        assert!(f.vol("v").path.exists());
+        // Once the holder is gone, the records are void.
+        f.driver.sys().state.lock().unwrap().held.clear();
+        f.driver.mount(&name("v"), &id("b")).unwrap();
+        assert_eq!(f.count("v", "a"), None);
+    }
+
+    #[test]
+    fn busy_last_unmount_keeps_the_overlay_and_the_next_mount_copes() {
+        let f = fixture();
+        f.create("p", false);
+        f.create("t", true);
+        for v in ["p", "t"] {
+            f.driver.mount(&name(v), &id("a")).unwrap();
+            let mp = f.vol(v).mountpoint();
+            f.driver.sys().state.lock().unwrap().busy.insert(mp);
+            let err = f.driver.unmount(&name(v), &id("a")).unwrap_err();
+            assert!(matches!(err, DriverError::Busy { .. }), "{err}");
+            assert_eq!(f.count(v, "a"), None);
+        }
+        // Persistent: reuse the overlay as it is.
+        f.driver.mount(&name("p"), &id("b")).unwrap();
+        // Volatile: its changes cannot be discarded while busy.
+        let err = f.driver.mount(&name("t"), &id("b")).unwrap_err();
+        assert!(matches!(err, DriverError::Busy { .. }), "{err}");
+        f.driver.sys().state.lock().unwrap().busy.clear();
+        f.driver.mount(&name("t"), &id("b")).unwrap();
+        assert_eq!(
+            f.calls(),
+            vec![
+                "mount", "unmount", "mount", "unmount", "unmount", "unmount", "mount"
+            ]
+        );
+    }
+
+    #[test]
+    fn overlay_left_by_a_crash_after_mount_is_reused() {
+        let f = fixture();
+        f.create("v", false);
+        f.driver.mount(&name("v"), &id("a")).unwrap();
+        f.vol("v").clear_records().unwrap(); // crash before the record was written
+        f.driver.mount(&name("v"), &id("a")).unwrap();
+        assert_eq!(f.calls(), vec!["mount"]);
+        assert_eq!(f.count("v", "a"), Some(1));
+    }
+
+    #[test]
+    fn remove_cleans_leftovers_and_refuses_busy() {
+        let f = fixture();
+        f.create("v", false);
+        f.driver.mount(&name("v"), &id("a")).unwrap();
+        let mp = f.vol("v").mountpoint();
+        f.driver.sys().state.lock().unwrap().busy.insert(mp.clone());
+        assert!(matches!(
+            f.driver.remove(&name("v")),
+            Err(DriverError::Busy { .. })
+        ));
+        assert!(f.vol("v").path.exists());
+        f.driver.sys().state.lock().unwrap().busy.clear();
+        f.driver.remove(&name("v")).unwrap();
+        assert!(!f.vol("v").path.exists());
+        assert!(f.driver.sys().state.lock().unwrap().mounted.is_empty());
+        assert!(f.driver.list().unwrap().is_empty());
+        assert!(matches!(
+            f.driver.get(&name("v")),
+            Err(DriverError::NoSuchVolume(_))
+        ));
+    }
+
+    #[test]
+    fn get_reports_damaged_metadata_instead_of_failing() {
+        let f = fixture();
+        f.create("v", false);
+        std::fs::write(f.vol("v").metadata(), "{oops").unwrap();
+        let info = f.driver.get(&name("v")).unwrap();
+        assert!(info.error.unwrap().contains("metadata.json"));
+        assert!(f.driver.mount(&name("v"), &id("a")).is_err());
+    }
+
+    #[test]
+    fn go_version_volumes_work() {
+        let f = fixture();
+        let vol = f.vol("legacy");
+        std::fs::create_dir_all(vol.upper()).unwrap();
+        std::fs::create_dir_all(vol.work()).unwrap();
+        std::fs::create_dir_all(vol.mountpoint()).unwrap();
+        std::fs::create_dir_all(vol.active_mounts()).unwrap();
+        std::fs::write(vol.upper().join("kept"), "x").unwrap();
+        std::fs::write(
+            vol.metadata(),
+            format!(
+                r#"{{"BaseDirPath":"{}","Volatile":false}}"#,
+                f.base.display()
+            ),
+        )
+        .unwrap();
+        let info = f.driver.get(&name("legacy")).unwrap();
+        assert!(!info.mounted);
+        f.driver.mount(&name("legacy"), &id("a")).unwrap();
+        assert!(vol.upper().join("kept").exists());
+        f.create("legacy", false); // same options: accepted
+    }
 }

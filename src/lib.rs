@@ -6,5 +6,8 @@
 //! OS boundary (mounts) behind a trait.
 
 pub mod driver;
+pub mod janitor;
 pub mod names;
 pub mod options;
+pub mod store;
+pub mod sys;

@@ -109,7 +109,14 @@ mod tests {
 
     #[test]
     fn accepts_docker_style_names() {
-        for ok in ["a", "vol1", "my-vol_2.data", "0", "A.b-c_d", &"x".repeat(255)] {
+        for ok in [
+            "a",
+            "vol1",
+            "my-vol_2.data",
+            "0",
+            "A.b-c_d",
+            &"x".repeat(255),
+        ] {
             assert_eq!(VolumeName::parse(ok).unwrap().as_str(), ok);
         }
         let id = "3f1c1b6a9f0e4a2b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b";

@@ -87,7 +87,10 @@ pub struct VolumeOptions {
 impl VolumeOptions {
     /// Validates the options of a Create request; `root` is the canonical state root.
     pub fn parse(raw: &BTreeMap<String, String>, root: &Path) -> Result<Self, OptionsError> {
-        if let Some(key) = raw.keys().find(|k| !matches!(k.as_str(), "base" | "volatile")) {
+        if let Some(key) = raw
+            .keys()
+            .find(|k| !matches!(k.as_str(), "base" | "volatile"))
+        {
             return Err(OptionsError::Unknown {
                 key: key.chars().take(64).collect(),
             });

@@ -1,0 +1,378 @@
+//! The on-disk state under the state root, and the primitives that keep it crash-safe.
+//!
+//! # Layout (compatible with docker-on-top v0.1.x)
+//!
+//! ```text
+//! ROOT/
+//!   .trash/               entries being deleted in the background (discarded uppers,
+//!                         removed volumes); anything here is garbage
+//!   .new-NAME-NONCE/      a volume being created; renamed to NAME when complete
+//!   NAME/                 one volume
+//!     metadata.json       {"BaseDirPath": "/abs", "Volatile": false, "CreatedAt": "RFC 3339"}
+//!     upper/              overlay upper layer: the volume's changes
+//!     workdir/            overlay work directory
+//!     mountpoint/         where the overlay is mounted
+//!     activemounts/ID     {"UsageCount": n, "BootId": "..."}: one file per mount ID
+//! ```
+//!
+//! # Invariants
+//!
+//! - A directory `NAME` exists only complete: it is built as `.new-*` and renamed into place,
+//!   and leaves only by being renamed into `.trash`. Names starting with `.` are never valid
+//!   volume names, so staging and trash entries can never be mistaken for volumes.
+//! - `metadata.json` and the upper's root are replaced atomically (temporary + rename);
+//!   metadata is fsynced, as it is what a volume is.
+//! - Whether a volume is mounted is never stored: the kernel is asked. `activemounts/` holds
+//!   reference counts per mount ID that are valid only while the overlay is mounted; records
+//!   written in an earlier boot are void. Records are written without fsync: a reboot voids
+//!   them anyway, and they survive a process crash as written.
+//! - Every change to a volume happens under an exclusive flock on its directory.
+//!
+//! This module knows paths and file formats; it makes no decision about mounting.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::{MountId, VolumeName};
+
+pub const TRASH_DIR: &str = ".trash";
+pub const STAGING_PREFIX: &str = ".new-";
+
+/// `metadata.json`. Field names are the Go version's; `CreatedAt` is new and optional.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    #[serde(rename = "BaseDirPath")]
+    pub base: PathBuf,
+    #[serde(rename = "Volatile", default)]
+    pub volatile: bool,
+    #[serde(rename = "CreatedAt", default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<String>,
+}
+
+/// `activemounts/ID`. `BootId` is new: records from the Go version lack it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountRecord {
+    #[serde(rename = "UsageCount")]
+    pub usage_count: u64,
+    #[serde(rename = "BootId", default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+}
+
+/// A name that nothing else in this process or any other process uses at the same moment.
+pub fn nonce() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    format!(
+        "{}-{}-{}",
+        std::process::id(),
+        nanos,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Writes `contents` to `path` atomically: a temporary beside it, then rename. With `durable`,
+/// the file and its directory are fsynced so the write survives power loss.
+pub fn write_atomic(path: &Path, contents: &[u8], durable: bool) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", nonce()));
+    let result = (|| {
+        let mut f = File::options().write(true).create_new(true).open(&tmp)?;
+        f.write_all(contents)?;
+        if durable {
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)?;
+        if durable {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The state root.
+#[derive(Debug, Clone)]
+pub struct Root {
+    path: PathBuf,
+}
+
+impl Root {
+    /// Opens the root, creating it (mode 0700) and its trash directory if missing.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(path)?;
+        let path = std::fs::canonicalize(path)?;
+        let trash = path.join(TRASH_DIR);
+        match std::fs::create_dir(&trash) {
+            Ok(()) => std::fs::set_permissions(&trash, std::fs::Permissions::from_mode(0o700))?,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn trash(&self) -> PathBuf {
+        self.path.join(TRASH_DIR)
+    }
+
+    pub fn volume(&self, name: &VolumeName) -> VolumeDir {
+        VolumeDir {
+            path: self.path.join(name),
+        }
+    }
+
+    /// A fresh path in the trash for something that used to be `what`.
+    pub fn trash_slot(&self, what: &str) -> PathBuf {
+        self.trash().join(format!("{what}-{}", nonce()))
+    }
+
+    pub fn staging_slot(&self, name: &VolumeName) -> PathBuf {
+        self.path
+            .join(format!("{STAGING_PREFIX}{name}-{}", nonce()))
+    }
+}
+
+/// Paths of one volume's directory.
+#[derive(Debug, Clone)]
+pub struct VolumeDir {
+    pub path: PathBuf,
+}
+
+impl VolumeDir {
+    pub fn at(path: PathBuf) -> Self {
+        Self { path }
+    }
+    pub fn metadata(&self) -> PathBuf {
+        self.path.join("metadata.json")
+    }
+    pub fn upper(&self) -> PathBuf {
+        self.path.join("upper")
+    }
+    pub fn work(&self) -> PathBuf {
+        self.path.join("workdir")
+    }
+    pub fn mountpoint(&self) -> PathBuf {
+        self.path.join("mountpoint")
+    }
+    pub fn active_mounts(&self) -> PathBuf {
+        self.path.join("activemounts")
+    }
+    pub fn record(&self, id: &MountId) -> PathBuf {
+        self.active_mounts().join(id)
+    }
+
+    pub fn read_metadata(&self) -> io::Result<Metadata> {
+        let bytes = std::fs::read(self.metadata())?;
+        serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    pub fn write_metadata(&self, meta: &Metadata) -> io::Result<()> {
+        let json = serde_json::to_vec(meta).map_err(io::Error::other)?;
+        write_atomic(&self.metadata(), &json, true)
+    }
+
+    /// All mount records. Files whose names are not valid mount IDs (temporaries of an
+    /// interrupted write) are skipped; an unreadable record counts as one use, so that a
+    /// damaged file can never make a volume unmount under a container.
+    pub fn read_records(&self) -> io::Result<Vec<(MountId, MountRecord)>> {
+        let mut out = Vec::new();
+        let entries = match std::fs::read_dir(self.active_mounts()) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| MountId::parse(s).ok())
+            else {
+                continue;
+            };
+            let record = std::fs::read(entry.path())
+                .ok()
+                .and_then(|b| serde_json::from_slice::<MountRecord>(&b).ok())
+                .unwrap_or_else(|| {
+                    log::warn!(
+                        "mount record {:?} is unreadable; counting it as one use",
+                        entry.path()
+                    );
+                    MountRecord {
+                        usage_count: 1,
+                        boot_id: None,
+                    }
+                });
+            out.push((id, record));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    pub fn write_record(&self, id: &MountId, record: &MountRecord) -> io::Result<()> {
+        std::fs::create_dir_all(self.active_mounts())?;
+        let json = serde_json::to_vec(record).map_err(io::Error::other)?;
+        write_atomic(&self.record(id), &json, false)
+    }
+
+    pub fn delete_record(&self, id: &MountId) -> io::Result<()> {
+        match std::fs::remove_file(self.record(id)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Deletes every record (they were found void) and any temporaries left beside them.
+    pub fn clear_records(&self) -> io::Result<()> {
+        match std::fs::read_dir(self.active_mounts()) {
+            Ok(entries) => {
+                for entry in entries {
+                    std::fs::remove_file(entry?.path())?;
+                }
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Puts a fresh, empty upper in place whose root has `base`'s owner, group and mode
+    /// (overlayfs shows the upper root's, not the lower's). Built beside and renamed, so
+    /// `upper/` never exists with the wrong owner. The old upper, if any, must be gone.
+    pub fn install_fresh_upper(&self, base: &std::fs::Metadata) -> io::Result<()> {
+        let staging = self.path.join(".upper-new");
+        match std::fs::remove_dir(&staging) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::fs::create_dir(&staging)?;
+        std::os::unix::fs::chown(&staging, Some(base.uid()), Some(base.gid()))?;
+        std::fs::set_permissions(
+            &staging,
+            std::fs::Permissions::from_mode(base.mode() & 0o7777),
+        )?;
+        std::fs::rename(&staging, self.upper())
+    }
+}
+
+/// An exclusive flock on a volume's directory, released on drop. Serialises mount, unmount,
+/// remove and every admin command on that volume, across threads and processes.
+#[derive(Debug)]
+pub struct VolumeLock {
+    _dir: File,
+}
+
+/// Locks the volume directory at `dir`. `Ok(None)` when there is no such volume. Retries
+/// when the directory was replaced while we waited (removed and created again).
+pub fn lock_volume(dir: &Path) -> io::Result<Option<VolumeLock>> {
+    loop {
+        let file = match File::open(dir) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        file.lock()?;
+        // While we waited, the holder may have moved the directory to the trash.
+        let locked = file.metadata()?;
+        match std::fs::symlink_metadata(dir) {
+            Ok(now) if now.dev() == locked.dev() && now.ino() == locked.ino() => {
+                return Ok(Some(VolumeLock { _dir: file }));
+            }
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_reads_go_format() {
+        let m: Metadata =
+            serde_json::from_str(r#"{"BaseDirPath":"/data","Volatile":true}"#).unwrap();
+        assert_eq!(m.base, PathBuf::from("/data"));
+        assert!(m.volatile);
+        assert_eq!(m.created_at, None);
+        let r: MountRecord = serde_json::from_str(r#"{"UsageCount":2}"#).unwrap();
+        assert_eq!(r.usage_count, 2);
+        assert_eq!(
+            serde_json::to_string(&MountRecord {
+                usage_count: 1,
+                boot_id: Some("b".into())
+            })
+            .unwrap(),
+            r#"{"UsageCount":1,"BootId":"b"}"#
+        );
+    }
+
+    #[test]
+    fn atomic_write_replaces_and_leaves_no_temporaries() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("f.json");
+        write_atomic(&p, b"one", true).unwrap();
+        write_atomic(&p, b"two", false).unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn records_skip_temporaries_and_count_damaged_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vol = VolumeDir::at(tmp.path().to_owned());
+        let id = MountId::parse("abc").unwrap();
+        vol.write_record(
+            &id,
+            &MountRecord {
+                usage_count: 3,
+                boot_id: None,
+            },
+        )
+        .unwrap();
+        std::fs::write(vol.active_mounts().join(".abc.tmp-1"), "x").unwrap();
+        std::fs::write(vol.active_mounts().join("bad"), "{not json").unwrap();
+        let recs = vol.read_records().unwrap();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(recs[0].1.usage_count, 3);
+        assert_eq!(recs[1].0.as_str(), "bad");
+        assert_eq!(recs[1].1.usage_count, 1);
+        vol.clear_records().unwrap();
+        assert!(vol.read_records().unwrap().is_empty());
+    }
+
+    #[test]
+    fn lock_sees_a_directory_replaced_while_waiting() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("v");
+        std::fs::create_dir(&dir).unwrap();
+        let held = lock_volume(&dir).unwrap().unwrap();
+        let dir2 = dir.clone();
+        let waiter = std::thread::spawn(move || lock_volume(&dir2).unwrap().is_some());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::fs::rename(&dir, tmp.path().join("gone")).unwrap();
+        drop(held);
+        assert!(!waiter.join().unwrap(), "lock taken on a moved directory");
+        assert!(lock_volume(&dir).unwrap().is_none());
+    }
+}

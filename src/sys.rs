@@ -1,0 +1,486 @@
+//! The OS boundary: mounting and unmounting overlays and asking the kernel what is mounted.
+//!
+//! Everything here is a thin wrapper over a syscall or a `/proc` read, behind the [`Sys`] trait
+//! so that the driver's state machine can be unit-tested with [`RecordingSys`]. This module
+//! holds no state of its own and makes no decisions: whether to mount, and what a failure
+//! means for the volume, is the driver's business.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags};
+use thiserror::Error;
+
+/// `statfs(2)` magic of overlayfs.
+const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+
+/// The overlay options every mount sets, whatever the distribution's defaults: with these off,
+/// changing the base while the volume is unmounted is safe (see facts.md).
+const FIXED_OPTIONS: [(&str, &str); 3] = [
+    ("index", "off"),
+    ("metacopy", "off"),
+    ("redirect_dir", "off"),
+];
+
+/// Describes one overlay mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlaySpec {
+    /// Shown as the mount's source in `/proc/*/mountinfo`.
+    pub source: String,
+    pub lower: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub target: PathBuf,
+}
+
+/// A process that still holds an overlay in another mount namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    pub command: String,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {} ({})", self.pid, self.command)
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum SysError {
+    #[error("overlay mount failed: {reason}")]
+    Mount {
+        /// The kernel's own explanation where it gave one (read from the fs context).
+        reason: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mountpoint is busy")]
+    Busy,
+    #[error("unmount failed")]
+    Unmount(#[source] io::Error),
+    #[error("cannot inspect {path:?}")]
+    Inspect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// The mount operations the driver needs.
+pub trait Sys: Send + Sync {
+    /// Mounts an overlay as described. The caller guarantees nothing is mounted on the target.
+    fn mount_overlay(&self, spec: &OverlaySpec) -> Result<(), SysError>;
+    /// Unmounts `target` (not lazily): [`SysError::Busy`] when something still uses it.
+    fn unmount(&self, target: &Path) -> Result<(), SysError>;
+    /// Whether an overlay is mounted exactly at `target` in this mount namespace.
+    fn is_overlay_mounted(&self, target: &Path) -> Result<bool, SysError>;
+    /// Processes in *other* mount namespaces that still have an overlay with this upper
+    /// directory mounted (a container of another engine, a bind made by a process).
+    fn overlay_holders(&self, upper: &Path) -> Result<Vec<Holder>, SysError>;
+}
+
+/// The real kernel.
+#[derive(Debug, Default)]
+pub struct RealSys {
+    /// Skip the new mount API and use `mount(2)` with an escaped option string.
+    pub legacy_only: bool,
+}
+
+impl Sys for RealSys {
+    fn mount_overlay(&self, spec: &OverlaySpec) -> Result<(), SysError> {
+        if !self.legacy_only {
+            match mount_with_fd_api(spec) {
+                Ok(()) => return Ok(()),
+                Err(FdApiError::Unsupported(errno)) => {
+                    log::debug!("new mount API unavailable ({errno}), using mount(2)")
+                }
+                Err(FdApiError::Failed(e)) => return Err(e),
+            }
+        }
+        mount_legacy(spec)
+    }
+
+    fn unmount(&self, target: &Path) -> Result<(), SysError> {
+        match rustix::mount::unmount(target, UnmountFlags::NOFOLLOW) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::BUSY) => Err(SysError::Busy),
+            Err(e) => Err(SysError::Unmount(e.into())),
+        }
+    }
+
+    fn is_overlay_mounted(&self, target: &Path) -> Result<bool, SysError> {
+        let inspect = |source: io::Error| SysError::Inspect {
+            path: target.to_owned(),
+            source,
+        };
+        // A mount root has a different device from its parent directory; checking the file
+        // system type as well tells our overlay from anything else mounted there.
+        let here = match std::fs::symlink_metadata(target) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(inspect(e)),
+        };
+        let parent = target.parent().unwrap_or(Path::new("/"));
+        let up = std::fs::symlink_metadata(parent).map_err(inspect)?;
+        if here.dev() == up.dev() {
+            return Ok(false);
+        }
+        let fs = rustix::fs::statfs(target).map_err(|e| inspect(e.into()))?;
+        Ok(fs.f_type as i64 == OVERLAYFS_SUPER_MAGIC)
+    }
+
+    fn overlay_holders(&self, upper: &Path) -> Result<Vec<Holder>, SysError> {
+        let inspect = |source: io::Error| SysError::Inspect {
+            path: PathBuf::from("/proc"),
+            source,
+        };
+        let own_ns = std::fs::metadata("/proc/self/ns/mnt")
+            .map_err(inspect)?
+            .ino();
+        let mut seen = HashSet::from([own_ns]);
+        let mut holders = Vec::new();
+        for entry in std::fs::read_dir("/proc").map_err(inspect)? {
+            let Ok(entry) = entry else { continue };
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            // Processes come and go while we look: a vanished one holds nothing.
+            let Ok(ns) = std::fs::metadata(format!("/proc/{pid}/ns/mnt")) else {
+                continue;
+            };
+            if !seen.insert(ns.ino()) {
+                continue;
+            }
+            let Ok(info) = std::fs::read(format!("/proc/{pid}/mountinfo")) else {
+                continue;
+            };
+            if mountinfo_has_overlay_upper(&info, upper) {
+                let command = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .map(|s| s.trim_end().to_owned())
+                    .unwrap_or_default();
+                holders.push(Holder { pid, command });
+            }
+        }
+        Ok(holders)
+    }
+}
+
+/// Why the new mount API did not mount.
+enum FdApiError {
+    /// This kernel lacks fsopen (ENOSYS) or `lowerdir+` by file descriptor (EINVAL, < 6.13).
+    Unsupported(rustix::io::Errno),
+    Failed(SysError),
+}
+
+impl From<SysError> for FdApiError {
+    fn from(e: SysError) -> Self {
+        FdApiError::Failed(e)
+    }
+}
+
+/// Reads the kernel's messages about a failed fsconfig from the fs context.
+fn context_messages(fs: &rustix::fd::OwnedFd) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = rustix::io::read(fs, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        // Each message is "e overlayfs: ...", "w ..." or "i ...".
+        let msg = String::from_utf8_lossy(&buf[..n]);
+        out.push(msg.get(2..).unwrap_or(&msg).trim().to_owned());
+    }
+    out.join("; ")
+}
+
+/// fsopen/fsconfig/fsmount/move_mount, each layer passed as a file descriptor: no escaping and
+/// no length limit (Linux 6.13+).
+fn mount_with_fd_api(spec: &OverlaySpec) -> Result<(), FdApiError> {
+    let fail = |fs: Option<&rustix::fd::OwnedFd>, what: &str, e: rustix::io::Errno| {
+        let kernel = fs.map(context_messages).unwrap_or_default();
+        SysError::Mount {
+            reason: if kernel.is_empty() {
+                what.to_owned()
+            } else {
+                format!("{what}: {kernel}")
+            },
+            source: e.into(),
+        }
+    };
+    let fs = match rustix::mount::fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC) {
+        Ok(fs) => fs,
+        Err(e @ rustix::io::Errno::NOSYS) => return Err(FdApiError::Unsupported(e)),
+        Err(e) => return Err(fail(None, "fsopen", e).into()),
+    };
+    let open_dir = |p: &Path| {
+        rustix::fs::open(
+            p,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .map_err(|e| SysError::Mount {
+            reason: format!("cannot open {}", p.display()),
+            source: e.into(),
+        })
+    };
+    rustix::mount::fsconfig_set_string(&fs, "source", spec.source.as_str())
+        .map_err(|e| fail(Some(&fs), "source", e))?;
+    for (key, dir) in [
+        ("lowerdir+", &spec.lower),
+        ("upperdir", &spec.upper),
+        ("workdir", &spec.work),
+    ] {
+        let fd = open_dir(dir)?;
+        match rustix::mount::fsconfig_set_fd(&fs, key, &fd) {
+            Ok(()) => {}
+            Err(e @ rustix::io::Errno::INVAL) if key == "lowerdir+" => {
+                return Err(FdApiError::Unsupported(e));
+            }
+            Err(e) => return Err(fail(Some(&fs), key, e).into()),
+        }
+    }
+    for (key, value) in FIXED_OPTIONS {
+        rustix::mount::fsconfig_set_string(&fs, key, value).map_err(|e| fail(Some(&fs), key, e))?;
+    }
+    rustix::mount::fsconfig_create(&fs).map_err(|e| fail(Some(&fs), "create", e))?;
+    let mnt = rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::empty())
+        .map_err(|e| fail(Some(&fs), "fsmount", e))?;
+    rustix::mount::move_mount(
+        &mnt,
+        "",
+        rustix::fs::CWD,
+        &spec.target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(|e| fail(None, "move_mount", e).into())
+}
+
+/// `mount(2)` with one option string: `\`, `,` and `:` in paths are escaped with a backslash.
+fn mount_legacy(spec: &OverlaySpec) -> Result<(), SysError> {
+    let data = legacy_options(spec);
+    if data.len() >= 4096 {
+        return Err(SysError::Mount {
+            reason: format!(
+                "the option string is {} bytes, over the kernel's one-page limit",
+                data.len()
+            ),
+            source: rustix::io::Errno::INVAL.into(),
+        });
+    }
+    let data = std::ffi::CString::new(data).map_err(|_| SysError::Mount {
+        reason: "a path contains a NUL byte".into(),
+        source: rustix::io::Errno::INVAL.into(),
+    })?;
+    rustix::mount::mount(
+        spec.source.as_str(),
+        &spec.target,
+        "overlay",
+        rustix::mount::MountFlags::empty(),
+        data.as_c_str(),
+    )
+    .map_err(|e| SysError::Mount {
+        reason: "mount(2)".into(),
+        source: e.into(),
+    })
+}
+
+/// The legacy option string for `spec`.
+pub fn legacy_options(spec: &OverlaySpec) -> Vec<u8> {
+    let mut data = Vec::new();
+    for (key, dir) in [
+        ("lowerdir", &spec.lower),
+        ("upperdir", &spec.upper),
+        ("workdir", &spec.work),
+    ] {
+        data.extend_from_slice(key.as_bytes());
+        data.push(b'=');
+        data.extend_from_slice(&escape_option_path(dir.as_os_str()));
+        data.push(b',');
+    }
+    let fixed: Vec<String> = FIXED_OPTIONS
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    data.extend_from_slice(fixed.join(",").as_bytes());
+    data
+}
+
+/// Escapes a path for overlay's legacy option string.
+pub fn escape_option_path(path: &OsStr) -> Vec<u8> {
+    let mut out = Vec::with_capacity(path.len());
+    for &b in path.as_bytes() {
+        if matches!(b, b'\\' | b',' | b':') {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+    out
+}
+
+/// Undoes the octal escapes (`\040` and the like) of `/proc/*/mountinfo`.
+fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        if field[i] == b'\\'
+            && i + 3 < field.len()
+            && field[i + 1..i + 4]
+                .iter()
+                .all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = field[i + 1..i + 4]
+                .iter()
+                .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(field[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Whether a mountinfo text lists an overlay with `upperdir` equal to `upper`. The kernel shows
+/// the string it was given: the plain path for the new mount API, the escaped one for mount(2).
+pub fn mountinfo_has_overlay_upper(info: &[u8], upper: &Path) -> bool {
+    let plain = upper.as_os_str().as_bytes();
+    let escaped = escape_option_path(upper.as_os_str());
+    info.split(|&b| b == b'\n').any(|line| {
+        // "... - overlay SOURCE SUPER_OPTIONS"
+        let Some(pos) = line.windows(3).position(|w| w == b" - ") else {
+            return false;
+        };
+        let mut rest = line[pos + 3..].split(|&b| b == b' ');
+        if rest.next() != Some(b"overlay") {
+            return false;
+        }
+        let _source = rest.next();
+        let Some(options) = rest.next() else {
+            return false;
+        };
+        options.split(|&b| b == b',').any(|opt| {
+            opt.strip_prefix(b"upperdir=")
+                .map(unescape_mountinfo)
+                .is_some_and(|v| v == plain || v == escaped)
+        })
+    })
+}
+
+/// A test double that keeps a mount table in memory and records every call.
+#[derive(Debug, Default)]
+pub struct RecordingSys {
+    pub state: Mutex<RecordingState>,
+}
+
+#[derive(Debug, Default)]
+pub struct RecordingState {
+    /// Currently mounted specs, by target.
+    pub mounted: Vec<OverlaySpec>,
+    /// Every call, in order, as text: "mount TARGET", "unmount TARGET".
+    pub calls: Vec<String>,
+    /// Targets whose unmount answers Busy.
+    pub busy: HashSet<PathBuf>,
+    /// Uppers held by some other mount namespace.
+    pub held: HashSet<PathBuf>,
+}
+
+impl Sys for RecordingSys {
+    fn mount_overlay(&self, spec: &OverlaySpec) -> Result<(), SysError> {
+        let mut s = self.state.lock().unwrap();
+        s.calls.push(format!("mount {}", spec.target.display()));
+        assert!(
+            !s.mounted
+                .iter()
+                .any(|m| m.target == spec.target || m.upper == spec.upper),
+            "double mount of {spec:?}"
+        );
+        s.mounted.push(spec.clone());
+        Ok(())
+    }
+
+    fn unmount(&self, target: &Path) -> Result<(), SysError> {
+        let mut s = self.state.lock().unwrap();
+        s.calls.push(format!("unmount {}", target.display()));
+        if s.busy.contains(target) {
+            return Err(SysError::Busy);
+        }
+        let before = s.mounted.len();
+        s.mounted.retain(|m| m.target != target);
+        if s.mounted.len() == before {
+            return Err(SysError::Unmount(rustix::io::Errno::INVAL.into()));
+        }
+        Ok(())
+    }
+
+    fn is_overlay_mounted(&self, target: &Path) -> Result<bool, SysError> {
+        Ok(self
+            .state
+            .lock()
+            .unwrap()
+            .mounted
+            .iter()
+            .any(|m| m.target == target))
+    }
+
+    fn overlay_holders(&self, upper: &Path) -> Result<Vec<Holder>, SysError> {
+        let s = self.state.lock().unwrap();
+        Ok(if s.held.contains(upper) {
+            vec![Holder {
+                pid: 4242,
+                command: "holder".into(),
+            }]
+        } else {
+            vec![]
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_separators() {
+        assert_eq!(
+            escape_option_path(OsStr::new("/a b,c:d\\e")),
+            b"/a b\\,c\\:d\\\\e".to_vec()
+        );
+        let spec = OverlaySpec {
+            source: "s".into(),
+            lower: "/l,1".into(),
+            upper: "/u:2".into(),
+            work: "/w".into(),
+            target: "/t".into(),
+        };
+        assert_eq!(
+            String::from_utf8(legacy_options(&spec)).unwrap(),
+            "lowerdir=/l\\,1,upperdir=/u\\:2,workdir=/w,index=off,metacopy=off,redirect_dir=off"
+        );
+    }
+
+    #[test]
+    fn finds_upper_in_mountinfo() {
+        let info = b"22 1 8:1 / / rw - ext4 /dev/root rw\n\
+            99 22 0:77 / /m rw,relatime - overlay dot rw,lowerdir=/b,upperdir=/var/x\\040y\\054z/upper,workdir=/w\n";
+        assert!(mountinfo_has_overlay_upper(
+            info,
+            Path::new("/var/x y,z/upper")
+        ));
+        assert!(!mountinfo_has_overlay_upper(
+            info,
+            Path::new("/var/x y,z/upper2")
+        ));
+        assert!(!mountinfo_has_overlay_upper(info, Path::new("/b")));
+    }
+}
