@@ -7,7 +7,10 @@
 
 pub mod driver;
 pub mod janitor;
+pub mod logging;
 pub mod names;
 pub mod options;
+pub mod server;
 pub mod store;
 pub mod sys;
+pub mod wire;

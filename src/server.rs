@@ -1,0 +1,615 @@
+//! The HTTP transport: the plugin socket, the accept loop, graceful shutdown and idle exit.
+//!
+//! [`listen`] acquires the unix socket (from systemd, or by creating it); [`serve`] answers
+//! HTTP/1.1 on it, handing each request's method, path and body to [`crate::wire`] and running
+//! the decoded call on a blocking thread. This module must not interpret requests or know
+//! about volumes, files or mounts: everything it answers comes from `wire`, and every answer,
+//! errors included, is JSON.
+
+use std::convert::Infallible;
+use std::fs;
+use std::future::{Future, pending};
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use log::{Level, debug, info, log, warn};
+use sd_notify::NotifyState;
+use thiserror::Error;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
+
+use crate::driver::Driver;
+use crate::wire::{self, Call, Reply, WireError};
+
+/// Largest request body read; larger ones are answered 413.
+pub const MAX_BODY: usize = 1 << 20;
+/// Connections served at once; further ones wait in the listen queue.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// How long a client may take to send a request's headers, and how long an idle keep-alive
+/// connection is kept open.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a client may take to send a request's body.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a shutdown waits for open connections to finish their requests.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How [`serve`] behaves beyond answering requests.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Stop once no request has been in flight for this long (for socket activation).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Answers plugin calls on `listener` until `shutdown` completes or, with
+/// [`ServeOptions::idle_timeout`], until no request has been in flight for that long.
+///
+/// Then it tells systemd it is stopping, closes the listener, lets every open connection
+/// finish the request it is on (for at most [`DRAIN_TIMEOUT`]) and returns. The caller tells
+/// systemd it is ready before calling this. Errors only when accepting fails persistently.
+pub async fn serve(
+    listener: UnixListener,
+    driver: Arc<Driver>,
+    opts: ServeOptions,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let shared = Arc::new(Shared {
+        driver,
+        activity: Activity::new(),
+    });
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+
+    let mut shutdown = pin!(shutdown);
+    let mut idle = pin!(async {
+        match opts.idle_timeout {
+            Some(timeout) => {
+                shared.activity.idle_for(timeout).await;
+                info!(
+                    "no request for {}, stopping",
+                    humantime::format_duration(timeout)
+                );
+            }
+            None => pending().await,
+        }
+    });
+
+    let result = loop {
+        let slot = tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            () = &mut idle => break Ok(()),
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
+        let stream = tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            () = &mut idle => break Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(err) if is_transient(&err) => {
+                    warn!("cannot accept a connection: {err}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(err) => break Err(err),
+            },
+        };
+        let connection = serve_connection(stream, http.clone(), shared.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            connection.await;
+            drop(slot);
+        });
+    };
+
+    notify(NotifyState::Stopping);
+    drop(listener);
+    let _ = stop_tx.send(true);
+    let all = u32::try_from(MAX_CONNECTIONS).expect("the connection limit fits in u32");
+    if tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all))
+        .await
+        .is_err()
+    {
+        warn!(
+            "{} connections still open after {}, stopping anyway",
+            MAX_CONNECTIONS - slots.available_permits(),
+            humantime::format_duration(DRAIN_TIMEOUT)
+        );
+    }
+    result
+}
+
+/// Errors `accept` can return while the listener is still fine (out of descriptors or memory,
+/// a peer that gave up): wait and go on.
+fn is_transient(err: &io::Error) -> bool {
+    use rustix::io::Errno;
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    ) || err.raw_os_error().is_some_and(|code| {
+        [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM]
+            .iter()
+            .any(|errno| errno.raw_os_error() == code)
+    })
+}
+
+async fn serve_connection(
+    stream: UnixStream,
+    http: http1::Builder,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let service = service_fn(move |request| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(handle(&shared, request).await) }
+    });
+    let mut connection = pin!(http.serve_connection(TokioIo::new(stream), service));
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = async { drop(stop.wait_for(|stop| *stop).await) } => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = result {
+        debug!("connection ended: {}", wire::error_chain(&err));
+    }
+}
+
+struct Shared {
+    driver: Arc<Driver>,
+    activity: Activity,
+}
+
+/// Requests in flight and when the last one ended, for the idle timeout.
+struct Activity {
+    in_flight: AtomicUsize,
+    last: Mutex<Instant>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last: Mutex::new(Instant::now()),
+        }
+    }
+
+    fn begin(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self)
+    }
+
+    fn last(&self) -> Instant {
+        *self
+            .last
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Completes once no request has been in flight for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            if self.in_flight.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(timeout).await;
+                continue;
+            }
+            let deadline = self.last() + timeout;
+            if Instant::now() >= deadline && self.in_flight.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+}
+
+/// Marks one request in flight until dropped.
+struct InFlight<'a>(&'a Activity);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug, Error)]
+#[error("the request handler failed")]
+struct HandlerFailed(#[source] tokio::task::JoinError);
+
+async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let _in_flight = shared.activity.begin();
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let (what, reply) = match read_call(request).await {
+        Ok(call) => {
+            let what = call.to_string();
+            let driver = shared.driver.clone();
+            let reply = tokio::task::spawn_blocking(move || wire::execute(&driver, call))
+                .await
+                .unwrap_or_else(|err| Reply::error(500, &HandlerFailed(err)));
+            (what, reply)
+        }
+        Err(err) => {
+            let shown: String = path.chars().take(100).collect();
+            (format!("{method} {shown:?}"), err.reply())
+        }
+    };
+    let level = match reply.status {
+        500.. => Level::Warn,
+        400.. => Level::Info,
+        _ => Level::Debug,
+    };
+    let elapsed = started.elapsed();
+    match reply.error_message() {
+        Some(err) => log!(level, "{what}: {} in {elapsed:.1?}: {err}", reply.status),
+        None => log!(level, "{what}: {} in {elapsed:.1?}", reply.status),
+    }
+    to_response(reply)
+}
+
+/// Checks the method, reads the body (bounded in size and time) and decodes the call.
+async fn read_call(request: Request<Incoming>) -> Result<Call, WireError> {
+    if request.method() != Method::POST {
+        return Err(WireError::MethodNotAllowed {
+            method: request.method().as_str().chars().take(20).collect(),
+        });
+    }
+    let path = request.uri().path().to_owned();
+    if !wire::is_endpoint(&path) {
+        return wire::parse(&path, b"");
+    }
+    let declared = request
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY as u64) {
+        return Err(WireError::BodyTooLarge { limit: MAX_BODY });
+    }
+    let body = Limited::new(request.into_body(), MAX_BODY).collect();
+    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, body).await {
+        Err(_) => return Err(WireError::BodyTimeout),
+        Ok(Err(err)) if err.is::<LengthLimitError>() => {
+            return Err(WireError::BodyTooLarge { limit: MAX_BODY });
+        }
+        Ok(Err(source)) => return Err(WireError::BodyRead { source }),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    wire::parse(&path, &body)
+}
+
+fn to_response(reply: Reply) -> Response<Full<Bytes>> {
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::to_vec(&reply.body).expect("a JSON value always serialises");
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(wire::CONTENT_TYPE));
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(ALLOW, HeaderValue::from_static("POST"));
+    }
+    response
+}
+
+/// Tells systemd about a state change; does nothing when not run by systemd.
+pub fn notify(state: NotifyState<'_>) {
+    if let Err(err) = sd_notify::notify(std::slice::from_ref(&state)) {
+        warn!("cannot notify systemd of {state}: {err}");
+    }
+}
+
+/// The plugin socket, as [`listen`] acquired it.
+#[derive(Debug)]
+pub enum Listening {
+    /// Passed by systemd (socket activation); systemd owns the path.
+    Activated(UnixListener),
+    /// Created by this process; `socket` removes the file when dropped.
+    Created {
+        listener: UnixListener,
+        socket: SocketFile,
+    },
+}
+
+impl Listening {
+    /// The path clients connect to, for logs.
+    pub fn path(&self) -> Option<PathBuf> {
+        match self {
+            Listening::Activated(listener) => listener
+                .local_addr()
+                .ok()
+                .and_then(|addr| addr.as_pathname().map(Path::to_path_buf)),
+            Listening::Created { socket, .. } => Some(socket.path().to_path_buf()),
+        }
+    }
+
+    /// The listener, and the socket file to drop (removing it) once serving is over.
+    pub fn into_parts(self) -> (UnixListener, Option<SocketFile>) {
+        match self {
+            Listening::Activated(listener) => (listener, None),
+            Listening::Created { listener, socket } => (listener, Some(socket)),
+        }
+    }
+}
+
+/// A socket file this process created. Dropping it removes the file, unless something else
+/// has replaced it at that path since.
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl SocketFile {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        match fs::symlink_metadata(&self.path) {
+            Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
+                if let Err(err) = fs::remove_file(&self.path) {
+                    warn!("cannot remove the socket {}: {err}", self.path.display());
+                }
+            }
+            Ok(_) => debug!(
+                "not removing {}: another process replaced it",
+                self.path.display()
+            ),
+            Err(err) => debug!("not removing {}: {err}", self.path.display()),
+        }
+    }
+}
+
+/// Why the plugin socket cannot be had. Wrapped in an `io::Error`, which keeps the chain.
+#[derive(Debug, Error)]
+enum ListenError {
+    #[error("cannot read the sockets passed by systemd")]
+    ListenFds(#[source] io::Error),
+    #[error("systemd passed {0} sockets, expected one")]
+    FdCount(usize),
+    #[error("the systemd socket was already taken")]
+    AlreadyTaken,
+    #[error("the socket passed by systemd is not a listening unix stream socket")]
+    NotUnixListener,
+    #[error("cannot inspect the socket passed by systemd")]
+    Inspect(#[source] io::Error),
+    #[error("cannot create the directory {0}")]
+    CreateDir(PathBuf, #[source] io::Error),
+    #[error("cannot lock the directory {0}")]
+    Lock(PathBuf, #[source] io::Error),
+    #[error("cannot inspect {0}")]
+    Stat(PathBuf, #[source] io::Error),
+    #[error("another process is already serving on {0}")]
+    InUse(PathBuf),
+    #[error("{0} exists and is not a socket")]
+    NotSocket(PathBuf),
+    #[error("cannot check whether {0} is in use")]
+    Probe(PathBuf, #[source] io::Error),
+    #[error("cannot remove the stale socket {0}")]
+    RemoveStale(PathBuf, #[source] io::Error),
+    #[error("cannot bind {0}")]
+    Bind(PathBuf, #[source] io::Error),
+    #[error("cannot set the permissions of {0}")]
+    Chmod(PathBuf, #[source] io::Error),
+    #[error("cannot register the socket with the runtime")]
+    Register(#[source] io::Error),
+}
+
+impl From<rustix::io::Errno> for ListenError {
+    /// Only the checks of the systemd socket fail with a bare errno.
+    fn from(errno: rustix::io::Errno) -> Self {
+        ListenError::Inspect(errno.into())
+    }
+}
+
+impl ListenError {
+    fn into_io(self) -> io::Error {
+        use std::error::Error as _;
+        let kind = match &self {
+            ListenError::InUse(_) => io::ErrorKind::AddrInUse,
+            ListenError::NotSocket(_) | ListenError::NotUnixListener | ListenError::FdCount(_) => {
+                io::ErrorKind::InvalidInput
+            }
+            _ => self
+                .source()
+                .and_then(|s| s.downcast_ref::<io::Error>())
+                .map_or(io::ErrorKind::Other, io::Error::kind),
+        };
+        io::Error::new(kind, self)
+    }
+}
+
+static ACTIVATION_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Acquires the plugin socket: the one systemd passed (socket activation; `socket` is then
+/// ignored and the path is left alone), or a new one bound at `socket`, mode 0660. A stale
+/// socket file left by a dead process is replaced; a live one, or any other file, is an
+/// error. Must be called inside a tokio runtime.
+pub fn listen(socket: &Path) -> io::Result<Listening> {
+    match activated().map_err(ListenError::into_io)? {
+        Some(listener) => Ok(Listening::Activated(listener)),
+        None => create(socket).map_err(ListenError::into_io),
+    }
+}
+
+fn activated() -> Result<Option<UnixListener>, ListenError> {
+    use rustix::net::{AddressFamily, SocketType, sockopt};
+
+    let mut fds = sd_notify::listen_fds().map_err(ListenError::ListenFds)?;
+    let fd = match (fds.len(), fds.next()) {
+        (1, Some(fd)) => fd,
+        (0, _) => return Ok(None),
+        (n, _) => return Err(ListenError::FdCount(n)),
+    };
+    if ACTIVATION_TAKEN.swap(true, Ordering::SeqCst) {
+        return Err(ListenError::AlreadyTaken);
+    }
+    // SAFETY: systemd passed this descriptor to this process (LISTEN_PID matched) for it to
+    // own, and ACTIVATION_TAKEN ensures it is wrapped only once.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let is_unix_listener = sockopt::socket_domain(&fd)? == AddressFamily::UNIX
+        && sockopt::socket_type(&fd)? == SocketType::STREAM
+        && sockopt::socket_acceptconn(&fd)?;
+    if !is_unix_listener {
+        return Err(ListenError::NotUnixListener);
+    }
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    listener
+        .set_nonblocking(true)
+        .map_err(ListenError::Register)?;
+    UnixListener::from_std(listener)
+        .map(Some)
+        .map_err(ListenError::Register)
+}
+
+fn create(path: &Path) -> Result<Listening, ListenError> {
+    use rustix::fs::{FlockOperation, Mode, OFlags, flock, open};
+
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    fs::create_dir_all(dir).map_err(|e| ListenError::CreateDir(dir.into(), e))?;
+    // Held while checking, replacing and binding, so that two processes starting at once
+    // cannot both decide the socket is stale.
+    let lock = open(
+        dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .and_then(|dir_fd| flock(&dir_fd, FlockOperation::LockExclusive).map(|()| dir_fd))
+    .map_err(|e| ListenError::Lock(dir.into(), e.into()))?;
+
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if is_live(path).map_err(|e| ListenError::Probe(path.into(), e))? {
+                return Err(ListenError::InUse(path.into()));
+            }
+            info!("removing the stale socket {}", path.display());
+            fs::remove_file(path).map_err(|e| ListenError::RemoveStale(path.into(), e))?;
+        }
+        Ok(_) => return Err(ListenError::NotSocket(path.into())),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(ListenError::Stat(path.into(), err)),
+    }
+
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| ListenError::Bind(path.into(), e))?;
+    let meta = fs::symlink_metadata(path).map_err(|e| ListenError::Stat(path.into(), e))?;
+    let socket = SocketFile {
+        path: path.to_path_buf(),
+        dev: meta.dev(),
+        ino: meta.ino(),
+    };
+    drop(lock);
+    fs::set_permissions(path, fs::Permissions::from_mode(0o660))
+        .map_err(|e| ListenError::Chmod(path.into(), e))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(ListenError::Register)?;
+    let listener = UnixListener::from_std(listener).map_err(ListenError::Register)?;
+    Ok(Listening::Created { listener, socket })
+}
+
+/// Whether something accepts connections on the socket at `path`. A non-blocking connect, so
+/// that a live server with a full queue counts as live instead of blocking us.
+fn is_live(path: &Path) -> io::Result<bool> {
+    use rustix::io::Errno;
+    use rustix::net::{
+        AddressFamily, SocketAddrUnix, SocketFlags, SocketType, connect, socket_with,
+    };
+
+    let probe = socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+        None,
+    )?;
+    match connect(&probe, &SocketAddrUnix::new(path)?) {
+        Ok(()) | Err(Errno::AGAIN) | Err(Errno::INPROGRESS) => Ok(true),
+        Err(Errno::CONNREFUSED) => Ok(false),
+        Err(err) => Err(err.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn created_socket_replaces_stale_refuses_live_and_cleans_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/p.sock");
+
+        let first = create(&path).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        let err = create(&path).unwrap_err();
+        assert!(matches!(err, ListenError::InUse(_)), "{err:?}");
+        assert_eq!(err.into_io().kind(), io::ErrorKind::AddrInUse);
+
+        // A socket file nobody listens on any more is stale.
+        let (listener, socket) = first.into_parts();
+        drop(listener);
+        std::mem::forget(socket);
+        assert!(path.exists());
+        let second = create(&path).unwrap();
+        assert!(matches!(second, Listening::Created { .. }));
+        drop(second);
+        assert!(!path.exists(), "the socket is removed on drop");
+
+        fs::write(&path, "not a socket").unwrap();
+        assert!(matches!(create(&path), Err(ListenError::NotSocket(_))));
+    }
+
+    #[tokio::test]
+    async fn socket_file_drop_leaves_a_replaced_socket_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.sock");
+        let (listener, socket) = create(&path).unwrap().into_parts();
+        // Replaced while this process still listens, so the inode cannot be reused.
+        fs::remove_file(&path).unwrap();
+        let _other = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        drop(listener);
+        drop(socket);
+        assert!(path.exists());
+    }
+
+    #[tokio::test]
+    async fn idle_waits_for_requests_to_end() {
+        let activity = Activity::new();
+        let timeout = Duration::from_millis(200);
+        let started = Instant::now();
+        let guard = activity.begin();
+        let mut idle = pin!(activity.idle_for(timeout));
+        tokio::select! {
+            () = &mut idle => panic!("idle while a request is in flight"),
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        drop(guard);
+        idle.await;
+        assert!(started.elapsed() >= Duration::from_millis(700));
+    }
+}
