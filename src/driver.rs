@@ -602,21 +602,31 @@ impl<S: Sys> Driver<S> {
     }
 
     pub fn get(&self, name: &VolumeName) -> Result<VolumeInfo, DriverError> {
+        // Only a missing directory is an error: dockerd forgets a volume on any Get error, so
+        // every other failure is reported inside the answer.
         let vol = self.existing(name)?;
         let mountpoint = vol.mountpoint();
-        let mounted = self.is_mounted(name, &mountpoint)?;
-        let (meta, error) = match vol.read_metadata() {
-            Ok(m) => (Some(m), None),
-            Err(e) => (None, Some(format!("cannot read metadata.json: {e}"))),
-        };
+        let mut errors = Vec::new();
+        let mounted = self.is_mounted(name, &mountpoint).unwrap_or_else(|e| {
+            errors.push(crate::error_chain(&e));
+            false
+        });
+        let meta = vol
+            .read_metadata()
+            .map_err(|e| errors.push(format!("cannot read metadata.json: {e}")))
+            .ok();
         let active_mounts = if mounted {
-            self.read_records(name, &vol)?
-                .iter()
-                .map(|(_, r)| r.usage_count)
-                .sum()
+            match self.read_records(name, &vol) {
+                Ok(records) => records.iter().map(|(_, r)| r.usage_count).sum(),
+                Err(e) => {
+                    errors.push(crate::error_chain(&e));
+                    0
+                }
+            }
         } else {
             0
         };
+        let error = (!errors.is_empty()).then(|| errors.join("; "));
         let created_at = meta
             .as_ref()
             .and_then(|m| m.created_at.as_deref())

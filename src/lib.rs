@@ -14,3 +14,15 @@ pub mod server;
 pub mod store;
 pub mod sys;
 pub mod wire;
+
+/// An error and its chain of causes as one line: `outer: cause: root cause`.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -198,17 +198,7 @@ impl Reply {
     }
 }
 
-/// `err` and each of its sources, joined by `": "`.
-pub fn error_chain(err: &dyn Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+pub use crate::error_chain;
 
 /// Whether `path` is an endpoint this plugin answers (to refuse others before reading a body).
 pub fn is_endpoint(path: &str) -> bool {
