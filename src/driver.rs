@@ -17,6 +17,12 @@
 //! | unmounted | all from an earlier boot   | idle after a reboot: records are void               |
 //! | unmounted | some from this boot (or Go)| unmounted here but perhaps still held in another mount namespace: refused while any process holds it, else the records are void |
 //!
+//! dockerd forgets its mounts when it restarts and never sends their Unmount. Each record
+//! therefore names the process that asked for it (pid and start time, from the socket's peer
+//! credentials); at a Mount, records whose process is gone are released when no other mount
+//! namespace holds the overlay (with live-restore a running container still does, and keeps
+//! them). Records with no known client are never released this way.
+//!
 //! Last Unmount unmounts *before* deleting its record, and Mount mounts *before* writing its
 //! record, so a crash between the two steps always leaves one of the rows above. A volatile
 //! volume's changes are discarded at the first Mount after the last Unmount, never at Unmount,
@@ -34,7 +40,7 @@ use thiserror::Error;
 use crate::janitor::Janitor;
 use crate::names::{MountId, VolumeName};
 use crate::options::{OptionsError, VolumeOptions};
-use crate::store::{self, Metadata, MountRecord, Root, VolumeDir};
+use crate::store::{self, Client, Metadata, MountRecord, Root, VolumeDir};
 use crate::sys::{Holder, OverlaySpec, RealSys, Sys, SysError};
 
 /// Everything a request can fail with. Messages are one lower-case sentence; causes are
@@ -315,15 +321,33 @@ impl<S: Sys> Driver<S> {
 
     // ----- Mount ------------------------------------------------------------------------
 
-    pub fn mount(&self, name: &VolumeName, id: &MountId) -> Result<PathBuf, DriverError> {
+    /// Mounts the volume for mount ID `id` (or counts one more use of it). `client_pid` is the
+    /// pid of the process that asked, from the socket's peer credentials: dockerd forgets its
+    /// mounts when it restarts, so mounts asked for by a process that is gone are released once
+    /// no mount namespace holds the overlay any more.
+    pub fn mount(
+        &self,
+        name: &VolumeName,
+        id: &MountId,
+        client_pid: Option<u32>,
+    ) -> Result<PathBuf, DriverError> {
+        let client = client_pid.and_then(|pid| {
+            self.sys
+                .process_start_time(pid)
+                .map(|start_time| Client { pid, start_time })
+        });
         let (vol, _lock) = self.lock(name)?;
         let meta = self.read_metadata(name, &vol)?;
-        let records = self.read_records(name, &vol)?;
+        let mut records = self.read_records(name, &vol)?;
         let mountpoint = vol.mountpoint();
         let mut mounted = self.is_mounted(name, &mountpoint)?;
 
         if !mounted && !records.is_empty() {
             self.void_records_unless_held(name, &vol, &records)?;
+            records.clear();
+        }
+        if mounted && !records.is_empty() {
+            records = self.release_orphaned(name, &vol, records)?;
         }
         if mounted && records.is_empty() && meta.volatile {
             // An overlay nobody is on record for may carry a dead user's changes: start over.
@@ -354,16 +378,14 @@ impl<S: Sys> Driver<S> {
             log::info!("mounted volume {name} at {mountpoint:?}");
         }
 
-        let previous = records
-            .iter()
-            .find(|(rid, _)| rid == id)
-            .filter(|_| mounted) // records of an unmounted overlay were voided above
-            .map_or(0, |(_, r)| r.usage_count);
+        let previous = records.iter().find(|(rid, _)| rid == id).map(|(_, r)| r);
+        let uses = previous.map_or(0, |r| r.usage_count) + 1;
         vol.write_record(
             id,
             &MountRecord {
-                usage_count: previous + 1,
+                usage_count: uses,
                 boot_id: Some(self.boot_id.clone()),
+                client: client.or(previous.and_then(|r| r.client)),
             },
         )
         .map_err(|source| DriverError::Io {
@@ -371,11 +393,51 @@ impl<S: Sys> Driver<S> {
             action: "recording the mount",
             source,
         })?;
-        log::debug!(
-            "volume {name}: mount ID {id} now used {} times",
-            previous + 1
-        );
+        log::debug!("volume {name}: mount ID {id} now used {uses} times");
         Ok(mountpoint)
+    }
+
+    /// Releases the records whose client process is gone, provided no other mount namespace
+    /// holds the overlay (a container that outlived its dockerd, as with live-restore, keeps
+    /// them all: holders cannot be told apart). Records with no known client are kept.
+    /// Returns the records that remain.
+    fn release_orphaned(
+        &self,
+        name: &VolumeName,
+        vol: &VolumeDir,
+        records: Vec<(MountId, MountRecord)>,
+    ) -> Result<Vec<(MountId, MountRecord)>, DriverError> {
+        let gone = |r: &MountRecord| {
+            r.client
+                .is_some_and(|c| self.sys.process_start_time(c.pid) != Some(c.start_time))
+        };
+        if !records.iter().any(|(_, r)| gone(r)) {
+            return Ok(records);
+        }
+        let holders =
+            self.sys
+                .overlay_holders(&vol.upper())
+                .map_err(|source| DriverError::Inspect {
+                    name: name.clone(),
+                    source,
+                })?;
+        if let Some(holder) = holders.first() {
+            log::debug!("volume {name}: keeping mounts of gone clients, {holder} holds it");
+            return Ok(records);
+        }
+        let (orphaned, live): (Vec<_>, Vec<_>) = records.into_iter().partition(|(_, r)| gone(r));
+        for (id, record) in &orphaned {
+            vol.delete_record(id).map_err(|source| DriverError::Io {
+                name: name.clone(),
+                action: "releasing an orphaned mount",
+                source,
+            })?;
+            let pid = record.client.map_or(0, |c| c.pid);
+            log::info!(
+                "volume {name}: released mount ID {id}: its client (pid {pid}) is gone and no container holds the volume"
+            );
+        }
+        Ok(live)
     }
 
     /// Called when the overlay is not mounted here but records exist: they are void unless
@@ -512,6 +574,7 @@ impl<S: Sys> Driver<S> {
                 id,
                 &MountRecord {
                     usage_count: left,
+                    client: record.client,
                     boot_id: Some(self.boot_id.clone()),
                 },
             )
@@ -832,10 +895,10 @@ mod tests {
     fn counts_per_id_and_mounts_once() {
         let f = fixture();
         f.create("v", false);
-        let mp = f.driver.mount(&name("v"), &id("a")).unwrap();
+        let mp = f.driver.mount(&name("v"), &id("a"), None).unwrap();
         assert_eq!(mp, f.vol("v").mountpoint());
-        f.driver.mount(&name("v"), &id("a")).unwrap(); // docker cp: same ID again
-        f.driver.mount(&name("v"), &id("b")).unwrap();
+        f.driver.mount(&name("v"), &id("a"), None).unwrap(); // docker cp: same ID again
+        f.driver.mount(&name("v"), &id("b"), None).unwrap();
         assert_eq!(f.count("v", "a"), Some(2));
         assert_eq!(f.calls(), vec!["mount"]);
         assert_eq!(f.driver.get(&name("v")).unwrap().active_mounts, 3);
@@ -856,7 +919,7 @@ mod tests {
     fn unknown_volume_errors() {
         let f = fixture();
         for err in [
-            f.driver.mount(&name("nope"), &id("a")).unwrap_err(),
+            f.driver.mount(&name("nope"), &id("a"), None).unwrap_err(),
             f.driver.unmount(&name("nope"), &id("a")).unwrap_err(),
             f.driver.path(&name("nope")).unwrap_err(),
             f.driver.get(&name("nope")).unwrap_err(),
@@ -870,14 +933,14 @@ mod tests {
     fn volatile_changes_survive_unmount_and_go_at_next_mount() {
         let f = fixture();
         f.create("v", true);
-        f.driver.mount(&name("v"), &id("a")).unwrap();
+        f.driver.mount(&name("v"), &id("a"), None).unwrap();
         std::fs::write(f.vol("v").upper().join("scratch"), "x").unwrap();
         f.driver.unmount(&name("v"), &id("a")).unwrap();
         assert!(
             f.vol("v").upper().join("scratch").exists(),
             "discarded at unmount"
         );
-        f.driver.mount(&name("v"), &id("b")).unwrap();
+        f.driver.mount(&name("v"), &id("b"), None).unwrap();
         assert!(
             !f.vol("v").upper().join("scratch").exists(),
             "not discarded"
@@ -897,10 +960,10 @@ mod tests {
     fn persistent_changes_stay() {
         let f = fixture();
         f.create("v", false);
-        f.driver.mount(&name("v"), &id("a")).unwrap();
+        f.driver.mount(&name("v"), &id("a"), None).unwrap();
         std::fs::write(f.vol("v").upper().join("kept"), "x").unwrap();
         f.driver.unmount(&name("v"), &id("a")).unwrap();
-        f.driver.mount(&name("v"), &id("b")).unwrap();
+        f.driver.mount(&name("v"), &id("b"), None).unwrap();
         assert!(f.vol("v").upper().join("kept").exists());
     }
 
@@ -915,10 +978,10 @@ mod tests {
             assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1000, 1001, 0o2770));
         };
         check();
-        f.driver.mount(&name("v"), &id("a")).unwrap();
+        f.driver.mount(&name("v"), &id("a"), None).unwrap();
         std::fs::write(f.vol("v").upper().join("x"), "x").unwrap();
         f.driver.unmount(&name("v"), &id("a")).unwrap();
-        f.driver.mount(&name("v"), &id("a")).unwrap();
+        f.driver.mount(&name("v"), &id("a"), None).unwrap();
         check();
     }
 
@@ -933,6 +996,7 @@ mod tests {
                 &MountRecord {
                     usage_count: 1,
                     boot_id: Some("other".into()),
+                    client: None,
                 },
             )
             .unwrap();
@@ -944,7 +1008,7 @@ mod tests {
             .unwrap()
             .held
             .insert(f.vol("v").upper());
-        f.driver.mount(&name("v"), &id("new")).unwrap();
+        f.driver.mount(&name("v"), &id("new"), None).unwrap();
         assert_eq!(f.count("v", "old"), None);
         assert_eq!(f.count("v", "new"), Some(1));
         assert!(
@@ -957,7 +1021,7 @@ mod tests {
     fn records_of_this_boot_without_a_mount_are_checked_for_holders() {
         let f = fixture();
         f.create("v", false);
-        f.driver.mount(&name("v"), &id("a")).unwrap();
+        f.driver.mount(&name("v"), &id("a"), None).unwrap();
         // Someone unmounted it here while a container elsewhere still holds it.
         f.driver.sys().state.lock().unwrap().mounted.clear();
         f.driver
@@ -967,7 +1031,7 @@ mod tests {
             .unwrap()
             .held
             .insert(f.vol("v").upper());
-        let err = f.driver.mount(&name("v"), &id("b")).unwrap_err();
+        let err = f.driver.mount(&name("v"), &id("b"), None).unwrap_err();
         assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
         assert_eq!(f.calls(), vec!["mount"], "second overlay on one upper");
         let err = f.driver.remove(&name("v")).unwrap_err();
@@ -975,7 +1039,7 @@ mod tests {
         assert!(f.vol("v").path.exists());
         // Once the holder is gone, the records are void.
         f.driver.sys().state.lock().unwrap().held.clear();
-        f.driver.mount(&name("v"), &id("b")).unwrap();
+        f.driver.mount(&name("v"), &id("b"), None).unwrap();
         assert_eq!(f.count("v", "a"), None);
     }
 
@@ -985,7 +1049,7 @@ mod tests {
         f.create("p", false);
         f.create("t", true);
         for v in ["p", "t"] {
-            f.driver.mount(&name(v), &id("a")).unwrap();
+            f.driver.mount(&name(v), &id("a"), None).unwrap();
             let mp = f.vol(v).mountpoint();
             f.driver.sys().state.lock().unwrap().busy.insert(mp);
             let err = f.driver.unmount(&name(v), &id("a")).unwrap_err();
@@ -993,12 +1057,12 @@ mod tests {
             assert_eq!(f.count(v, "a"), None);
         }
         // Persistent: reuse the overlay as it is.
-        f.driver.mount(&name("p"), &id("b")).unwrap();
+        f.driver.mount(&name("p"), &id("b"), None).unwrap();
         // Volatile: its changes cannot be discarded while busy.
-        let err = f.driver.mount(&name("t"), &id("b")).unwrap_err();
+        let err = f.driver.mount(&name("t"), &id("b"), None).unwrap_err();
         assert!(matches!(err, DriverError::Busy { .. }), "{err}");
         f.driver.sys().state.lock().unwrap().busy.clear();
-        f.driver.mount(&name("t"), &id("b")).unwrap();
+        f.driver.mount(&name("t"), &id("b"), None).unwrap();
         assert_eq!(
             f.calls(),
             vec![
@@ -1008,12 +1072,94 @@ mod tests {
     }
 
     #[test]
+    fn mounts_of_a_gone_client_are_released_once_nothing_holds_the_overlay() {
+        let f = fixture();
+        f.create("v", true);
+        let upper = f.vol("v").upper();
+        f.driver
+            .sys()
+            .state
+            .lock()
+            .unwrap()
+            .processes
+            .insert(100, 1);
+        f.driver.mount(&name("v"), &id("a"), Some(100)).unwrap();
+        std::fs::write(upper.join("scratch"), "x").unwrap();
+        let rec = f.vol("v").read_records().unwrap()[0].1.clone();
+        assert_eq!(
+            rec.client,
+            Some(Client {
+                pid: 100,
+                start_time: 1
+            })
+        );
+
+        // dockerd (pid 100) dies and restarts as pid 200, with live-restore: the container
+        // still holds the overlay, so its mount stays.
+        {
+            let mut s = f.driver.sys().state.lock().unwrap();
+            s.processes.clear();
+            s.processes.insert(200, 5);
+            s.held.insert(upper.clone());
+        }
+        f.driver.mount(&name("v"), &id("b"), Some(200)).unwrap();
+        assert_eq!(f.count("v", "a"), Some(1));
+        assert!(upper.join("scratch").exists());
+        f.driver.unmount(&name("v"), &id("b")).unwrap();
+
+        // The container is gone too: its mount is released, and the volatile volume starts
+        // afresh instead of showing a dead container's scratch file.
+        f.driver.sys().state.lock().unwrap().held.clear();
+        f.driver.mount(&name("v"), &id("c"), Some(200)).unwrap();
+        assert_eq!(f.count("v", "a"), None);
+        assert!(
+            !upper.join("scratch").exists(),
+            "dead container's changes shown"
+        );
+        assert_eq!(f.calls(), vec!["mount", "unmount", "mount"]);
+    }
+
+    #[test]
+    fn a_reused_pid_is_not_the_same_client() {
+        let f = fixture();
+        f.create("v", false);
+        f.driver
+            .sys()
+            .state
+            .lock()
+            .unwrap()
+            .processes
+            .insert(100, 1);
+        f.driver.mount(&name("v"), &id("a"), Some(100)).unwrap();
+        // A live client keeps its mounts whatever holds the overlay.
+        f.driver.mount(&name("v"), &id("b"), Some(100)).unwrap();
+        assert_eq!(f.count("v", "a"), Some(1));
+        // Same pid, another process.
+        f.driver
+            .sys()
+            .state
+            .lock()
+            .unwrap()
+            .processes
+            .insert(100, 2);
+        f.driver.mount(&name("v"), &id("c"), Some(100)).unwrap();
+        assert_eq!((f.count("v", "a"), f.count("v", "b")), (None, None));
+        assert_eq!(f.count("v", "c"), Some(1));
+        // Records with no client (Go version, unknown peer) are never released this way.
+        f.driver.mount(&name("v"), &id("d"), None).unwrap();
+        f.driver.sys().state.lock().unwrap().processes.clear();
+        f.driver.mount(&name("v"), &id("e"), None).unwrap();
+        assert_eq!(f.count("v", "d"), Some(1));
+        assert_eq!(f.count("v", "c"), None);
+    }
+
+    #[test]
     fn overlay_left_by_a_crash_after_mount_is_reused() {
         let f = fixture();
         f.create("v", false);
-        f.driver.mount(&name("v"), &id("a")).unwrap();
+        f.driver.mount(&name("v"), &id("a"), None).unwrap();
         f.vol("v").clear_records().unwrap(); // crash before the record was written
-        f.driver.mount(&name("v"), &id("a")).unwrap();
+        f.driver.mount(&name("v"), &id("a"), None).unwrap();
         assert_eq!(f.calls(), vec!["mount"]);
         assert_eq!(f.count("v", "a"), Some(1));
     }
@@ -1022,7 +1168,7 @@ mod tests {
     fn remove_cleans_leftovers_and_refuses_busy() {
         let f = fixture();
         f.create("v", false);
-        f.driver.mount(&name("v"), &id("a")).unwrap();
+        f.driver.mount(&name("v"), &id("a"), None).unwrap();
         let mp = f.vol("v").mountpoint();
         f.driver.sys().state.lock().unwrap().busy.insert(mp.clone());
         assert!(matches!(
@@ -1048,7 +1194,7 @@ mod tests {
         std::fs::write(f.vol("v").metadata(), "{oops").unwrap();
         let info = f.driver.get(&name("v")).unwrap();
         assert!(info.error.unwrap().contains("metadata.json"));
-        assert!(f.driver.mount(&name("v"), &id("a")).is_err());
+        assert!(f.driver.mount(&name("v"), &id("a"), None).is_err());
     }
 
     #[test]
@@ -1070,7 +1216,7 @@ mod tests {
         .unwrap();
         let info = f.driver.get(&name("legacy")).unwrap();
         assert!(!info.mounted);
-        f.driver.mount(&name("legacy"), &id("a")).unwrap();
+        f.driver.mount(&name("legacy"), &id("a"), None).unwrap();
         assert!(vol.upper().join("kept").exists());
         f.create("legacy", false); // same options: accepted
     }

@@ -156,9 +156,17 @@ async fn serve_connection(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // The peer's pid identifies the client (dockerd) whose mounts these are: see
+    // `Driver::mount`. A peer in another pid namespace shows as no pid.
+    let peer_pid = stream
+        .peer_cred()
+        .ok()
+        .and_then(|cred| cred.pid())
+        .and_then(|pid| u32::try_from(pid).ok())
+        .filter(|&pid| pid != 0);
     let service = service_fn(move |request| {
         let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, request).await) }
+        async move { Ok::<_, Infallible>(handle(&shared, request, peer_pid).await) }
     });
     let mut connection = pin!(http.serve_connection(TokioIo::new(stream), service));
     let result = tokio::select! {
@@ -234,7 +242,11 @@ impl Drop for InFlight<'_> {
 #[error("the request handler failed")]
 struct HandlerFailed(#[source] tokio::task::JoinError);
 
-async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    shared: &Shared,
+    request: Request<Incoming>,
+    peer_pid: Option<u32>,
+) -> Response<Full<Bytes>> {
     let _in_flight = shared.activity.begin();
     let started = Instant::now();
     let method = request.method().clone();
@@ -243,7 +255,7 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Full<By
         Ok(call) => {
             let what = call.to_string();
             let driver = shared.driver.clone();
-            let reply = tokio::task::spawn_blocking(move || wire::execute(&driver, call))
+            let reply = tokio::task::spawn_blocking(move || wire::execute(&driver, call, peer_pid))
                 .await
                 .unwrap_or_else(|err| Reply::error(500, &HandlerFailed(err)));
             (what, reply)

@@ -55,13 +55,26 @@ pub struct Metadata {
     pub created_at: Option<String>,
 }
 
-/// `activemounts/ID`. `BootId` is new: records from the Go version lack it.
+/// `activemounts/ID`. `BootId` and `Client` are new: records from the Go version lack them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MountRecord {
     #[serde(rename = "UsageCount")]
     pub usage_count: u64,
     #[serde(rename = "BootId", default, skip_serializing_if = "Option::is_none")]
     pub boot_id: Option<String>,
+    /// The process (dockerd, podman) that asked for the mount, as seen on the socket.
+    #[serde(rename = "Client", default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<Client>,
+}
+
+/// A process, identified across pid reuse by its start time (clock ticks after boot, field 22
+/// of `/proc/PID/stat`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Client {
+    #[serde(rename = "Pid")]
+    pub pid: u32,
+    #[serde(rename = "StartTime")]
+    pub start_time: u64,
 }
 
 /// A name that nothing else in this process or any other process uses at the same moment.
@@ -220,6 +233,7 @@ impl VolumeDir {
                     MountRecord {
                         usage_count: 1,
                         boot_id: None,
+                        client: None,
                     }
                 });
             out.push((id, record));
@@ -320,10 +334,14 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&MountRecord {
                 usage_count: 1,
-                boot_id: Some("b".into())
+                boot_id: Some("b".into()),
+                client: Some(Client {
+                    pid: 7,
+                    start_time: 9
+                }),
             })
             .unwrap(),
-            r#"{"UsageCount":1,"BootId":"b"}"#
+            r#"{"UsageCount":1,"BootId":"b","Client":{"Pid":7,"StartTime":9}}"#
         );
     }
 
@@ -347,6 +365,7 @@ mod tests {
             &MountRecord {
                 usage_count: 3,
                 boot_id: None,
+                client: None,
             },
         )
         .unwrap();

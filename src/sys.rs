@@ -83,6 +83,9 @@ pub trait Sys: Send + Sync {
     /// Processes in *other* mount namespaces that still have an overlay with this upper
     /// directory mounted (a container of another engine, a bind made by a process).
     fn overlay_holders(&self, upper: &Path) -> Result<Vec<Holder>, SysError>;
+    /// When process `pid` started (clock ticks after boot), `None` if there is no such
+    /// process. A pid with the same start time is the same process.
+    fn process_start_time(&self, pid: u32) -> Option<u64>;
 }
 
 /// The real kernel.
@@ -173,6 +176,20 @@ impl Sys for RealSys {
         }
         Ok(holders)
     }
+
+    fn process_start_time(&self, pid: u32) -> Option<u64> {
+        let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+        parse_start_time(&stat)
+    }
+}
+
+/// Field 22 of `/proc/PID/stat`. The command (field 2) is in parentheses and may itself hold
+/// spaces and parentheses, so fields are counted after the last `)`.
+pub fn parse_start_time(stat: &[u8]) -> Option<u64> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    // After ")" come field 3 (state) onwards: field 22 is the 20th of them.
+    rest.split_ascii_whitespace().nth(19)?.parse().ok()
 }
 
 /// Why the new mount API did not mount.
@@ -393,6 +410,8 @@ pub struct RecordingState {
     pub busy: HashSet<PathBuf>,
     /// Uppers held by some other mount namespace.
     pub held: HashSet<PathBuf>,
+    /// Live processes: pid to start time.
+    pub processes: std::collections::HashMap<u32, u64>,
 }
 
 impl Sys for RecordingSys {
@@ -444,6 +463,10 @@ impl Sys for RecordingSys {
             vec![]
         })
     }
+
+    fn process_start_time(&self, pid: u32) -> Option<u64> {
+        self.state.lock().unwrap().processes.get(&pid).copied()
+    }
 }
 
 #[cfg(test)]
@@ -467,6 +490,15 @@ mod tests {
             String::from_utf8(legacy_options(&spec)).unwrap(),
             "lowerdir=/l\\,1,upperdir=/u\\:2,workdir=/w,index=off,metacopy=off,redirect_dir=off"
         );
+    }
+
+    #[test]
+    fn start_time_of_odd_command_names() {
+        let stat = b"1234 (my) odd (cmd)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10 0";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        let me = std::fs::read("/proc/self/stat").unwrap();
+        assert!(parse_start_time(&me).is_some_and(|t| t > 0));
+        assert_eq!(parse_start_time(b"garbage"), None);
     }
 
     #[test]

@@ -286,14 +286,15 @@ pub fn parse(path: &str, body: &[u8]) -> Result<Call, WireError> {
 
 /// Runs `call` against `driver` and encodes the answer. Blocks for as long as the driver does:
 /// call it from a blocking thread.
-pub fn execute(driver: &Driver, call: Call) -> Reply {
+/// Runs `call`. `peer_pid` is the calling process, from the connection's peer credentials.
+pub fn execute(driver: &Driver, call: Call, peer_pid: Option<u32>) -> Reply {
     let result = match &call {
         Call::Activate => Ok(json!({ "Implements": ["VolumeDriver"] })),
         Call::Capabilities => Ok(json!({ "Capabilities": { "Scope": "local" } })),
         Call::Create { name, options } => driver.create(name, options).map(|()| json!({})),
         Call::Remove { name } => driver.remove(name).map(|()| json!({})),
         Call::Mount { name, id } => driver
-            .mount(name, id)
+            .mount(name, id, peer_pid)
             .map(|mountpoint| json!({ "Mountpoint": path_text(&mountpoint) })),
         Call::Unmount { name, id } => driver.unmount(name, id).map(|()| json!({})),
         Call::Path { name } => driver.path(name).map(|mountpoint| {
@@ -649,11 +650,11 @@ mod tests {
             return; // Opening may need privileges this test runs without.
         };
         assert_eq!(
-            execute(&driver, Call::Activate),
+            execute(&driver, Call::Activate, None),
             Reply::ok(json!({ "Implements": ["VolumeDriver"] }))
         );
         assert_eq!(
-            execute(&driver, Call::Capabilities),
+            execute(&driver, Call::Capabilities, None),
             Reply::ok(json!({ "Capabilities": { "Scope": "local" } }))
         );
     }
