@@ -13,7 +13,7 @@
 //! |-----------|----------------------------|-----------------------------------------------------|
 //! | mounted   | some                       | in use: count one more                              |
 //! | mounted   | none                       | left by a crash after mount, or a busy last unmount: reuse; a volatile volume is unmounted and discarded first (refused while busy) |
-//! | unmounted | none                       | idle: discard if volatile, mount                    |
+//! | unmounted | none                       | idle: discard if volatile, mount; refused while another mount namespace still holds a copy of the overlay |
 //! | unmounted | all from an earlier boot   | idle after a reboot: records are void               |
 //! | unmounted | some from this boot (or Go)| unmounted here but perhaps still held in another mount namespace: refused while any process holds it, else the records are void |
 //!
@@ -28,6 +28,12 @@
 //! volume's changes are discarded at the first Mount after the last Unmount, never at Unmount,
 //! so they can be recovered in between; the discard renames the upper into the trash in
 //! constant time and the [`Janitor`] deletes it.
+//!
+//! The admin commands (`docker-on-top changes`, `reset`, `commit`, ...) take the same lock
+//! through [`Driver::lock_volume`]. The one state change they make, a reset (the upper into
+//! the trash, a fresh one in its place), needs [`Driver::lock_unmounted`]: refused in the two
+//! "mounted" rows and while another mount namespace holds the overlay, it voids the records of
+//! the other rows, as Mount does (see `driver/locked.rs`).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -42,6 +48,9 @@ use crate::names::{MountId, VolumeName};
 use crate::options::{OptionsError, VolumeOptions};
 use crate::store::{self, Client, Metadata, MountRecord, Root, VolumeDir};
 use crate::sys::{Holder, OverlaySpec, RealSys, Sys, SysError};
+
+mod locked;
+pub use locked::{LockedVolume, UnmountedVolume};
 
 /// Everything a request can fail with. Messages are one lower-case sentence; causes are
 /// chained as `source`, never repeated in the message.
@@ -75,6 +84,14 @@ pub enum DriverError {
     Busy {
         name: VolumeName,
         mountpoint: PathBuf,
+    },
+    /// An admin command that replaces the upper or changes the base met a mounted volume.
+    #[error("{}", locked::mounted_message(.name, .mountpoint, *.mounts))]
+    Mounted {
+        name: VolumeName,
+        mountpoint: PathBuf,
+        /// Uses on record (0: mounted with no container on record).
+        mounts: u64,
     },
     #[error("cannot mount volume {name}")]
     Mount {
@@ -342,7 +359,9 @@ impl<S: Sys> Driver<S> {
         let mountpoint = vol.mountpoint();
         let mut mounted = self.is_mounted(name, &mountpoint)?;
 
-        if !mounted && !records.is_empty() {
+        if !mounted {
+            // Also without records: the last Unmount here leaves any copy of the overlay in
+            // another mount namespace alive, and that upper must not get a second overlay.
             self.void_records_unless_held(name, &vol, &records)?;
             records.clear();
         }
@@ -350,7 +369,9 @@ impl<S: Sys> Driver<S> {
             records = self.release_orphaned(name, &vol, records)?;
         }
         if mounted && records.is_empty() && meta.volatile {
-            // An overlay nobody is on record for may carry a dead user's changes: start over.
+            // An overlay nobody is on record for may carry a dead user's changes: start over,
+            // unless a copy of it in another mount namespace still uses them.
+            self.refuse_if_held(name, &vol)?;
             match self.sys.unmount(&mountpoint) {
                 Ok(()) => mounted = false,
                 Err(SysError::Busy) => {
@@ -440,20 +461,24 @@ impl<S: Sys> Driver<S> {
         Ok(live)
     }
 
-    /// Called when the overlay is not mounted here but records exist: they are void unless
-    /// the overlay lives on in another mount namespace, which must never get a second overlay
-    /// on the same upper.
+    /// Called when the overlay is not mounted here: refused while the overlay lives on in
+    /// another mount namespace (which must never get a second overlay on the same upper), else
+    /// the records, if any, are void. Only records all from an earlier boot need no look.
     fn void_records_unless_held(
         &self,
         name: &VolumeName,
         vol: &VolumeDir,
         records: &[(MountId, MountRecord)],
     ) -> Result<(), DriverError> {
-        let all_from_earlier_boot = records
-            .iter()
-            .all(|(_, r)| r.boot_id.as_deref().is_some_and(|b| b != self.boot_id));
+        let all_from_earlier_boot = !records.is_empty()
+            && records
+                .iter()
+                .all(|(_, r)| r.boot_id.as_deref().is_some_and(|b| b != self.boot_id));
         if !all_from_earlier_boot {
             self.refuse_if_held(name, vol)?;
+        }
+        if records.is_empty() {
+            return Ok(());
         }
         log::info!(
             "volume {name}: voiding {} stale mount record(s) of an overlay that is no longer mounted",
@@ -498,30 +523,15 @@ impl<S: Sys> Driver<S> {
                 source,
             }
         };
-        let base = std::fs::metadata(&meta.base).map_err(|source| DriverError::BaseGone {
-            name: name.clone(),
-            base: meta.base.clone(),
-            source,
-        })?;
-        if !base.is_dir() {
-            return Err(DriverError::BaseGone {
-                name: name.clone(),
-                base: meta.base.clone(),
-                source: io::Error::from(rustix::io::Errno::NOTDIR),
-            });
-        }
+        let base = self.base_metadata(name, meta)?;
         let upper = vol.upper();
         let upper_exists = upper.exists();
         if meta.volatile
             && upper_exists
             && !is_empty_dir(&upper).map_err(io_err("reading the upper directory"))?
         {
-            std::fs::rename(&upper, self.root.trash_slot(&format!("{name}-upper")))
-                .map_err(io_err("discarding the changes of a volatile volume"))?;
+            self.discard_upper(name, vol, &base)?;
             log::info!("discarded the changes of volatile volume {name}");
-            self.kick_janitor();
-            vol.install_fresh_upper(&base)
-                .map_err(io_err("creating a fresh upper directory"))?;
         } else if !upper_exists {
             if !meta.volatile {
                 log::warn!("volume {name} had no upper directory; starting with no changes");
@@ -618,14 +628,12 @@ impl<S: Sys> Driver<S> {
         let Some((vol, _lock)) = self.try_lock(name)? else {
             return Ok(());
         };
-        let records = self.read_records(name, &vol)?;
         let mountpoint = vol.mountpoint();
         let mounted = self.is_mounted(name, &mountpoint)?;
-        if mounted || !records.is_empty() {
-            // dockerd sends Remove only when none of its containers uses the volume, so
-            // records are leftovers; but the overlay may live on elsewhere.
-            self.refuse_if_held(name, &vol)?;
-        }
+        // dockerd sends Remove only when none of its containers uses the volume, so records
+        // are leftovers; but the overlay may live on elsewhere, also after the last Unmount
+        // here (the janitor would delete the upper under it).
+        self.refuse_if_held(name, &vol)?;
         if mounted {
             match self.sys.unmount(&mountpoint) {
                 Ok(()) => log::info!("unmounted leftover mount of volume {name}"),
@@ -1041,6 +1049,60 @@ mod tests {
         f.driver.sys().state.lock().unwrap().held.clear();
         f.driver.mount(&name("v"), &id("b"), None).unwrap();
         assert_eq!(f.count("v", "a"), None);
+    }
+
+    #[test]
+    fn a_copy_held_elsewhere_after_the_last_unmount_refuses_mount_and_remove() {
+        let f = fixture();
+        f.create("v", true);
+        f.driver.mount(&name("v"), &id("a"), None).unwrap();
+        std::fs::write(f.vol("v").upper().join("in-use"), "x").unwrap();
+        // The last Unmount here leaves a copy of the overlay in another mount namespace.
+        f.driver.unmount(&name("v"), &id("a")).unwrap();
+        f.driver
+            .sys()
+            .state
+            .lock()
+            .unwrap()
+            .held
+            .insert(f.vol("v").upper());
+        let err = f.driver.mount(&name("v"), &id("b"), None).unwrap_err();
+        assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
+        let err = f.driver.remove(&name("v")).unwrap_err();
+        assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
+        assert_eq!(
+            f.calls(),
+            vec!["mount", "unmount"],
+            "second overlay on one upper"
+        );
+        assert!(
+            f.vol("v").upper().join("in-use").exists(),
+            "held upper discarded"
+        );
+
+        // A volatile overlay left with no records is not discarded while held either.
+        f.driver.sys().state.lock().unwrap().held.clear();
+        f.driver.mount(&name("v"), &id("c"), None).unwrap();
+        f.vol("v").clear_records().unwrap();
+        std::fs::write(f.vol("v").upper().join("in-use"), "x").unwrap();
+        f.driver
+            .sys()
+            .state
+            .lock()
+            .unwrap()
+            .held
+            .insert(f.vol("v").upper());
+        let err = f.driver.mount(&name("v"), &id("d"), None).unwrap_err();
+        assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
+        assert!(
+            f.vol("v").upper().join("in-use").exists(),
+            "held upper discarded"
+        );
+        assert_eq!(f.calls(), vec!["mount", "unmount", "mount"]);
+
+        f.driver.sys().state.lock().unwrap().held.clear();
+        f.driver.remove(&name("v")).unwrap();
+        assert!(!f.vol("v").path.exists());
     }
 
     #[test]

@@ -61,17 +61,33 @@ pub fn sweep(root: &Root) {
     let items: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
     for item in items {
         let started = std::time::Instant::now();
-        let result = if item.is_dir() && !item.is_symlink() {
-            std::fs::remove_dir_all(&item)
-        } else {
-            std::fs::remove_file(&item)
-        };
-        match result {
+        match delete(&item) {
             Ok(()) => log::debug!("deleted {item:?} in {:?}", started.elapsed()),
-            // Another process's janitor may be deleting the same entry.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => log::warn!("cannot delete {item:?} from the trash: {e}"),
         }
+    }
+}
+
+/// Deletes one entry of the trash, a directory with everything in it. Another process may be
+/// deleting the same entry (the daemon's janitor, an admin command): what it deleted first is
+/// not an error.
+pub fn delete(item: &Path) -> std::io::Result<()> {
+    let not_found = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let result = if item.is_dir() && !item.is_symlink() {
+        // A racing deleter makes entries vanish under remove_dir_all: try again.
+        std::fs::remove_dir_all(item).or_else(|e| {
+            if not_found(&e) && item.exists() {
+                std::fs::remove_dir_all(item)
+            } else {
+                Err(e)
+            }
+        })
+    } else {
+        std::fs::remove_file(item)
+    };
+    match result {
+        Err(e) if !not_found(&e) => Err(e),
+        _ => Ok(()),
     }
 }
 

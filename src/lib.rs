@@ -3,8 +3,10 @@
 //!
 //! Layers, outermost first: [`server`] and [`wire`] speak Docker's plugin protocol and know
 //! nothing of files; [`driver`] owns every invariant of the on-disk state; [`sys`] is the small
-//! OS boundary (mounts) behind a trait.
+//! OS boundary (mounts) behind a trait. [`admin`] holds the admin commands (`ls`, `changes`,
+//! `recover`, `export`, `reset`, `commit`), which work on the volumes through the driver.
 
+pub mod admin;
 pub mod driver;
 pub mod janitor;
 pub mod logging;

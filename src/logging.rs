@@ -12,7 +12,12 @@ use log::Level;
 /// priority (`<3>` error, `<4>` warn, `<6>` info, `<7>` debug) and has no timestamp, which
 /// journald adds itself.
 pub fn init() {
-    let env = env_logger::Env::default().default_filter_or("info");
+    init_with_default("info");
+}
+
+/// [`init`] with another filter than `info` when `RUST_LOG` is not set.
+pub fn init_with_default(filter: &str) {
+    let env = env_logger::Env::default().default_filter_or(filter);
     let mut builder = env_logger::Builder::from_env(env);
     if stderr_is_journal() {
         builder

@@ -265,8 +265,10 @@ async fn handle(
             (format!("{method} {shown:?}"), err.reply())
         }
     };
+    // 404 is what dockerd's Get probe before every Create gets: not worth a line at info.
     let level = match reply.status {
         500.. => Level::Warn,
+        404 => Level::Debug,
         400.. => Level::Info,
         _ => Level::Debug,
     };

@@ -22,7 +22,7 @@ use serde::de::IgnoredAny;
 use serde_json::{Map, Value, json};
 use thiserror::Error;
 
-use crate::driver::{Driver, VolumeInfo};
+use crate::driver::{Driver, DriverError, VolumeInfo};
 use crate::names::{MountId, NameError, VolumeName};
 
 pub const ACTIVATE: &str = "/Plugin.Activate";
@@ -230,6 +230,15 @@ struct MountBody {
     id: String,
 }
 
+/// Decodes a JSON object into `T`. Derived `Deserialize` would also take an array, reading its
+/// elements as the fields in order; dockerd only ever sends objects.
+fn object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, serde_json::Error> {
+    match serde_json::from_slice::<Value>(body)? {
+        value @ Value::Object(_) => serde_json::from_value(value),
+        _ => Err(serde::de::Error::custom("the body must be a JSON object")),
+    }
+}
+
 /// Decodes one request: `path` is the URL path (`/VolumeDriver.Mount`), `body` the raw body.
 /// Unknown JSON fields are ignored; no `Content-Type` is required.
 pub fn parse(path: &str, body: &[u8]) -> Result<Call, WireError> {
@@ -256,14 +265,14 @@ pub fn parse(path: &str, body: &[u8]) -> Result<Call, WireError> {
         CAPABILITIES => no_arguments().map(|()| Call::Capabilities)?,
         LIST => no_arguments().map(|()| Call::List)?,
         CREATE => {
-            let b: CreateBody = serde_json::from_slice(body).map_err(json)?;
+            let b: CreateBody = object(body).map_err(json)?;
             Call::Create {
                 name: name(&b.name)?,
                 options: b.opts.unwrap_or_default(),
             }
         }
         MOUNT | UNMOUNT => {
-            let b: MountBody = serde_json::from_slice(body).map_err(json)?;
+            let b: MountBody = object(body).map_err(json)?;
             let (name, id) = (name(&b.name)?, id(&b.id)?);
             if endpoint == MOUNT {
                 Call::Mount { name, id }
@@ -272,7 +281,7 @@ pub fn parse(path: &str, body: &[u8]) -> Result<Call, WireError> {
             }
         }
         _ => {
-            let b: NameBody = serde_json::from_slice(body).map_err(json)?;
+            let b: NameBody = object(body).map_err(json)?;
             let name = name(&b.name)?;
             match endpoint {
                 REMOVE => Call::Remove { name },
@@ -284,9 +293,9 @@ pub fn parse(path: &str, body: &[u8]) -> Result<Call, WireError> {
     Ok(call)
 }
 
-/// Runs `call` against `driver` and encodes the answer. Blocks for as long as the driver does:
-/// call it from a blocking thread.
-/// Runs `call`. `peer_pid` is the calling process, from the connection's peer credentials.
+/// Runs `call` against `driver` and encodes the answer; `peer_pid` is the calling process,
+/// from the connection's peer credentials. Blocks for as long as the driver does: call it from
+/// a blocking thread.
 pub fn execute(driver: &Driver, call: Call, peer_pid: Option<u32>) -> Reply {
     let result = match &call {
         Call::Activate => Ok(json!({ "Implements": ["VolumeDriver"] })),
@@ -313,6 +322,8 @@ pub fn execute(driver: &Driver, call: Call, peer_pid: Option<u32>) -> Reply {
     };
     match result {
         Ok(body) => Reply::ok(body),
+        // dockerd asks Get before every Create: a missing volume is an everyday answer.
+        Err(err @ DriverError::NoSuchVolume(_)) => Reply::error(404, &err),
         Err(err) => Reply::error(500, &err),
     }
 }
@@ -469,6 +480,11 @@ mod tests {
             (MOUNT, br#"{"Name":"v1"}"#),
             (UNMOUNT, br#"{"ID":"abc"}"#),
             (MOUNT, br#"{"Name":"v1","ID":5}"#),
+            // Arrays would otherwise be read as the fields in order.
+            (CREATE, br#"["v1",{"base":"/srv"}]"#),
+            (MOUNT, br#"["v1","abc"]"#),
+            (REMOVE, br#"["v1"]"#),
+            (GET, br#"["v1"]"#),
         ];
         for (path, body) in cases {
             let err = parse(path, body).unwrap_err();

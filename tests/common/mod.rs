@@ -15,3 +15,5 @@ pub fn private_mount_namespace() {
     )
     .expect("making / private in the new mount namespace failed");
 }
+
+pub mod daemon;

@@ -1,0 +1,329 @@
+//! A volume held under its lock, for the admin commands (`docker-on-top ls`, `changes`,
+//! `reset`, `commit`, ...), and the one state change they make through the driver: reset.
+//!
+//! The admin commands run in their own process, beside a daemon that may be serving dockerd.
+//! They take the same flock as Mount, Unmount and Remove, so while an admin command holds a
+//! volume the daemon waits for it (and the other way round). Reading a volume's changes is
+//! allowed while it is mounted; replacing its upper or changing its base is not: that needs an
+//! [`UnmountedVolume`], which can only be had from [`Driver::lock_unmounted`].
+
+use std::ops::Deref;
+
+use super::*;
+
+/// A volume whose lock this process holds. Mount, Unmount and Remove of it, in this process
+/// or the daemon, wait until it is dropped.
+#[derive(Debug)]
+pub struct LockedVolume {
+    name: VolumeName,
+    dir: VolumeDir,
+    _lock: store::VolumeLock,
+}
+
+impl LockedVolume {
+    pub fn name(&self) -> &VolumeName {
+        &self.name
+    }
+
+    /// The paths of the volume's directory.
+    pub fn dir(&self) -> &VolumeDir {
+        &self.dir
+    }
+
+    /// `metadata.json`, read now (the Go version's format is accepted).
+    pub fn metadata(&self) -> Result<Metadata, DriverError> {
+        self.dir.read_metadata().map_err(|source| DriverError::Io {
+            name: self.name.clone(),
+            action: "reading metadata.json",
+            source,
+        })
+    }
+}
+
+/// A locked volume that was found unmounted here and held by no other mount namespace, its
+/// void mount records cleared: until it is dropped nothing can mount it, so its upper may be
+/// replaced and its base changed.
+#[derive(Debug)]
+pub struct UnmountedVolume(LockedVolume);
+
+impl Deref for UnmountedVolume {
+    type Target = LockedVolume;
+    fn deref(&self) -> &LockedVolume {
+        &self.0
+    }
+}
+
+/// The message of [`DriverError::Mounted`]: what to do depends on whether containers are on
+/// record.
+pub(super) fn mounted_message(name: &VolumeName, mountpoint: &Path, mounts: u64) -> String {
+    if mounts > 0 {
+        format!(
+            "volume {name} is in use ({mounts} mount(s) at {mountpoint:?}); stop the containers \
+             that use it (docker ps --filter volume={name}) and try again"
+        )
+    } else {
+        format!(
+            "volume {name} is still mounted at {mountpoint:?} although no container is on \
+             record (a busy last unmount or a crash); once no process uses it, unmount it with \
+             `umount {}` and try again",
+            mountpoint.display()
+        )
+    }
+}
+
+impl<S: Sys> Driver<S> {
+    /// Takes the lock of an existing volume; waits while the daemon works on it.
+    pub fn lock_volume(&self, name: &VolumeName) -> Result<LockedVolume, DriverError> {
+        let (dir, lock) = self.lock(name)?;
+        Ok(LockedVolume {
+            name: name.clone(),
+            dir,
+            _lock: lock,
+        })
+    }
+
+    /// The mount IDs on record and their usage counts while the overlay is mounted here; empty
+    /// while it is not (records of an unmounted overlay are void, see the state machine).
+    pub fn live_mounts(&self, vol: &LockedVolume) -> Result<Vec<(MountId, u64)>, DriverError> {
+        if !self.is_mounted(&vol.name, &vol.dir.mountpoint())? {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .read_records(&vol.name, &vol.dir)?
+            .into_iter()
+            .map(|(id, r)| (id, r.usage_count))
+            .collect())
+    }
+
+    /// Takes the lock of a volume and makes sure nothing uses it: refused while the overlay is
+    /// mounted here or still held in another mount namespace; otherwise the mount records,
+    /// which are then void, are cleared.
+    pub fn lock_unmounted(&self, name: &VolumeName) -> Result<UnmountedVolume, DriverError> {
+        let vol = self.lock_volume(name)?;
+        let mountpoint = vol.dir.mountpoint();
+        if self.is_mounted(name, &mountpoint)? {
+            let mounts = self
+                .read_records(name, &vol.dir)?
+                .iter()
+                .map(|(_, r)| r.usage_count)
+                .sum();
+            return Err(DriverError::Mounted {
+                name: name.clone(),
+                mountpoint,
+                mounts,
+            });
+        }
+        // Always looked for, records or not: the caller is about to replace the upper or
+        // change the base under any copy of the overlay that lives on.
+        self.refuse_if_held(name, &vol.dir)?;
+        let records = self.read_records(name, &vol.dir)?;
+        if !records.is_empty() {
+            self.void_records_unless_held(name, &vol.dir, &records)?;
+        }
+        Ok(UnmountedVolume(vol))
+    }
+
+    /// Discards the changes of an unmounted volume in constant time: the upper is renamed into
+    /// the trash (returned, for the caller to delete or leave to the janitor) and a fresh,
+    /// empty one with the base's owner, group and mode takes its place. A volume without an
+    /// upper just gets a fresh one.
+    pub fn reset_locked(&self, vol: &UnmountedVolume) -> Result<Option<PathBuf>, DriverError> {
+        let meta = vol.metadata()?;
+        let base = self.base_metadata(&vol.name, &meta)?;
+        let trashed = self.discard_upper(&vol.name, &vol.dir, &base)?;
+        log::info!("reset volume {}: its changes were discarded", vol.name);
+        Ok(trashed)
+    }
+
+    /// [`Driver::lock_unmounted`], then [`Driver::reset_locked`].
+    pub fn reset(&self, name: &VolumeName) -> Result<Option<PathBuf>, DriverError> {
+        let vol = self.lock_unmounted(name)?;
+        self.reset_locked(&vol)
+    }
+
+    /// The base directory's metadata (symlinks followed); an error unless it is a directory.
+    pub(super) fn base_metadata(
+        &self,
+        name: &VolumeName,
+        meta: &Metadata,
+    ) -> Result<std::fs::Metadata, DriverError> {
+        let gone = |source| DriverError::BaseGone {
+            name: name.clone(),
+            base: meta.base.clone(),
+            source,
+        };
+        let base = std::fs::metadata(&meta.base).map_err(gone)?;
+        if !base.is_dir() {
+            return Err(gone(io::Error::from(rustix::io::Errno::NOTDIR)));
+        }
+        Ok(base)
+    }
+
+    /// Moves the upper (if any) into the trash and installs a fresh one whose root has the
+    /// base's owner, group and mode. The caller holds the lock and knows the volume is not
+    /// mounted. Returns where the old upper went.
+    pub(super) fn discard_upper(
+        &self,
+        name: &VolumeName,
+        vol: &VolumeDir,
+        base: &std::fs::Metadata,
+    ) -> Result<Option<PathBuf>, DriverError> {
+        let io_err = |action| {
+            move |source| DriverError::Io {
+                name: name.clone(),
+                action,
+                source,
+            }
+        };
+        let upper = vol.upper();
+        let trashed = match std::fs::symlink_metadata(&upper) {
+            Ok(_) => {
+                let slot = self.root.trash_slot(&format!("{name}-upper"));
+                std::fs::rename(&upper, &slot)
+                    .map_err(io_err("moving the upper directory to the trash"))?;
+                self.kick_janitor();
+                Some(slot)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err("looking at the upper directory")(e)),
+        };
+        vol.install_fresh_upper(base)
+            .map_err(io_err("creating a fresh upper directory"))?;
+        Ok(trashed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::RecordingSys;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        base: PathBuf,
+        driver: Driver<RecordingSys>,
+    }
+
+    fn fixture() -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path().join("base");
+        std::fs::create_dir(&base).unwrap();
+        std::os::unix::fs::chown(&base, Some(1000), Some(1001)).unwrap();
+        std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o750)).unwrap();
+        let driver = Driver::with_sys(&tmp.path().join("root"), RecordingSys::default()).unwrap();
+        let mut o = BTreeMap::new();
+        o.insert("base".to_string(), base.to_str().unwrap().to_string());
+        driver.create(&name("v"), &o).unwrap();
+        Fixture {
+            _tmp: tmp,
+            base,
+            driver,
+        }
+    }
+
+    fn name(s: &str) -> VolumeName {
+        VolumeName::parse(s).unwrap()
+    }
+
+    impl Fixture {
+        fn vol(&self) -> VolumeDir {
+            self.driver.root().volume(&name("v"))
+        }
+        fn hold_elsewhere(&self, held: bool) {
+            let mut s = self.driver.sys().state.lock().unwrap();
+            if held {
+                s.held.insert(self.vol().upper());
+            } else {
+                s.held.clear();
+            }
+        }
+    }
+
+    #[test]
+    fn reset_moves_the_upper_to_the_trash_and_keeps_the_base_owner() {
+        let f = fixture();
+        std::fs::write(f.vol().upper().join("change"), "x").unwrap();
+        let trashed = f.driver.reset(&name("v")).unwrap().unwrap();
+        assert!(trashed.starts_with(f.driver.root().trash()));
+        assert!(trashed.join("change").exists());
+        let upper = std::fs::metadata(f.vol().upper()).unwrap();
+        assert_eq!(
+            (upper.uid(), upper.gid(), upper.mode() & 0o7777),
+            (1000, 1001, 0o750)
+        );
+        assert_eq!(std::fs::read_dir(f.vol().upper()).unwrap().count(), 0);
+        // No upper at all (a damaged or Go volume): a fresh one is installed.
+        std::fs::remove_dir(f.vol().upper()).unwrap();
+        assert_eq!(f.driver.reset(&name("v")).unwrap(), None);
+        assert!(f.vol().upper().is_dir());
+        assert!(f.base.is_dir());
+    }
+
+    #[test]
+    fn reset_is_refused_while_mounted_or_held_and_voids_stale_records() {
+        let f = fixture();
+        std::fs::write(f.vol().upper().join("change"), "x").unwrap();
+        f.driver
+            .mount(&name("v"), &MountId::parse("a").unwrap(), None)
+            .unwrap();
+        let err = f.driver.reset(&name("v")).unwrap_err();
+        assert!(
+            matches!(err, DriverError::Mounted { mounts: 1, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("docker ps --filter volume=v"),
+            "{err}"
+        );
+
+        // Mounted with no record: the message tells how to unmount.
+        f.vol().clear_records().unwrap();
+        let err = f.driver.reset(&name("v")).unwrap_err();
+        assert!(err.to_string().contains("umount "), "{err}");
+
+        // Unmounted here, but a copy lives on elsewhere, with or without records.
+        f.driver.sys().state.lock().unwrap().mounted.clear();
+        f.vol()
+            .write_record(
+                &MountId::parse("old").unwrap(),
+                &MountRecord {
+                    usage_count: 1,
+                    client: None,
+                    boot_id: None,
+                },
+            )
+            .unwrap();
+        f.hold_elsewhere(true);
+        let err = f.driver.reset(&name("v")).unwrap_err();
+        assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
+        assert!(f.vol().upper().join("change").exists());
+
+        f.hold_elsewhere(false);
+        f.driver.reset(&name("v")).unwrap();
+        assert!(
+            f.vol().read_records().unwrap().is_empty(),
+            "void records kept"
+        );
+        assert!(!f.vol().upper().join("change").exists());
+    }
+
+    #[test]
+    fn live_mounts_only_while_mounted() {
+        let f = fixture();
+        let id = MountId::parse("a").unwrap();
+        f.driver.mount(&name("v"), &id, None).unwrap();
+        f.driver.mount(&name("v"), &id, None).unwrap();
+        let vol = f.driver.lock_volume(&name("v")).unwrap();
+        assert_eq!(f.driver.live_mounts(&vol).unwrap(), vec![(id.clone(), 2)]);
+        drop(vol);
+        f.driver.unmount(&name("v"), &id).unwrap();
+        f.driver.unmount(&name("v"), &id).unwrap();
+        let vol = f.driver.lock_volume(&name("v")).unwrap();
+        assert!(f.driver.live_mounts(&vol).unwrap().is_empty());
+        assert!(matches!(
+            f.driver.lock_volume(&name("nope")),
+            Err(DriverError::NoSuchVolume(_))
+        ));
+    }
+}

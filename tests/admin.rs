@@ -1,0 +1,1015 @@
+//! The admin subcommands against real overlay mounts: the kernel makes the whiteouts and opaque
+//! directories (a base file deleted through the mount, a base directory `rm -rf`'d and made
+//! again), then every command is run as the binary and its output and effect checked.
+//!
+//! Each test runs in a private mount namespace of its own thread; the binary, started from that
+//! thread, shares it. Everything needs root: a test that cannot do its privileged part fails.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use docker_on_top::driver::{Driver, DriverError};
+use docker_on_top::names::{MountId, VolumeName};
+use docker_on_top::sys::{OverlaySpec, RealSys, Sys, SysError};
+
+const NEW_MTIME: i64 = 1_600_000_000;
+
+// ----- Helpers ------------------------------------------------------------------------------
+
+struct Env {
+    tmp: tempfile::TempDir,
+    root: PathBuf,
+    driver: Driver<RealSys>,
+}
+
+fn env() -> Env {
+    common::private_mount_namespace();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let driver = Driver::with_sys(&root, RealSys::default()).unwrap();
+    let root = driver.root().path().to_owned();
+    Env { tmp, root, driver }
+}
+
+fn name(s: &str) -> VolumeName {
+    VolumeName::parse(s).unwrap()
+}
+
+fn id(s: &str) -> MountId {
+    MountId::parse(s).unwrap()
+}
+
+impl Env {
+    fn path(&self, p: &str) -> PathBuf {
+        self.tmp.path().join(p)
+    }
+
+    fn create(&self, vol: &str, base: &Path, volatile: bool) {
+        let mut o = BTreeMap::new();
+        o.insert("base".to_string(), base.to_str().unwrap().to_string());
+        o.insert("volatile".to_string(), volatile.to_string());
+        self.driver.create(&name(vol), &o).unwrap();
+    }
+
+    fn mount(&self, vol: &str, mount_id: &str) -> PathBuf {
+        self.driver.mount(&name(vol), &id(mount_id), None).unwrap()
+    }
+
+    fn unmount(&self, vol: &str, mount_id: &str) {
+        match self.driver.unmount(&name(vol), &id(mount_id)) {
+            Ok(()) => {}
+            // The record is gone; only the overlay is left to unmount.
+            Err(DriverError::Busy { mountpoint, .. }) => unmount_retrying(&mountpoint),
+            Err(e) => panic!("unmounting {vol}: {e}"),
+        }
+    }
+
+    fn upper(&self, vol: &str) -> PathBuf {
+        self.driver.root().volume(&name(vol)).upper()
+    }
+
+    fn run(&self, args: &[&OsStr]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_docker-on-top"))
+            .arg("--root")
+            .arg(&self.root)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs the binary; it must succeed. Its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        let out = self.run(&args);
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Runs the binary; it must fail with exit code 1 and one line on stderr, which is returned.
+    fn fails(&self, args: &[&str]) -> String {
+        let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        let out = self.run(&args);
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "not one line: {err}");
+        assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+        err
+    }
+
+    fn trash_is_empty(&self) -> bool {
+        std::fs::read_dir(self.driver.root().trash())
+            .unwrap()
+            .next()
+            .is_none()
+    }
+}
+
+/// Unmounts `target`, waiting while it is busy. Tests run in parallel threads of one process,
+/// and a process another test starts holds copies of all our file descriptors between its fork
+/// and its exec: for that moment, a file we had open in the mount keeps it busy.
+fn unmount_retrying(target: &Path) {
+    for _ in 0..200 {
+        match RealSys::default().unmount(target) {
+            Ok(()) => return,
+            Err(SysError::Busy) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(e) => panic!("unmounting {target:?}: {e}"),
+        }
+    }
+    panic!("{target:?} stayed busy");
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+fn set_mtime(path: &Path, secs: i64) {
+    let t = rustix::fs::Timespec {
+        tv_sec: secs,
+        tv_nsec: 0,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        path,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn chown(path: &Path, uid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), Some(uid)).unwrap();
+}
+
+fn user_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 256];
+    match rustix::fs::lgetxattr(path, name, &mut buf[..]) {
+        Ok(n) => Some(buf[..n].to_vec()),
+        Err(rustix::io::Errno::NODATA) => None,
+        Err(e) => panic!("getxattr {path:?} {name}: {e}"),
+    }
+}
+
+/// Every xattr name of `path`.
+fn xattr_names(path: &Path) -> Vec<String> {
+    let mut buf = vec![0u8; 4096];
+    let n = rustix::fs::llistxattr(path, &mut buf[..]).unwrap();
+    buf[..n]
+        .split(|&b| b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+/// The base every scenario starts from; its root belongs to uid 1000, as do some entries.
+fn make_base(base: &Path) {
+    std::fs::create_dir_all(base).unwrap();
+    for d in ["dir/sub", "olddir", "stable", "deep/nested"] {
+        std::fs::create_dir_all(base.join(d)).unwrap();
+    }
+    for (f, text) in [
+        ("keep.txt", "keep"),
+        ("gone.txt", "gone"),
+        ("edit.txt", "old"),
+        ("owned.txt", "owned"),
+        ("dir/a.txt", "a"),
+        ("dir/c.txt", "c"),
+        ("dir/sub/b.txt", "b"),
+        ("olddir/x", "x"),
+        ("stable/inner.txt", "inner"),
+        ("deep/nested/file.txt", "deep"),
+    ] {
+        write(&base.join(f), text);
+    }
+    chown(&base.join("owned.txt"), 1000);
+    chmod(&base.join("owned.txt"), 0o600);
+    chown(base, 1000);
+    chmod(base, 0o750);
+    // Old times everywhere, so that any directory the volume touched shows it.
+    for d in [
+        "dir/sub",
+        "dir",
+        "olddir",
+        "stable",
+        "deep/nested",
+        "deep",
+        "",
+    ] {
+        set_mtime(&base.join(d), 1_000_000_000);
+    }
+}
+
+/// Makes every kind of change through the mounted overlay at `mp`; the kernel writes the
+/// upper.
+fn change_through(mp: &Path) {
+    std::fs::remove_file(mp.join("gone.txt")).unwrap(); // whiteout
+    write(&mp.join("edit.txt"), "new content");
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(mp.join("owned.txt"))
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b" and more"))
+        .unwrap();
+    // A replaced directory: opaque in the upper.
+    std::fs::remove_dir_all(mp.join("dir")).unwrap();
+    std::fs::create_dir(mp.join("dir")).unwrap();
+    write(&mp.join("dir/a.txt"), "a again");
+    std::fs::create_dir(mp.join("dir/sub")).unwrap();
+    write(&mp.join("dir/sub/new.txt"), "new in sub");
+    // A deleted directory: one whiteout.
+    std::fs::remove_dir_all(mp.join("olddir")).unwrap();
+    // Added entries with owner, mode, time and a user xattr.
+    let new = mp.join("new.txt");
+    write(&new, "brand new");
+    chown(&new, 1000);
+    chmod(&new, 0o640);
+    rustix::fs::setxattr(&new, "user.note", b"hello", rustix::fs::XattrFlags::empty()).unwrap();
+    set_mtime(&new, NEW_MTIME);
+    std::fs::create_dir(mp.join("newdir")).unwrap();
+    write(&mp.join("newdir/f"), "linked");
+    std::fs::hard_link(mp.join("newdir/f"), mp.join("newdir/hard")).unwrap();
+    std::os::unix::fs::symlink("keep.txt", mp.join("link")).unwrap();
+    // A file changed deep down: its parents are only copied up, not changed.
+    write(&mp.join("deep/nested/file.txt"), "deeper");
+    // A file added to an existing directory: that directory changed.
+    write(&mp.join("stable/new.txt"), "added");
+}
+
+const EXPECTED: &str = "\
+C /deep/nested/file.txt
+C /dir
+C /dir/a.txt
+D /dir/c.txt
+C /dir/sub
+D /dir/sub/b.txt
+A /dir/sub/new.txt
+C /edit.txt
+D /gone.txt
+A /link
+A /new.txt
+A /newdir
+A /newdir/f
+A /newdir/hard
+D /olddir
+C /owned.txt
+C /stable
+A /stable/new.txt
+";
+
+/// A description of every entry under `dir` (not `dir` itself): type, owner, mode, contents
+/// or target, inode sharing, data xattrs and, `with_times`, the modification time.
+fn snapshot(dir: &Path, with_times: bool) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    let mut inodes: BTreeMap<u64, PathBuf> = BTreeMap::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let mut entries: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(dir).unwrap().to_owned();
+            let mut desc = format!("uid={} gid={}", m.uid(), m.gid());
+            let ft = m.file_type();
+            if ft.is_dir() {
+                desc += &format!(" dir mode={:o}", m.mode() & 0o7777);
+                stack.push(p.clone());
+            } else if ft.is_symlink() {
+                desc += &format!(" link -> {:?}", std::fs::read_link(&p).unwrap());
+            } else if ft.is_file() {
+                desc += &format!(
+                    " file mode={:o} {:?}",
+                    m.mode() & 0o7777,
+                    std::fs::read_to_string(&p).unwrap()
+                );
+                if m.nlink() > 1 {
+                    let first = inodes.entry(m.ino()).or_insert(rel.clone());
+                    desc += &format!(" same inode as {first:?}");
+                }
+            } else {
+                desc += &format!(" special {:?}", ft);
+            }
+            if !ft.is_symlink() {
+                desc += &format!(" user.note={:?}", user_xattr(&p, "user.note"));
+            }
+            if with_times {
+                desc += &format!(" mtime={}.{}", m.mtime(), m.mtime_nsec());
+            }
+            out.insert(rel, desc);
+        }
+    }
+    out
+}
+
+/// Every entry under `dir` that is a character device (a whiteout copied by mistake).
+fn char_devices(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                stack.push(p);
+            } else if m.file_type().is_char_device() {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+/// A volume `v` on a fresh base with every kind of change made through a real mount, then
+/// unmounted. Returns the merged view as the containers saw it.
+fn scenario(e: &Env) -> (PathBuf, BTreeMap<PathBuf, String>) {
+    let base = e.path("base");
+    make_base(&base);
+    e.create("v", &base, false);
+    let mp = e.mount("v", "c1");
+    change_through(&mp);
+    let merged = snapshot(&mp, true);
+    e.unmount("v", "c1");
+    (base, merged)
+}
+
+// ----- Tests --------------------------------------------------------------------------------
+
+#[test]
+fn kernel_made_upper_is_what_the_tests_assume() {
+    let e = env();
+    let (_, _) = scenario(&e);
+    let upper = e.upper("v");
+    let gone = std::fs::symlink_metadata(upper.join("gone.txt")).unwrap();
+    assert!(
+        gone.file_type().is_char_device() && gone.rdev() == 0,
+        "no whiteout"
+    );
+    assert!(
+        xattr_names(&upper.join("dir")).contains(&"trusted.overlay.opaque".to_string()),
+        "dir is not opaque"
+    );
+    assert!(
+        !xattr_names(&upper.join("dir/sub")).contains(&"trusted.overlay.opaque".to_string()),
+        "the kernel marked a directory inside an opaque one"
+    );
+    let olddir = std::fs::symlink_metadata(upper.join("olddir")).unwrap();
+    assert!(olddir.file_type().is_char_device(), "olddir not a whiteout");
+}
+
+#[test]
+fn changes_lists_what_differs_in_docker_diff_format() {
+    let e = env();
+    let (base, _) = scenario(&e);
+    assert_eq!(e.ok(&["changes", "v"]), EXPECTED);
+
+    let json: serde_json::Value = serde_json::from_str(&e.ok(&["changes", "v", "--json"])).unwrap();
+    let lines: Vec<String> = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            format!(
+                "{} {}",
+                c["Kind"].as_str().unwrap(),
+                c["Path"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(lines.join("\n") + "\n", EXPECTED);
+
+    // Readable while mounted too, and unchanged by a mount.
+    e.mount("v", "c2");
+    assert_eq!(e.ok(&["changes", "v"]), EXPECTED);
+    e.unmount("v", "c2");
+
+    // No changes: no output.
+    let base2 = e.path("base2");
+    make_base(&base2);
+    e.create("empty", &base2, false);
+    let mp = e.mount("empty", "c1");
+    let _ = std::fs::read_to_string(mp.join("keep.txt")).unwrap();
+    e.unmount("empty", "c1");
+    assert_eq!(e.ok(&["changes", "empty"]), "");
+    assert_eq!(e.ok(&["changes", "empty", "--json"]).trim(), "[]");
+    assert!(base.join("gone.txt").exists(), "changes modified the base");
+}
+
+#[test]
+fn ls_and_inspect_report_volumes() {
+    let e = env();
+    let (base, _) = scenario(&e);
+    let base2 = e.path("base2");
+    make_base(&base2);
+    e.create("t-volatile", &base2, true);
+
+    let table = e.ok(&["ls"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "{table}");
+    assert!(lines[0].starts_with("NAME"), "{table}");
+    assert!(lines[1].starts_with("t-volatile "), "{table}");
+    assert!(lines[1].contains(" yes "), "{table}");
+    assert!(lines[2].starts_with("v "), "{table}");
+    assert!(lines[2].contains(base.to_str().unwrap()), "{table}");
+
+    let ls: serde_json::Value = serde_json::from_str(&e.ok(&["ls", "--json"])).unwrap();
+    let names: Vec<&str> = ls
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["Name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["t-volatile", "v"]);
+
+    let v: serde_json::Value = serde_json::from_str(&e.ok(&["inspect", "v"])).unwrap();
+    assert_eq!(v["Name"], "v");
+    assert_eq!(v["Base"], base.to_str().unwrap());
+    assert_eq!(v["Volatile"], false);
+    assert_eq!(v["Mounted"], false);
+    assert_eq!(v["Mountpoint"], serde_json::Value::Null);
+    assert_eq!(v["ActiveMounts"], 0);
+    assert_eq!(v["MountIDs"], serde_json::json!({}));
+    assert_eq!(v["UpperDir"], e.upper("v").to_str().unwrap());
+    assert!(v["CreatedAt"].as_str().unwrap().ends_with('Z'), "{v}");
+    // Files in the upper, whiteouts not counted: edit, owned, dir/a, dir/sub/new, new.txt,
+    // newdir/f, newdir/hard, link, deep/nested/file, stable/new.
+    assert_eq!(v["ChangesSize"]["Files"], 10, "{v}");
+    assert!(v["ChangesSize"]["Bytes"].as_u64().unwrap() > 0, "{v}");
+    assert!(v.get("Error").is_none(), "{v}");
+
+    let mp = e.mount("v", "c1");
+    e.mount("v", "c1");
+    e.mount("v", "c2");
+    let v: serde_json::Value = serde_json::from_str(&e.ok(&["inspect", "v"])).unwrap();
+    assert_eq!(v["Mounted"], true);
+    assert_eq!(v["Mountpoint"], mp.to_str().unwrap());
+    assert_eq!(v["ActiveMounts"], 3);
+    assert_eq!(v["MountIDs"], serde_json::json!({"c1": 2, "c2": 1}));
+    let table = e.ok(&["ls"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("v ") && l.contains(" yes ")),
+        "{table}"
+    );
+
+    let err = e.fails(&["inspect", "nope"]);
+    assert!(err.contains("volume nope does not exist"), "{err}");
+    let err = e.fails(&["inspect", "../etc"]);
+    assert!(err.contains("invalid volume name"), "{err}");
+}
+
+#[test]
+fn recover_copies_added_and_changed_entries_with_their_attributes() {
+    let e = env();
+    let (base, merged) = scenario(&e);
+    let dest = e.path("recovered");
+    let out = e.ok(&["recover", "v", dest.to_str().unwrap()]);
+    assert_eq!(
+        out, "D /dir/c.txt\nD /dir/sub/b.txt\nD /gone.txt\nD /olddir\n",
+        "deleted paths"
+    );
+
+    // Exactly the added and changed entries and the directories leading to them.
+    let got = snapshot(&dest, true);
+    let changed: Vec<PathBuf> = EXPECTED
+        .lines()
+        .filter(|l| !l.starts_with("D "))
+        .map(|l| PathBuf::from(&l[3..]))
+        .collect();
+    let want: BTreeMap<PathBuf, String> = merged
+        .iter()
+        .filter(|(p, _)| changed.iter().any(|c| c.starts_with(p)))
+        .map(|(p, d)| (p.clone(), d.clone()))
+        .collect();
+    assert_eq!(got, want);
+    assert!(!dest.join("keep.txt").exists());
+    assert!(!dest.join("gone.txt").exists());
+    assert!(char_devices(&dest).is_empty(), "whiteouts copied");
+
+    let new = std::fs::metadata(dest.join("new.txt")).unwrap();
+    assert_eq!(
+        (new.uid(), new.gid(), new.mode() & 0o7777),
+        (1000, 1000, 0o640)
+    );
+    assert_eq!(new.mtime(), NEW_MTIME);
+    assert_eq!(
+        user_xattr(&dest.join("new.txt"), "user.note").unwrap(),
+        b"hello"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dest.join("owned.txt")).unwrap(),
+        "owned and more"
+    );
+    assert_eq!(
+        std::fs::metadata(dest.join("owned.txt")).unwrap().uid(),
+        1000
+    );
+    assert_eq!(
+        std::fs::read_link(dest.join("link")).unwrap(),
+        Path::new("keep.txt")
+    );
+    assert_eq!(
+        std::fs::metadata(dest.join("newdir/f")).unwrap().ino(),
+        std::fs::metadata(dest.join("newdir/hard")).unwrap().ino(),
+        "hard link not kept"
+    );
+    for d in ["", "dir", "dir/sub", "deep"] {
+        let names = xattr_names(&dest.join(d));
+        assert!(
+            names.iter().all(|n| !n.starts_with("trusted.overlay.")),
+            "{d}: {names:?}"
+        );
+    }
+    // A directory made by recover looks like the volume's root.
+    let root = std::fs::metadata(&dest).unwrap();
+    assert_eq!((root.uid(), root.mode() & 0o7777), (1000, 0o750));
+
+    // DEST must be new or empty, and outside the state directory and the base.
+    let err = e.fails(&["recover", "v", dest.to_str().unwrap()]);
+    assert!(err.contains("not an empty directory"), "{err}");
+    let err = e.fails(&["recover", "v", base.join("x").to_str().unwrap()]);
+    assert!(err.contains("lies inside"), "{err}");
+    assert!(!base.join("x").exists());
+    let err = e.fails(&["recover", "v", e.root.join("x").to_str().unwrap()]);
+    assert!(err.contains("lies inside"), "{err}");
+    let empty = e.path("empty");
+    std::fs::create_dir(&empty).unwrap();
+    e.ok(&["recover", "v", empty.to_str().unwrap()]);
+    assert_eq!(snapshot(&empty, true), got);
+}
+
+/// Applies an OCI layer the way container engines do: whiteouts delete, an opaque marker
+/// empties its directory, everything else is unpacked over what is there.
+fn apply_layer(tar_path: &Path, target: &Path) {
+    let mut ar = tar::Archive::new(std::fs::File::open(tar_path).unwrap());
+    ar.set_preserve_permissions(true);
+    ar.set_preserve_ownerships(true);
+    ar.set_overwrite(true);
+    for entry in ar.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().into_owned();
+        let file = path.file_name().unwrap().as_bytes().to_vec();
+        let at = target.join(&path);
+        if file == b".wh..wh..opq" {
+            for child in std::fs::read_dir(at.parent().unwrap()).unwrap() {
+                let child = child.unwrap().path();
+                if child.is_dir() && !child.is_symlink() {
+                    std::fs::remove_dir_all(child).unwrap();
+                } else {
+                    std::fs::remove_file(child).unwrap();
+                }
+            }
+            continue;
+        }
+        if let Some(victim) = file.strip_prefix(b".wh.") {
+            let victim = at.with_file_name(OsStr::from_bytes(victim));
+            let m = std::fs::symlink_metadata(&victim).unwrap();
+            if m.is_dir() {
+                std::fs::remove_dir_all(victim).unwrap();
+            } else {
+                std::fs::remove_file(victim).unwrap();
+            }
+            continue;
+        }
+        if let Ok(m) = std::fs::symlink_metadata(&at)
+            && !(m.is_dir() && entry.header().entry_type().is_dir())
+        {
+            if m.is_dir() {
+                std::fs::remove_dir_all(&at).unwrap();
+            } else {
+                std::fs::remove_file(&at).unwrap();
+            }
+        }
+        let xattrs: Vec<(String, Vec<u8>)> = entry
+            .pax_extensions()
+            .unwrap()
+            .map(|exts| {
+                exts.map(|x| x.unwrap())
+                    .filter_map(|x| {
+                        let key = x.key().unwrap().strip_prefix("SCHILY.xattr.")?;
+                        Some((key.to_owned(), x.value_bytes().to_vec()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(entry.unpack_in(target).unwrap(), "{path:?} escaped");
+        for (name, value) in xattrs {
+            rustix::fs::lsetxattr(&at, name.as_str(), &value, rustix::fs::XattrFlags::empty())
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn export_writes_an_oci_layer() {
+    let e = env();
+    let (base, merged) = scenario(&e);
+    let layer = e.path("layer.tar");
+    assert_eq!(e.ok(&["export", "v", "-o", layer.to_str().unwrap()]), "");
+
+    let mut ar = tar::Archive::new(std::fs::File::open(&layer).unwrap());
+    let mut entries = BTreeMap::new();
+    for entry in ar.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let h = entry.header().clone();
+        let pax: Vec<(String, Vec<u8>)> = entry
+            .pax_extensions()
+            .unwrap()
+            .map(|exts| {
+                exts.map(|x| {
+                    let x = x.unwrap();
+                    (x.key().unwrap().to_owned(), x.value_bytes().to_vec())
+                })
+                .collect()
+            })
+            .unwrap_or_default();
+        let link = entry
+            .link_name()
+            .unwrap()
+            .map(|l| l.to_string_lossy().into_owned());
+        entries.insert(path, (h, pax, link));
+    }
+    let names: Vec<&str> = entries.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            ".wh.gone.txt",
+            ".wh.olddir",
+            "deep/",
+            "deep/nested/",
+            "deep/nested/file.txt",
+            "dir/",
+            "dir/.wh..wh..opq",
+            "dir/a.txt",
+            "dir/sub/",
+            "dir/sub/new.txt",
+            "edit.txt",
+            "link",
+            "new.txt",
+            "newdir/",
+            "newdir/f",
+            "newdir/hard",
+            "owned.txt",
+            "stable/",
+            "stable/new.txt",
+        ]
+    );
+    let (new, pax, _) = &entries["new.txt"];
+    assert_eq!(new.uid().unwrap(), 1000);
+    assert_eq!(new.gid().unwrap(), 1000);
+    assert_eq!(new.mode().unwrap(), 0o640);
+    assert_eq!(new.mtime().unwrap(), NEW_MTIME as u64);
+    assert_eq!(
+        pax,
+        &vec![("SCHILY.xattr.user.note".to_string(), b"hello".to_vec())]
+    );
+    let (hard, _, link) = &entries["newdir/hard"];
+    assert_eq!(hard.entry_type(), tar::EntryType::Link);
+    assert_eq!(link.as_deref(), Some("newdir/f"));
+    let (sym, _, link) = &entries["link"];
+    assert_eq!(sym.entry_type(), tar::EntryType::Symlink);
+    assert_eq!(link.as_deref(), Some("keep.txt"));
+    assert!(
+        entries
+            .values()
+            .all(|(_, pax, _)| pax.iter().all(|(k, _)| !k.contains("overlay"))),
+        "overlay's xattrs exported"
+    );
+
+    // GNU tar reads it.
+    let gnu = Command::new("tar")
+        .arg("-tvf")
+        .arg(&layer)
+        .output()
+        .expect("GNU tar is needed by this test");
+    assert!(
+        gnu.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gnu.stderr)
+    );
+    let listing = String::from_utf8(gnu.stdout).unwrap();
+    assert!(listing.contains("dir/.wh..wh..opq"), "{listing}");
+    assert!(
+        listing.contains("newdir/hard link to newdir/f"),
+        "{listing}"
+    );
+
+    // Applied to a copy of the base like an image layer, it gives what the containers saw.
+    let copy = e.path("applied");
+    let cp = Command::new("cp")
+        .arg("-a")
+        .arg(&base)
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    apply_layer(&layer, &copy);
+    assert_eq!(snapshot(&copy, false), strip_times(&merged));
+
+    // To stdout by default, the same bytes.
+    let stdout = e.run(&[OsStr::new("export"), OsStr::new("v")]);
+    assert!(stdout.status.success());
+    assert_eq!(stdout.stdout, std::fs::read(&layer).unwrap());
+}
+
+fn strip_times(snap: &BTreeMap<PathBuf, String>) -> BTreeMap<PathBuf, String> {
+    snap.iter()
+        .map(|(p, d)| (p.clone(), d.split(" mtime=").next().unwrap().to_string()))
+        .collect()
+}
+
+#[test]
+fn commit_writes_the_changes_into_the_base_and_resets() {
+    let e = env();
+    let (base, merged) = scenario(&e);
+    let before = snapshot(&base, true);
+
+    // Refused while mounted, with what to do; the dry run shows and changes nothing.
+    e.mount("v", "c1");
+    let err = e.fails(&["commit", "v", "--yes"]);
+    assert!(err.contains("volume v is in use"), "{err}");
+    assert!(err.contains("docker ps --filter volume=v"), "{err}");
+    let dry = e.run(&[OsStr::new("commit"), OsStr::new("v")]);
+    assert!(dry.status.success());
+    assert_eq!(String::from_utf8(dry.stdout).unwrap(), EXPECTED);
+    assert!(String::from_utf8(dry.stderr).unwrap().contains("--yes"));
+    assert_eq!(snapshot(&base, true), before, "base changed");
+    e.unmount("v", "c1");
+
+    assert_eq!(e.ok(&["commit", "v", "--yes"]), EXPECTED);
+    // The base is now what the containers saw, times included.
+    assert_eq!(snapshot(&base, true), merged);
+    let root = std::fs::metadata(&base).unwrap();
+    assert_eq!((root.uid(), root.mode() & 0o7777), (1000, 0o750));
+    assert_eq!(
+        std::fs::metadata(base.join("owned.txt")).unwrap().uid(),
+        1000
+    );
+    assert!(char_devices(&base).is_empty());
+    assert!(
+        xattr_names(&base.join("dir"))
+            .iter()
+            .all(|n| !n.starts_with("trusted.overlay.")),
+        "opaque marker committed"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&base)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.as_bytes().starts_with(b".docker-on-top"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // And the volume was reset: no changes, a fresh upper like the base, the old one deleted.
+    assert_eq!(e.ok(&["changes", "v"]), "");
+    let upper = std::fs::metadata(e.upper("v")).unwrap();
+    assert_eq!((upper.uid(), upper.mode() & 0o7777), (1000, 0o750));
+    assert!(e.trash_is_empty());
+    let mp = e.mount("v", "c2");
+    assert_eq!(snapshot(&mp, true), merged);
+    e.unmount("v", "c2");
+}
+
+#[test]
+fn commit_is_refused_while_another_volume_on_the_base_is_mounted() {
+    let e = env();
+    let (base, _) = scenario(&e);
+    e.create("w", &base.join("stable"), false);
+    e.mount("w", "c1");
+    let err = e.fails(&["commit", "v", "--yes"]);
+    assert!(
+        err.contains("volume w has the same or an overlapping base"),
+        "{err}"
+    );
+    assert!(err.contains("volume w is in use"), "{err}");
+    assert!(base.join("gone.txt").exists(), "base changed");
+    e.unmount("w", "c1");
+    e.ok(&["commit", "v", "--yes"]);
+    assert!(!base.join("gone.txt").exists());
+}
+
+#[test]
+fn reset_discards_the_changes_of_an_unmounted_volume_only() {
+    let e = env();
+    let (base, _) = scenario(&e);
+    let before = snapshot(&base, true);
+    e.mount("v", "c1");
+    let err = e.fails(&["reset", "v"]);
+    assert!(
+        err.starts_with("docker-on-top: volume v is in use"),
+        "{err}"
+    );
+    assert_eq!(e.ok(&["changes", "v"]), EXPECTED);
+    e.unmount("v", "c1");
+
+    assert_eq!(e.ok(&["reset", "v"]), "");
+    assert_eq!(e.ok(&["changes", "v"]), "");
+    assert_eq!(std::fs::read_dir(e.upper("v")).unwrap().count(), 0);
+    let upper = std::fs::metadata(e.upper("v")).unwrap();
+    assert_eq!((upper.uid(), upper.mode() & 0o7777), (1000, 0o750));
+    assert!(e.trash_is_empty(), "discarded upper left in the trash");
+    assert_eq!(snapshot(&base, true), before, "reset changed the base");
+    let mp = e.mount("v", "c2");
+    assert_eq!(
+        std::fs::read_to_string(mp.join("gone.txt")).unwrap(),
+        "gone"
+    );
+    e.unmount("v", "c2");
+
+    let err = e.fails(&["reset", "nope"]);
+    assert!(err.contains("volume nope does not exist"), "{err}");
+}
+
+#[test]
+fn volatile_changes_are_recoverable_until_the_next_mount() {
+    let e = env();
+    let base = e.path("base");
+    make_base(&base);
+    e.create("scratch", &base, true);
+    let mp = e.mount("scratch", "job1");
+    std::fs::remove_file(mp.join("gone.txt")).unwrap();
+    write(&mp.join("result.txt"), "precious");
+    e.unmount("scratch", "job1");
+
+    assert_eq!(
+        e.ok(&["changes", "scratch"]),
+        "D /gone.txt\nA /result.txt\n"
+    );
+    let dest = e.path("saved");
+    assert_eq!(
+        e.ok(&["recover", "scratch", dest.to_str().unwrap()]),
+        "D /gone.txt\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dest.join("result.txt")).unwrap(),
+        "precious"
+    );
+    // The next mount discards them.
+    e.mount("scratch", "job2");
+    assert_eq!(e.ok(&["changes", "scratch"]), "");
+    e.unmount("scratch", "job2");
+}
+
+/// A volume laid out by the Go version: metadata without `CreatedAt`, a base given through a
+/// symlink, records without `BootId`; mounted here only by hand, as the Go daemon did.
+#[test]
+fn go_volumes_are_read_and_reset() {
+    let e = env();
+    let base = e.path("base");
+    make_base(&base);
+    let link = e.path("base-link");
+    std::os::unix::fs::symlink(&base, &link).unwrap();
+    let vol = e.root.join("legacy");
+    for d in ["upper", "workdir", "mountpoint", "activemounts"] {
+        std::fs::create_dir_all(vol.join(d)).unwrap();
+    }
+    write(
+        &vol.join("metadata.json"),
+        &format!(r#"{{"BaseDirPath":"{}","Volatile":false}}"#, link.display()),
+    );
+    let spec = OverlaySpec {
+        source: "docker-on-top-go".into(),
+        lower: link.clone(),
+        upper: vol.join("upper"),
+        work: vol.join("workdir"),
+        target: vol.join("mountpoint"),
+    };
+    let sys = RealSys::default();
+    sys.mount_overlay(&spec).unwrap();
+    std::fs::remove_file(spec.target.join("gone.txt")).unwrap();
+    std::fs::remove_dir_all(spec.target.join("olddir")).unwrap();
+    write(&spec.target.join("edit.txt"), "go edit");
+    write(&vol.join("activemounts/abc123"), r#"{"UsageCount":1}"#);
+
+    let v: serde_json::Value = serde_json::from_str(&e.ok(&["inspect", "legacy"])).unwrap();
+    assert_eq!(v["Mounted"], true);
+    assert_eq!(v["ActiveMounts"], 1);
+    assert_eq!(v["MountIDs"], serde_json::json!({"abc123": 1}));
+    assert!(!v["CreatedAt"].as_str().unwrap().is_empty());
+    let err = e.fails(&["reset", "legacy"]);
+    assert!(err.contains("volume legacy is in use"), "{err}");
+
+    unmount_retrying(&spec.target);
+    // The Go daemon died: its record stays, void now.
+    assert_eq!(
+        e.ok(&["changes", "legacy"]),
+        "C /edit.txt\nD /gone.txt\nD /olddir\n"
+    );
+    let layer = e.path("legacy.tar");
+    e.ok(&["export", "legacy", "-o", layer.to_str().unwrap()]);
+    let listing = Command::new("tar").arg("-tf").arg(&layer).output().unwrap();
+    assert_eq!(
+        String::from_utf8(listing.stdout).unwrap(),
+        "edit.txt\n.wh.gone.txt\n.wh.olddir\n"
+    );
+    e.ok(&["reset", "legacy"]);
+    assert_eq!(e.ok(&["changes", "legacy"]), "");
+    assert_eq!(
+        std::fs::read_dir(vol.join("activemounts")).unwrap().count(),
+        0
+    );
+    assert_eq!(
+        std::fs::read_to_string(base.join("edit.txt")).unwrap(),
+        "old"
+    );
+}
+
+#[test]
+fn errors_are_one_line_and_name_what_to_do() {
+    let e = env();
+    let missing = e.path("no-such-root");
+    let out = Command::new(env!("CARGO_BIN_EXE_docker-on-top"))
+        .arg("--root")
+        .arg(&missing)
+        .arg("ls")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("does not exist; pass --root"), "{err}");
+    assert!(!missing.exists(), "ls created the state directory");
+
+    assert_eq!(
+        e.ok(&["ls"]),
+        "NAME  VOLATILE  MOUNTED  MOUNTS  CHANGES  BASE\n"
+    );
+    assert_eq!(e.ok(&["ls", "--json"]).trim(), "[]");
+    for cmd in ["changes", "reset", "export", "inspect"] {
+        let err = e.fails(&[cmd, "ghost"]);
+        assert!(err.contains("volume ghost does not exist"), "{cmd}: {err}");
+    }
+    let err = e.fails(&["commit", "ghost", "--yes"]);
+    assert!(err.contains("volume ghost does not exist"), "{err}");
+    let err = e.fails(&["export", "ghost", "-o", e.path("x.tar").to_str().unwrap()]);
+    assert!(err.contains("ghost"), "{err}");
+    assert!(!e.path("x.tar").exists(), "failed export left its file");
+}
+
+#[test]
+fn commands_wait_for_the_volume_lock() {
+    let e = env();
+    let (_, _) = scenario(&e);
+    // What the daemon holds during a Mount or Unmount.
+    let held = e.driver.lock_volume(&name("v")).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_docker-on-top"))
+        .arg("--root")
+        .arg(&e.root)
+        .args(["changes", "v"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "changes did not wait for the lock"
+    );
+    drop(held);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), EXPECTED);
+}
+
+#[test]
+fn a_volume_with_damaged_metadata_is_listed_with_its_error() {
+    let e = env();
+    let base = e.path("base");
+    make_base(&base);
+    e.create("good", &base, false);
+    e.create("broken", &base, false);
+    write(&e.root.join("broken/metadata.json"), "{oops");
+    let table = e.ok(&["ls"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("broken ") && l.contains("error: cannot read metadata.json")),
+        "{table}"
+    );
+    assert!(table.lines().any(|l| l.starts_with("good ")), "{table}");
+    let v: serde_json::Value = serde_json::from_str(&e.ok(&["inspect", "broken"])).unwrap();
+    assert!(
+        v["Error"].as_str().unwrap().contains("metadata.json"),
+        "{v}"
+    );
+    let err = e.fails(&["changes", "broken"]);
+    assert!(
+        err.contains("reading metadata.json failed for volume broken"),
+        "{err}"
+    );
+}
