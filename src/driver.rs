@@ -372,21 +372,8 @@ impl<S: Sys> Driver<S> {
             // An overlay nobody is on record for may carry a dead user's changes: start over,
             // unless a copy of it in another mount namespace still uses them.
             self.refuse_if_held(name, &vol)?;
-            match self.sys.unmount(&mountpoint) {
-                Ok(()) => mounted = false,
-                Err(SysError::Busy) => {
-                    return Err(DriverError::Busy {
-                        name: name.clone(),
-                        mountpoint,
-                    });
-                }
-                Err(source) => {
-                    return Err(DriverError::Unmount {
-                        name: name.clone(),
-                        source,
-                    });
-                }
-            }
+            self.unmount_overlay(name, &mountpoint)?;
+            mounted = false;
         }
         if !mounted {
             self.prepare_layers(name, &vol, &meta)?;
@@ -596,23 +583,15 @@ impl<S: Sys> Driver<S> {
         if records.len() == 1 {
             let mountpoint = vol.mountpoint();
             if self.is_mounted(name, &mountpoint)? {
-                match self.sys.unmount(&mountpoint) {
+                match self.unmount_overlay(name, &mountpoint) {
                     Ok(()) => log::info!("unmounted volume {name}"),
                     // The record goes anyway: dockerd never repeats an Unmount. The next
                     // Mount finds the overlay with no records and deals with it.
-                    Err(SysError::Busy) => {
+                    Err(busy @ DriverError::Busy { .. }) => {
                         log::warn!("volume {name} stays mounted: {mountpoint:?} is busy");
-                        result = Err(DriverError::Busy {
-                            name: name.clone(),
-                            mountpoint,
-                        });
+                        result = Err(busy);
                     }
-                    Err(source) => {
-                        return Err(DriverError::Unmount {
-                            name: name.clone(),
-                            source,
-                        });
-                    }
+                    Err(e) => return Err(e),
                 }
             }
         }
@@ -635,21 +614,8 @@ impl<S: Sys> Driver<S> {
         // here (the janitor would delete the upper under it).
         self.refuse_if_held(name, &vol)?;
         if mounted {
-            match self.sys.unmount(&mountpoint) {
-                Ok(()) => log::info!("unmounted leftover mount of volume {name}"),
-                Err(SysError::Busy) => {
-                    return Err(DriverError::Busy {
-                        name: name.clone(),
-                        mountpoint,
-                    });
-                }
-                Err(source) => {
-                    return Err(DriverError::Unmount {
-                        name: name.clone(),
-                        source,
-                    });
-                }
-            }
+            self.unmount_overlay(name, &mountpoint)?;
+            log::info!("unmounted leftover mount of volume {name}");
         }
         std::fs::rename(&vol.path, self.root.trash_slot(name.as_str())).map_err(|source| {
             DriverError::Io {
@@ -791,6 +757,20 @@ impl<S: Sys> Driver<S> {
             name: name.clone(),
             action: "reading mount records",
             source,
+        })
+    }
+
+    /// Unmounts the overlay at `mountpoint` (never lazily: a busy mountpoint stays mounted).
+    fn unmount_overlay(&self, name: &VolumeName, mountpoint: &Path) -> Result<(), DriverError> {
+        self.sys.unmount(mountpoint).map_err(|e| match e {
+            SysError::Busy => DriverError::Busy {
+                name: name.clone(),
+                mountpoint: mountpoint.to_owned(),
+            },
+            source => DriverError::Unmount {
+                name: name.clone(),
+                source,
+            },
         })
     }
 
