@@ -13,7 +13,7 @@
 //! |-----------|----------------------------|-----------------------------------------------------|
 //! | mounted   | some                       | in use: count one more                              |
 //! | mounted   | none                       | left by a crash after mount, or a busy last unmount: reuse; a volatile volume is unmounted and discarded first (refused while busy) |
-//! | unmounted | none                       | idle: discard if volatile, mount; refused while another mount namespace still holds a copy of the overlay |
+//! | unmounted | none                       | idle: discard if volatile, mount; if the look for copies after the last unmount is still to be made (`workdir/work` is there, see below), refused while another mount namespace holds a copy of the overlay |
 //! | unmounted | all from an earlier boot   | idle after a reboot: records are void               |
 //! | unmounted | some from this boot (or Go)| unmounted here but perhaps still held in another mount namespace: refused while any process holds it, else the records are void |
 //!
@@ -29,6 +29,14 @@
 //! so they can be recovered in between; the discard renames the upper into the trash in
 //! constant time and the [`Janitor`] deletes it.
 //!
+//! A copy of the overlay can outlive the last Unmount in another mount namespace, and that
+//! upper must never get a second overlay. Looking for copies reads every mount namespace's
+//! mount table, which costs more than the mount itself, so Mount does not: the last Unmount
+//! looks in the background after replying, with the volume still locked, and marks a volume
+//! found free by removing overlayfs' `workdir/work` (see `driver/verify.rs`). A Mount or
+//! Remove of an unmounted volume looks itself only while records or that mark say the look
+//! is still to be made.
+//!
 //! The admin commands (`docker-on-top changes`, `reset`, `commit`, ...) take the same lock
 //! through [`Driver::lock_volume`]. The one state change they make, a reset (the upper into
 //! the trash, a fresh one in its place), needs [`Driver::lock_unmounted`]: refused in the two
@@ -38,18 +46,19 @@
 use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use thiserror::Error;
 
 use crate::janitor::Janitor;
 use crate::names::{MountId, VolumeName};
-use crate::options::{OptionsError, VolumeOptions};
+use crate::options::{AllowedBases, OptionsError, VolumeOptions};
 use crate::store::{self, Client, Metadata, MountRecord, Root, VolumeDir};
 use crate::sys::{Holder, OverlaySpec, RealSys, Sys, SysError};
 
 mod locked;
+mod verify;
 pub use locked::{LockedVolume, UnmountedVolume};
 
 /// Everything a request can fail with. Messages are one lower-case sentence; causes are
@@ -118,7 +127,8 @@ pub enum DriverError {
         #[source]
         source: io::Error,
     },
-    #[error("{action} failed for volume {name}")]
+    /// Every such action is on the state directory: a full or read-only one is named so.
+    #[error("{action} failed for volume {name}{}", state_dir_hint(.source))]
     Io {
         name: VolumeName,
         action: &'static str,
@@ -131,6 +141,17 @@ pub enum DriverError {
         #[source]
         source: io::Error,
     },
+}
+
+/// Why a write to the state directory failed, when the errno says more than itself.
+fn state_dir_hint(err: &io::Error) -> &'static str {
+    match err.raw_os_error() {
+        Some(28 /* ENOSPC */ | 122 /* EDQUOT */) => {
+            " (the filesystem of the state directory is full)"
+        }
+        Some(30 /* EROFS */) => " (the state directory is on a read-only filesystem)",
+        _ => "",
+    }
 }
 
 /// What `Get` reports about a volume.
@@ -158,26 +179,33 @@ pub struct DriverConfig {
     pub root: PathBuf,
     /// Use legacy `mount(2)` with escaped options even where the new mount API works.
     pub legacy_mount_api: bool,
+    /// Where Create accepts bases (`--allowed-base`); anywhere when empty. Volumes that
+    /// already exist are not affected.
+    pub allowed_bases: AllowedBases,
 }
 
 /// The driver. Cheap to open: it reads nothing per volume until asked about one.
 pub struct Driver<S: Sys = RealSys> {
     root: Root,
-    sys: S,
+    sys: Arc<S>,
     boot_id: String,
     janitor: OnceLock<Janitor>,
+    /// Started at the first last Unmount; `None` if its thread could not be started.
+    verifier: OnceLock<Option<verify::Verifier>>,
+    allowed_bases: AllowedBases,
 }
 
 impl Driver<RealSys> {
     /// Opens (creating if needed) the state root. Does no work proportional to the number of
     /// volumes: the service may be socket-activated for every request.
     pub fn open(config: DriverConfig) -> Result<Self, DriverError> {
-        Self::with_sys(
+        Ok(Self::with_sys(
             &config.root,
             RealSys {
                 legacy_only: config.legacy_mount_api,
             },
-        )
+        )?
+        .with_allowed_bases(config.allowed_bases))
     }
 }
 
@@ -195,10 +223,18 @@ impl<S: Sys> Driver<S> {
             .to_owned();
         Ok(Self {
             root,
-            sys,
+            sys: Arc::new(sys),
             boot_id,
             janitor: OnceLock::new(),
+            verifier: OnceLock::new(),
+            allowed_bases: AllowedBases::anywhere(),
         })
+    }
+
+    /// Restricts the bases Create accepts to `allowed` (see [`DriverConfig::allowed_bases`]).
+    pub fn with_allowed_bases(mut self, allowed: AllowedBases) -> Self {
+        self.allowed_bases = allowed;
+        self
     }
 
     pub fn root(&self) -> &Root {
@@ -237,12 +273,12 @@ impl<S: Sys> Driver<S> {
         name: &VolumeName,
         options: &BTreeMap<String, String>,
     ) -> Result<(), DriverError> {
-        let opts = VolumeOptions::parse(options, self.root.path()).map_err(|source| {
-            DriverError::Options {
+        let opts = VolumeOptions::parse(options, self.root.path(), &self.allowed_bases).map_err(
+            |source| DriverError::Options {
                 name: name.clone(),
                 source,
-            }
-        })?;
+            },
+        )?;
         let vol = self.root.volume(name);
         let io_err = |action| {
             move |source| DriverError::Io {
@@ -264,6 +300,7 @@ impl<S: Sys> Driver<S> {
         let staging = VolumeDir::at(self.root.staging_slot(name));
         let built = (|| -> io::Result<()> {
             std::fs::create_dir(&staging.path)?;
+            failpoint!("create.staging-made");
             // Held until the rename, so the janitor never takes a staging directory in use.
             let staging_lock = std::fs::File::open(&staging.path)?;
             staging_lock.lock()?;
@@ -275,13 +312,17 @@ impl<S: Sys> Driver<S> {
                 std::fs::create_dir(dir)?;
             }
             staging.install_fresh_upper(&base_meta)?;
+            failpoint!("create.upper-installed");
             staging.write_metadata(&Metadata {
                 base: opts.base.path().to_owned(),
                 volatile: opts.volatile,
                 created_at: Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
             })?;
+            failpoint!("create.metadata-written");
             std::fs::File::open(&staging.path)?.sync_all()?;
+            failpoint!("create.before-rename");
             std::fs::rename(&staging.path, &vol.path)?;
+            failpoint!("create.renamed");
             std::fs::File::open(self.root.path())?.sync_all()
         })();
         match built {
@@ -348,22 +389,43 @@ impl<S: Sys> Driver<S> {
         id: &MountId,
         client_pid: Option<u32>,
     ) -> Result<PathBuf, DriverError> {
-        let client = client_pid.and_then(|pid| {
-            self.sys
-                .process_start_time(pid)
-                .map(|start_time| Client { pid, start_time })
-        });
+        self.mount_as(name, id, self.client(client_pid))
+    }
+
+    /// The process `pid` as a mount record names it (pid and start time); `None` when there is
+    /// no such process (or no pid). The server asks once per connection.
+    pub fn client(&self, pid: Option<u32>) -> Option<Client> {
+        let pid = pid?;
+        self.sys
+            .process_start_time(pid)
+            .map(|start_time| Client { pid, start_time })
+    }
+
+    /// [`Driver::mount`] for a client already identified with [`Driver::client`].
+    pub fn mount_as(
+        &self,
+        name: &VolumeName,
+        id: &MountId,
+        client: Option<Client>,
+    ) -> Result<PathBuf, DriverError> {
         let (vol, _lock) = self.lock(name)?;
         let meta = self.read_metadata(name, &vol)?;
-        let mut records = self.read_records(name, &vol)?;
+        let (mut records, strays) =
+            vol.read_records_and_strays()
+                .map_err(|source| DriverError::Io {
+                    name: name.clone(),
+                    action: "reading mount records",
+                    source,
+                })?;
         let mountpoint = vol.mountpoint();
         let mut mounted = self.is_mounted(name, &mountpoint)?;
 
         if !mounted {
             // Also without records: the last Unmount here leaves any copy of the overlay in
             // another mount namespace alive, and that upper must not get a second overlay.
-            self.void_records_unless_held(name, &vol, &records)?;
+            self.void_records_unless_held(name, &vol, &records, strays)?;
             records.clear();
+            failpoint!("mount.voided");
         }
         if mounted && !records.is_empty() {
             records = self.release_orphaned(name, &vol, records)?;
@@ -374,34 +436,72 @@ impl<S: Sys> Driver<S> {
             self.refuse_if_held(name, &vol)?;
             self.unmount_overlay(name, &mountpoint)?;
             mounted = false;
+            failpoint!("mount.stale-unmounted");
         }
+        let fresh = !mounted;
+        // Whether changes went to the trash: the janitor starts on them once this Mount is
+        // done, not while it runs (deleting a large upper competes for the disk's journal).
+        let mut discarded = false;
         if !mounted {
-            self.prepare_layers(name, &vol, &meta)?;
-            self.sys
-                .mount_overlay(&self.overlay_spec(name, &vol, &meta))
-                .map_err(|source| DriverError::Mount {
-                    name: name.clone(),
-                    source,
-                })?;
+            // A volatile volume's upper is looked at first (its changes go now). Otherwise
+            // the directories are made only when the mount misses one (a damaged or Go-made
+            // volume): they are nearly always there.
+            if meta.volatile {
+                discarded = self.prepare_layers(name, &vol, &meta)?;
+            }
+            let spec = self.overlay_spec(name, &vol, &meta);
+            let mounted = match self.sys.mount_overlay(&spec) {
+                Err(e) if !meta.volatile && e.is_not_found() => {
+                    self.prepare_layers(name, &vol, &meta)?;
+                    self.sys.mount_overlay(&spec)
+                }
+                result => result,
+            };
+            if discarded && mounted.is_err() {
+                self.kick_janitor();
+            }
+            mounted.map_err(|source| DriverError::Mount {
+                name: name.clone(),
+                source,
+            })?;
             log::info!("mounted volume {name} at {mountpoint:?}");
+            failpoint!("mount.overlay-mounted");
         }
 
         let previous = records.iter().find(|(rid, _)| rid == id).map(|(_, r)| r);
         let uses = previous.map_or(0, |r| r.usage_count) + 1;
-        vol.write_record(
-            id,
-            &MountRecord {
-                usage_count: uses,
-                boot_id: Some(self.boot_id.clone()),
-                client: client.or(previous.and_then(|r| r.client)),
-            },
-        )
-        .map_err(|source| DriverError::Io {
-            name: name.clone(),
-            action: "recording the mount",
-            source,
-        })?;
+        let recorded = vol
+            .write_record(
+                id,
+                &MountRecord {
+                    usage_count: uses,
+                    boot_id: Some(self.boot_id.clone()),
+                    client: client.or(previous.and_then(|r| r.client)),
+                },
+            )
+            .map_err(|source| DriverError::Io {
+                name: name.clone(),
+                action: "recording the mount",
+                source,
+            });
+        if let Err(err) = recorded {
+            // The state directory is full or read-only. dockerd gets the error and will never
+            // send an Unmount: an overlay just mounted for this Mount goes again.
+            if fresh {
+                match self.unmount_overlay(name, &mountpoint) {
+                    Ok(()) => {
+                        log::info!("unmounted volume {name} again: its mount is not recorded")
+                    }
+                    Err(e) => log::warn!("{}", crate::error_chain(&e)),
+                }
+            }
+            return Err(err);
+        }
         log::debug!("volume {name}: mount ID {id} now used {uses} times");
+        failpoint!("mount.recorded");
+        if discarded {
+            self.kick_janitor();
+        }
         Ok(mountpoint)
     }
 
@@ -450,27 +550,39 @@ impl<S: Sys> Driver<S> {
 
     /// Called when the overlay is not mounted here: refused while the overlay lives on in
     /// another mount namespace (which must never get a second overlay on the same upper), else
-    /// the records, if any, are void. Only records all from an earlier boot need no look.
+    /// the records, if any, are void (and cleared with any temporary beside them). Records all
+    /// from an earlier boot need no look, and no records need none once the last Unmount's
+    /// look found no copy (`driver/verify.rs`).
     fn void_records_unless_held(
         &self,
         name: &VolumeName,
         vol: &VolumeDir,
         records: &[(MountId, MountRecord)],
+        strays: bool,
     ) -> Result<(), DriverError> {
         let all_from_earlier_boot = !records.is_empty()
             && records
                 .iter()
                 .all(|(_, r)| r.boot_id.as_deref().is_some_and(|b| b != self.boot_id));
-        if !all_from_earlier_boot {
+        let look = if records.is_empty() {
+            look_still_to_be_made(vol)
+        } else {
+            !all_from_earlier_boot
+        };
+        if look {
             self.refuse_if_held(name, vol)?;
         }
-        if records.is_empty() {
+        if !records.is_empty() {
+            log::info!(
+                "volume {name}: voiding {} stale mount record(s) of an overlay that is no longer mounted",
+                records.len()
+            );
+        }
+        if records.is_empty() && !strays {
             return Ok(());
         }
-        log::info!(
-            "volume {name}: voiding {} stale mount record(s) of an overlay that is no longer mounted",
-            records.len()
-        );
+        // Also without records: a record write cut short by a crash leaves its temporary in
+        // `activemounts/`, and nothing else would ever delete it.
         vol.clear_records().map_err(|source| DriverError::Io {
             name: name.clone(),
             action: "clearing stale mount records",
@@ -496,13 +608,13 @@ impl<S: Sys> Driver<S> {
     }
 
     /// Makes sure upper, work and mountpoint exist before a mount, discarding the upper of a
-    /// volatile volume.
+    /// volatile volume: then `true`, and the caller kicks the janitor.
     fn prepare_layers(
         &self,
         name: &VolumeName,
         vol: &VolumeDir,
         meta: &Metadata,
-    ) -> Result<(), DriverError> {
+    ) -> Result<bool, DriverError> {
         let io_err = |action| {
             move |source| DriverError::Io {
                 name: name.clone(),
@@ -513,12 +625,14 @@ impl<S: Sys> Driver<S> {
         let base = self.base_metadata(name, meta)?;
         let upper = vol.upper();
         let upper_exists = upper.exists();
+        let mut discarded = false;
         if meta.volatile
             && upper_exists
             && !is_empty_dir(&upper).map_err(io_err("reading the upper directory"))?
         {
             self.discard_upper(name, vol, &base)?;
             log::info!("discarded the changes of volatile volume {name}");
+            discarded = true;
         } else if !upper_exists {
             if !meta.volatile {
                 log::warn!("volume {name} had no upper directory; starting with no changes");
@@ -534,7 +648,7 @@ impl<S: Sys> Driver<S> {
                 _ => {}
             }
         }
-        Ok(())
+        Ok(discarded)
     }
 
     fn overlay_spec(&self, name: &VolumeName, vol: &VolumeDir, meta: &Metadata) -> OverlaySpec {
@@ -550,7 +664,7 @@ impl<S: Sys> Driver<S> {
     // ----- Unmount ----------------------------------------------------------------------
 
     pub fn unmount(&self, name: &VolumeName, id: &MountId) -> Result<(), DriverError> {
-        let (vol, _lock) = self.lock(name)?;
+        let (vol, lock) = self.lock(name)?;
         let records = self.read_records(name, &vol)?;
         let Some((_, record)) = records.iter().find(|(rid, _)| rid == id) else {
             return Err(DriverError::UnknownMountId {
@@ -577,14 +691,20 @@ impl<S: Sys> Driver<S> {
             )
             .map_err(io_err("recording the unmount"))?;
             log::debug!("volume {name}: mount ID {id} now used {left} times");
+            failpoint!("unmount.decremented");
             return Ok(());
         }
         let mut result = Ok(());
+        let mut unmounted = false;
         if records.len() == 1 {
             let mountpoint = vol.mountpoint();
             if self.is_mounted(name, &mountpoint)? {
                 match self.unmount_overlay(name, &mountpoint) {
-                    Ok(()) => log::info!("unmounted volume {name}"),
+                    Ok(()) => {
+                        log::info!("unmounted volume {name}");
+                        unmounted = true;
+                        failpoint!("unmount.unmounted");
+                    }
                     // The record goes anyway: dockerd never repeats an Unmount. The next
                     // Mount finds the overlay with no records and deals with it.
                     Err(busy @ DriverError::Busy { .. }) => {
@@ -595,10 +715,50 @@ impl<S: Sys> Driver<S> {
                 }
             }
         }
-        vol.delete_record(id)
-            .map_err(io_err("deleting the mount record"))?;
+        // After the last unmount the record is renamed into the trash, to be deleted after
+        // the reply: deleting a file whose data is on disk costs some 0.1 ms on ext4, five
+        // times the rename, and the unmount itself costs little more.
+        let trashed = if unmounted {
+            let slot = self.root.trash_slot("record");
+            match std::fs::rename(vol.record(id), &slot) {
+                Ok(()) => Some(slot),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err(io_err("deleting the mount record")(e)),
+            }
+        } else {
+            vol.delete_record(id)
+                .map_err(io_err("deleting the mount record"))?;
+            None
+        };
         log::debug!("volume {name}: mount ID {id} released");
+        failpoint!("unmount.released");
+        if unmounted {
+            self.look_for_copies_later(verify::Job {
+                name: name.clone(),
+                vol,
+                lock,
+                trashed,
+            });
+        }
         result
+    }
+
+    /// Hands a volume just unmounted here, still locked, to the thread that looks for copies of
+    /// its overlay elsewhere (`driver/verify.rs`); looks at once if that thread cannot run.
+    fn look_for_copies_later(&self, job: verify::Job) {
+        let verifier = self.verifier.get_or_init(|| {
+            verify::Verifier::start(self.sys.clone())
+                .inspect_err(|e| log::warn!("cannot start the thread that looks for copies: {e}"))
+                .ok()
+        });
+        let job = match verifier {
+            Some(v) => match v.submit(job) {
+                Ok(()) => return,
+                Err(job) => job,
+            },
+            None => job,
+        };
+        verify::look(&*self.sys, vec![job]);
     }
 
     // ----- Remove -----------------------------------------------------------------------
@@ -611,11 +771,15 @@ impl<S: Sys> Driver<S> {
         let mounted = self.is_mounted(name, &mountpoint)?;
         // dockerd sends Remove only when none of its containers uses the volume, so records
         // are leftovers; but the overlay may live on elsewhere, also after the last Unmount
-        // here (the janitor would delete the upper under it).
-        self.refuse_if_held(name, &vol)?;
+        // here (the janitor would delete the upper under it), unless that Unmount's look
+        // found no copy.
+        if mounted || look_still_to_be_made(&vol) || !self.read_records(name, &vol)?.is_empty() {
+            self.refuse_if_held(name, &vol)?;
+        }
         if mounted {
             self.unmount_overlay(name, &mountpoint)?;
             log::info!("unmounted leftover mount of volume {name}");
+            failpoint!("remove.unmounted");
         }
         std::fs::rename(&vol.path, self.root.trash_slot(name.as_str())).map_err(|source| {
             DriverError::Io {
@@ -625,6 +789,7 @@ impl<S: Sys> Driver<S> {
             }
         })?;
         log::info!("removed volume {name}");
+        failpoint!("remove.renamed");
         self.kick_janitor();
         Ok(())
     }
@@ -784,8 +949,25 @@ impl<S: Sys> Driver<S> {
     }
 }
 
+/// Whether a look for copies of the (unmounted) overlay in other mount namespaces is still to
+/// be made: overlayfs' `workdir/work` is there (see `driver/verify.rs`). When in doubt, yes.
+fn look_still_to_be_made(vol: &VolumeDir) -> bool {
+    !matches!(std::fs::symlink_metadata(vol.overlay_work()), Err(e) if e.kind() == io::ErrorKind::NotFound)
+}
+
+/// Whether the directory at `path` has no entries. Reads only its first few, with a small
+/// buffer: an upper of a million files costs what an empty one does.
 fn is_empty_dir(path: &Path) -> io::Result<bool> {
-    Ok(std::fs::read_dir(path)?.next().is_none())
+    use rustix::fs::{OFlags, RawDir};
+    let dir = store::open_noatime(rustix::fs::CWD, path, OFlags::DIRECTORY)?;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 256];
+    let mut entries = RawDir::new(&dir, &mut buf);
+    while let Some(entry) = entries.next() {
+        if !matches!(entry?.file_name().to_bytes(), b"." | b"..") {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -1037,8 +1219,8 @@ mod tests {
         f.create("v", true);
         f.driver.mount(&name("v"), &id("a"), None).unwrap();
         std::fs::write(f.vol("v").upper().join("in-use"), "x").unwrap();
-        // The last Unmount here leaves a copy of the overlay in another mount namespace.
-        f.driver.unmount(&name("v"), &id("a")).unwrap();
+        // The last Unmount here leaves a copy of the overlay in another mount namespace (made
+        // while it was mounted: once no namespace has it, none can copy it).
         f.driver
             .sys()
             .state
@@ -1046,6 +1228,7 @@ mod tests {
             .unwrap()
             .held
             .insert(f.vol("v").upper());
+        f.driver.unmount(&name("v"), &id("a")).unwrap();
         let err = f.driver.mount(&name("v"), &id("b"), None).unwrap_err();
         assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
         let err = f.driver.remove(&name("v")).unwrap_err();
@@ -1083,6 +1266,49 @@ mod tests {
         f.driver.sys().state.lock().unwrap().held.clear();
         f.driver.remove(&name("v")).unwrap();
         assert!(!f.vol("v").path.exists());
+    }
+
+    #[test]
+    fn the_last_unmount_looks_for_copies_so_that_mount_and_remove_need_not() {
+        let f = fixture();
+        f.create("v", false);
+        let looks = || f.driver.sys().state.lock().unwrap().looks;
+        f.driver.mount(&name("v"), &id("a"), None).unwrap();
+        assert_eq!(looks(), 0, "the first Mount of a new volume looked");
+        assert!(f.vol("v").overlay_work().exists());
+        f.driver.unmount(&name("v"), &id("a")).unwrap();
+        // The look runs in the background, with the volume locked.
+        drop(f.driver.lock_volume(&name("v")).unwrap());
+        assert_eq!(looks(), 1);
+        assert!(
+            !f.vol("v").overlay_work().exists(),
+            "mark left after a clean look"
+        );
+        f.driver.mount(&name("v"), &id("b"), None).unwrap();
+        f.driver.unmount(&name("v"), &id("b")).unwrap();
+        f.driver.remove(&name("v")).unwrap();
+        assert_eq!(looks(), 2, "Mount or Remove looked again");
+
+        // The look never ran (a crash after the unmount): the next Mount looks itself.
+        f.create("w", false);
+        std::fs::create_dir(f.vol("w").overlay_work()).unwrap();
+        f.driver
+            .sys()
+            .state
+            .lock()
+            .unwrap()
+            .held
+            .insert(f.vol("w").upper());
+        let err = f.driver.mount(&name("w"), &id("a"), None).unwrap_err();
+        assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
+        let err = f.driver.remove(&name("w")).unwrap_err();
+        assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
+        f.driver.sys().state.lock().unwrap().held.clear();
+        f.driver.mount(&name("w"), &id("a"), None).unwrap();
+        assert_eq!(
+            f.calls(),
+            vec!["mount", "unmount", "mount", "unmount", "mount"]
+        );
     }
 
     #[test]
@@ -1193,6 +1419,20 @@ mod tests {
         f.driver.mount(&name("v"), &id("e"), None).unwrap();
         assert_eq!(f.count("v", "d"), Some(1));
         assert_eq!(f.count("v", "c"), None);
+    }
+
+    #[test]
+    fn a_record_temporary_left_by_a_crash_goes_at_the_next_mount() {
+        let f = fixture();
+        f.create("v", false);
+        f.driver.mount(&name("v"), &id("a"), None).unwrap();
+        // A crash in the middle of a record write (tests/crash.rs kills the daemon there).
+        let tmp = f.vol("v").active_mounts().join(".a.tmp-1-2-3");
+        std::fs::write(&tmp, "{").unwrap();
+        f.driver.unmount(&name("v"), &id("a")).unwrap();
+        f.driver.mount(&name("v"), &id("b"), None).unwrap();
+        assert!(!tmp.exists(), "temporary kept");
+        assert_eq!(f.count("v", "b"), Some(1));
     }
 
     #[test]

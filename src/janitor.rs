@@ -11,7 +11,10 @@ use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use crate::store::{Root, STAGING_PREFIX};
+use crate::store::{self, Root, STAGING_PREFIX};
+
+/// How long a pass waits after the kick that asked for it.
+const KICK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Handle to the janitor thread; dropping it lets the thread finish its current pass and end.
 #[derive(Debug)]
@@ -26,8 +29,14 @@ impl Janitor {
         std::thread::Builder::new()
             .name("janitor".into())
             .spawn(move || {
+                // Background work: the lowest CPU priority (nice 19, this thread only), so
+                // that requests never wait for a CPU while it deletes a large upper.
+                let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
                 sweep(&root);
                 while wake.recv().is_ok() {
+                    // The request that kicked is still answering: a deletion in the kernel
+                    // is not preempted for it whatever the priority, so start a moment later.
+                    std::thread::sleep(KICK_DELAY);
                     // Several kicks while we were busy need only one more pass.
                     while wake.try_recv().is_ok() {}
                     sweep(&root);
@@ -52,6 +61,7 @@ pub fn sweep(root: &Root) {
                 if let Err(e) = std::fs::rename(entry.path(), &slot) {
                     log::warn!("cannot move abandoned {:?} to the trash: {e}", entry.path());
                 }
+                failpoint!("janitor.staging-moved");
             }
         }
     }
@@ -65,6 +75,7 @@ pub fn sweep(root: &Root) {
             Ok(()) => log::debug!("deleted {item:?} in {:?}", started.elapsed()),
             Err(e) => log::warn!("cannot delete {item:?} from the trash: {e}"),
         }
+        failpoint!("janitor.deleted");
     }
 }
 
@@ -91,22 +102,66 @@ pub fn delete(item: &Path) -> std::io::Result<()> {
     }
 }
 
-/// A staging directory is abandoned when nobody holds its lock (its creator died). A minute's
-/// grace covers the moment between its creator's mkdir and lock.
+/// A staging directory is abandoned when nobody holds its lock and its creator cannot be in
+/// the moment between its mkdir and its lock: the creator, whose pid the name carries, is gone
+/// (a reused pid only delays this), or a minute has passed.
 fn is_abandoned(dir: &Path) -> bool {
     let Ok(f) = File::open(dir) else { return false };
-    let old = f
-        .metadata()
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|age| age > std::time::Duration::from_secs(60));
-    if !old {
+    let creator_gone = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(store::staging_creator)
+        .and_then(|pid| rustix::process::Pid::from_raw(i32::try_from(pid).ok()?))
+        .is_some_and(|pid| rustix::process::test_kill_process(pid) == Err(rustix::io::Errno::SRCH));
+    let old = || {
+        f.metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > std::time::Duration::from_secs(60))
+    };
+    if !creator_gone && !old() {
         return false;
     }
     match f.try_lock() {
         Ok(()) => true,
         Err(TryLockError::WouldBlock) => false,
         Err(TryLockError::Error(_)) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_of_a_dead_creator_goes_at_once_a_live_or_locked_one_stays() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(&tmp.path().join("root")).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let of_dead = root.path().join(format!(".new-v-{dead}-1-0"));
+        let of_live = root
+            .path()
+            .join(format!(".new-v-{}-1-0", std::process::id()));
+        let locked = root.path().join(format!(".new-w-{dead}-1-1"));
+        for dir in [&of_dead, &of_live, &locked] {
+            std::fs::create_dir(dir).unwrap();
+            std::fs::write(dir.join("metadata.json"), "{}").unwrap();
+        }
+        let lock = File::open(&locked).unwrap();
+        lock.lock().unwrap();
+        sweep(&root);
+        assert!(
+            !of_dead.exists(),
+            "abandoned staging of a dead creator kept"
+        );
+        assert!(
+            of_live.exists(),
+            "staging taken in its creator's grace period"
+        );
+        assert!(locked.exists(), "locked staging taken");
+        assert_eq!(std::fs::read_dir(root.trash()).unwrap().count(), 0);
     }
 }

@@ -6,6 +6,10 @@
 //! OS boundary (mounts) behind a trait. [`admin`] holds the admin commands (`ls`, `changes`,
 //! `recover`, `export`, `reset`, `commit`), which work on the volumes through the driver.
 
+// First: `failpoint!` is used by the modules below.
+#[macro_use]
+pub mod failpoint;
+
 pub mod admin;
 pub mod driver;
 pub mod janitor;

@@ -18,6 +18,7 @@ use docker_on_top::admin::{self, Admin, Change, ChangeKind};
 use docker_on_top::driver::{Driver, DriverConfig};
 use docker_on_top::logging;
 use docker_on_top::names::VolumeName;
+use docker_on_top::options::AllowedBases;
 use docker_on_top::server::{self, Listening, ServeOptions};
 use log::{error, info};
 use sd_notify::NotifyState;
@@ -110,6 +111,14 @@ struct Opts {
     /// Mount with legacy mount(2) even where the new mount API works.
     #[arg(long, global = true)]
     legacy_mount_api: bool,
+    /// How long a client may take to send a request's headers, and then its body (default
+    /// 30s); a connection that takes longer is closed. Advanced: the tests shorten it.
+    #[arg(long, global = true, hide = true, value_name = "DURATION", value_parser = parse_timeout)]
+    read_timeout: Option<Duration>,
+    /// Only create volumes whose base is DIR or lies inside it (repeatable; default: any
+    /// directory). Paths are compared after resolving symlinks, component by component.
+    #[arg(long = "allowed-base", global = true, value_name = "DIR")]
+    allowed_bases: Vec<PathBuf>,
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {
@@ -267,17 +276,64 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
+/// Driver calls running at once; more wait for a thread. Calls of one volume wait for each
+/// other anyway (its lock), and mounts serialise in the kernel.
+const BLOCKING_THREADS: usize = 16;
+/// Stack of those threads: the driver recurses nowhere deep.
+const BLOCKING_STACK: usize = 256 * 1024;
+
+/// glibc's malloc, tuned for a small daemon: two arenas instead of eight per CPU, and large
+/// buffers (a List of many volumes) given back to the kernel when freed, instead of raising
+/// the thresholds under which freed memory is kept.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_allocator() {
+    const M_TRIM_THRESHOLD: i32 = -1;
+    const M_MMAP_THRESHOLD: i32 = -3;
+    const M_ARENA_MAX: i32 = -8;
+    unsafe extern "C" {
+        fn mallopt(param: i32, value: i32) -> i32;
+    }
+    for (param, value) in [
+        (M_ARENA_MAX, 2),
+        (M_MMAP_THRESHOLD, 64 * 1024),
+        (M_TRIM_THRESHOLD, 128 * 1024),
+    ] {
+        // SAFETY: mallopt only changes malloc's parameters; called before any other thread
+        // exists.
+        unsafe { mallopt(param, value) };
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
+
 fn serve(opts: Opts) -> Result<()> {
+    tune_allocator();
+    if let Some(files) = server::raise_fd_limit() {
+        log::debug!("may open {files} files");
+    }
+    let allowed_bases = AllowedBases::new(&opts.allowed_bases)?;
+    if !allowed_bases.dirs().is_empty() {
+        let dirs: Vec<String> = (allowed_bases.dirs().iter())
+            .map(|d| d.display().to_string())
+            .collect();
+        info!("bases allowed only inside: {}", dirs.join(", "));
+    }
     let driver = Driver::open(DriverConfig {
         root: opts.root.clone(),
         legacy_mount_api: opts.legacy_mount_api,
+        allowed_bases,
     })
     .with_context(|| format!("cannot open the state directory {}", opts.root.display()))?;
     let driver = Arc::new(driver);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread serves the socket (HTTP is cheap); driver calls, which block on locks and
+    // syscalls, run on a bounded pool of small threads that exit when idle.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .thread_name("docker-on-top")
+        .max_blocking_threads(BLOCKING_THREADS)
+        .thread_stack_size(BLOCKING_STACK)
+        .thread_keep_alive(Duration::from_secs(5))
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
@@ -297,6 +353,7 @@ fn serve(opts: Opts) -> Result<()> {
         info!("serving on {} ({how})", shown.display());
         let serve_opts = ServeOptions {
             idle_timeout: opts.idle_timeout,
+            read_timeout: opts.read_timeout,
         };
         server::serve(listener, driver.clone(), serve_opts, stop)
             .await

@@ -3,7 +3,9 @@
 //! `base` must name an existing directory by an absolute path; it is canonicalised (symlinks
 //! resolved) so that two spellings of one directory are one volume configuration, and it may
 //! not be, contain, or lie inside the daemon's state root (an overlay whose lower holds its own
-//! upper is undefined, and a volume must never expose the daemon's state). This module reads
+//! upper is undefined, and a volume must never expose the daemon's state). With
+//! `--allowed-base`, it must also lie inside one of the configured directories
+//! ([`AllowedBases`]). This module reads
 //! metadata of the base directory only; it must not create or change anything.
 
 use std::collections::BTreeMap;
@@ -36,6 +38,92 @@ pub enum OptionsError {
     BaseOverlapsRoot { path: PathBuf, root: PathBuf },
     #[error("volatile must be true, false, yes or no, not {value:?}")]
     BadVolatile { value: String },
+    #[error(
+        "base {path:?} is outside the directories this plugin allows (--allowed-base {allowed}); ask the host's administrator"
+    )]
+    BaseNotAllowed {
+        path: PathBuf,
+        /// The allowed directories, comma-separated (boxed: keeps the error small).
+        allowed: Box<str>,
+    },
+}
+
+/// Why an `--allowed-base` directory was refused at startup.
+#[derive(Debug, Error)]
+pub enum AllowedBaseError {
+    #[error("--allowed-base {path:?} is not an absolute path")]
+    Relative { path: PathBuf },
+    #[error("--allowed-base {path:?} cannot be used")]
+    Unusable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("--allowed-base {path:?} is not a directory")]
+    NotDirectory { path: PathBuf },
+}
+
+/// The directories under which bases may lie (`--allowed-base`), canonical. Empty: anywhere.
+///
+/// A base is allowed when it is one of them or lies below one, compared component by
+/// component after both are canonicalised: `/srv/data` allows `/srv/data/x` but not
+/// `/srv/database`, and a symlink inside `/srv/data` that leads elsewhere leads outside.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AllowedBases(Vec<PathBuf>);
+
+impl AllowedBases {
+    /// No restriction.
+    pub fn anywhere() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Canonicalises `dirs`, each of which must be an existing directory given by an absolute
+    /// path. An empty list allows any base.
+    pub fn new(dirs: &[PathBuf]) -> Result<Self, AllowedBaseError> {
+        let mut out = Vec::with_capacity(dirs.len());
+        for dir in dirs {
+            if !dir.is_absolute() {
+                return Err(AllowedBaseError::Relative { path: dir.clone() });
+            }
+            let canonical =
+                std::fs::canonicalize(dir).map_err(|source| AllowedBaseError::Unusable {
+                    path: dir.clone(),
+                    source,
+                })?;
+            if !canonical.is_dir() {
+                return Err(AllowedBaseError::NotDirectory { path: dir.clone() });
+            }
+            if !out.contains(&canonical) {
+                out.push(canonical);
+            }
+        }
+        Ok(Self(out))
+    }
+
+    /// The canonical directories; empty when any base is allowed.
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.0
+    }
+
+    /// Whether the canonical `base` is allowed.
+    pub fn permits(&self, base: &Path) -> bool {
+        self.0.is_empty() || self.0.iter().any(|dir| base.starts_with(dir))
+    }
+
+    fn check(&self, base: &BaseDir) -> Result<(), OptionsError> {
+        if self.permits(base.path()) {
+            Ok(())
+        } else {
+            Err(OptionsError::BaseNotAllowed {
+                path: base.path().to_owned(),
+                allowed: (self.0.iter())
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+                    .into(),
+            })
+        }
+    }
 }
 
 /// A base directory: canonical, absolute, an existing directory outside the state root.
@@ -85,8 +173,13 @@ pub struct VolumeOptions {
 }
 
 impl VolumeOptions {
-    /// Validates the options of a Create request; `root` is the canonical state root.
-    pub fn parse(raw: &BTreeMap<String, String>, root: &Path) -> Result<Self, OptionsError> {
+    /// Validates the options of a Create request; `root` is the canonical state root, and the
+    /// base must be one that `allowed` permits.
+    pub fn parse(
+        raw: &BTreeMap<String, String>,
+        root: &Path,
+        allowed: &AllowedBases,
+    ) -> Result<Self, OptionsError> {
         if let Some(key) = raw
             .keys()
             .find(|k| !matches!(k.as_str(), "base" | "volatile"))
@@ -102,10 +195,9 @@ impl VolumeOptions {
             })?,
         };
         let base = raw.get("base").ok_or(OptionsError::MissingBase)?;
-        Ok(Self {
-            base: BaseDir::parse(base, root)?,
-            volatile,
-        })
+        let base = BaseDir::parse(base, root)?;
+        allowed.check(&base)?;
+        Ok(Self { base, volatile })
     }
 }
 
@@ -159,12 +251,15 @@ mod tests {
         let ok = VolumeOptions::parse(
             &opts(&[("base", tmp.path().join("link").to_str().unwrap())]),
             &root,
+            &AllowedBases::anywhere(),
         )
         .unwrap();
         assert_eq!(ok.base.path(), std::fs::canonicalize(&data).unwrap());
         assert!(!ok.volatile);
 
-        let err = |o: &[(&str, &str)]| VolumeOptions::parse(&opts(o), &root).unwrap_err();
+        let err = |o: &[(&str, &str)]| {
+            VolumeOptions::parse(&opts(o), &root, &AllowedBases::anywhere()).unwrap_err()
+        };
         assert!(matches!(err(&[]), OptionsError::MissingBase));
         assert!(matches!(
             err(&[("base", "rel/dir")]),
@@ -194,6 +289,86 @@ mod tests {
         assert!(matches!(
             err(&[("base", "/tmp"), ("volatile", "maybe")]),
             OptionsError::BadVolatile { .. }
+        ));
+    }
+
+    #[test]
+    fn allowed_bases_are_component_prefixes_of_canonical_paths() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = std::fs::canonicalize(tmp.path()).unwrap();
+        let root = t.join("state");
+        for dir in [
+            "state",
+            "srv/data/sub",
+            "srv/database",
+            "srv/other",
+            "elsewhere",
+        ] {
+            std::fs::create_dir_all(t.join(dir)).unwrap();
+        }
+        // A link inside the allowed tree that leads out of it, and one outside leading in.
+        std::os::unix::fs::symlink(t.join("elsewhere"), t.join("srv/data/escape")).unwrap();
+        std::os::unix::fs::symlink(t.join("srv/data/sub"), t.join("inward")).unwrap();
+        // Allowed through a spelling with `..` and a trailing slash: canonicalised.
+        let spelled = PathBuf::from(format!("{}/srv/other/../data/", t.display()));
+        let allowed = AllowedBases::new(&[spelled, t.join("srv/data")]).unwrap();
+        assert_eq!(
+            allowed.dirs(),
+            [t.join("srv/data")],
+            "deduplicated, canonical"
+        );
+
+        let parse = |base: &Path| {
+            VolumeOptions::parse(&opts(&[("base", base.to_str().unwrap())]), &root, &allowed)
+        };
+        for ok in [t.join("srv/data"), t.join("srv/data/sub"), t.join("inward")] {
+            let parsed = parse(&ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+            assert!(parsed.base.path().starts_with(t.join("srv/data")));
+        }
+        for refused in [
+            t.join("srv/database"), // a string prefix, not a component prefix
+            t.join("srv"),
+            t.join("srv/other"),
+            t.join("srv/data/escape"),
+            t.join("srv/data/sub/../../other"),
+        ] {
+            let e = parse(&refused).unwrap_err();
+            assert!(
+                matches!(e, OptionsError::BaseNotAllowed { .. }),
+                "{refused:?}: {e:?}"
+            );
+            let text = e.to_string();
+            assert!(
+                text.contains("outside the directories this plugin allows")
+                    && text.contains(&format!("--allowed-base {}", t.join("srv/data").display())),
+                "{text}"
+            );
+        }
+        // The other checks still come first: a missing base is not "not allowed".
+        assert!(matches!(
+            parse(&t.join("srv/data/missing")).unwrap_err(),
+            OptionsError::BaseUnusable { .. }
+        ));
+        // No list: anywhere.
+        assert!(AllowedBases::new(&[]).unwrap().permits(Path::new("/")));
+        assert!(AllowedBases::anywhere().permits(&t.join("elsewhere")));
+    }
+
+    #[test]
+    fn allowed_base_must_be_an_existing_absolute_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("file"), "x").unwrap();
+        assert!(matches!(
+            AllowedBases::new(&[PathBuf::from("srv/data")]),
+            Err(AllowedBaseError::Relative { .. })
+        ));
+        assert!(matches!(
+            AllowedBases::new(&[tmp.path().join("missing")]),
+            Err(AllowedBaseError::Unusable { .. })
+        ));
+        assert!(matches!(
+            AllowedBases::new(&[tmp.path().join("file")]),
+            Err(AllowedBaseError::NotDirectory { .. })
         ));
     }
 }

@@ -6,19 +6,20 @@
 //! about volumes, files or mounts: everything it answers comes from `wire`, and every answer,
 //! errors included, is JSON.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fs;
 use std::future::{Future, pending};
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
@@ -29,16 +30,28 @@ use log::{Level, debug, info, log, warn};
 use sd_notify::NotifyState;
 use thiserror::Error;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::driver::Driver;
 use crate::wire::{self, Call, Reply, WireError};
 
-/// Largest request body read; larger ones are answered 413.
-pub const MAX_BODY: usize = 1 << 20;
-/// Connections served at once; further ones wait in the listen queue.
+/// Largest request body read; larger ones are answered 413. dockerd's largest, a Create with
+/// a base path of `PATH_MAX` bytes, is a few KiB.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Largest request head (request line and headers) hyper buffers; a larger one is answered
+/// 431. What a connection can make the daemon hold is bounded by this and [`MAX_BODY`].
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Connections served at once (fewer when the descriptor limit is low: half of it, the
+/// driver needs the rest); further ones wait in the listen queue. When all are taken, a new
+/// connection makes the oldest one that has sent no request for [`EVICT_AFTER`] close, or
+/// else an idle keep-alive one: connections that send nothing cannot lock dockerd out.
 pub const MAX_CONNECTIONS: usize = 1024;
+/// How long a connection may go without sending a whole request, or sit idle after one,
+/// before a new connection may take its place when all are taken (a connection whose
+/// request is waiting to be read is never taken). dockerd sends its request as soon as it
+/// connects.
+pub const EVICT_AFTER: Duration = Duration::from_millis(200);
 /// How long a client may take to send a request's headers, and how long an idle keep-alive
 /// connection is kept open.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -52,6 +65,9 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct ServeOptions {
     /// Stop once no request has been in flight for this long (for socket activation).
     pub idle_timeout: Option<Duration>,
+    /// How long a client may take to send a request's headers, and then its body; `None`:
+    /// [`HEADER_READ_TIMEOUT`] and [`BODY_READ_TIMEOUT`].
+    pub read_timeout: Option<Duration>,
 }
 
 /// Answers plugin calls on `listener` until `shutdown` completes or, with
@@ -69,12 +85,16 @@ pub async fn serve(
     let shared = Arc::new(Shared {
         driver,
         activity: Activity::new(),
+        body_timeout: opts.read_timeout.unwrap_or(BODY_READ_TIMEOUT),
     });
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let limit = connection_limit();
+    let slots = Arc::new(Semaphore::new(limit));
+    let open = Arc::new(OpenConnections::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(opts.read_timeout.unwrap_or(HEADER_READ_TIMEOUT))
+        .max_buf_size(MAX_HEAD);
 
     let mut shutdown = pin!(shutdown);
     let mut idle = pin!(async {
@@ -90,12 +110,7 @@ pub async fn serve(
         }
     });
 
-    let result = loop {
-        let slot = tokio::select! {
-            () = &mut shutdown => break Ok(()),
-            () = &mut idle => break Ok(()),
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
-        };
+    let result = 'accept: loop {
         let stream = tokio::select! {
             () = &mut shutdown => break Ok(()),
             () = &mut idle => break Ok(()),
@@ -109,9 +124,33 @@ pub async fn serve(
                 Err(err) => break Err(err),
             },
         };
-        let connection = serve_connection(stream, http.clone(), shared.clone(), stop_rx.clone());
+        // A slot for it: a free one, or one a connection that sends nothing gives up.
+        let slot = loop {
+            if let Ok(slot) = slots.clone().try_acquire_owned() {
+                break slot;
+            }
+            if let Some(evicted) = open.evict_one() {
+                debug!("all {limit} connection slots are taken: asking {evicted} to close");
+            }
+            tokio::select! {
+                () = &mut shutdown => break 'accept Ok(()),
+                () = &mut idle => break 'accept Ok(()),
+                slot = slots.clone().acquire_owned() => break slot.expect("the semaphore is never closed"),
+                () = tokio::time::sleep(EVICT_AFTER / 5) => {}
+            }
+        };
+        let state = open.add();
+        let connection = serve_connection(
+            stream,
+            http.clone(),
+            shared.clone(),
+            stop_rx.clone(),
+            state.clone(),
+        );
+        let open = open.clone();
         tokio::spawn(async move {
             connection.await;
+            open.remove(&state);
             drop(slot);
         });
     };
@@ -119,18 +158,144 @@ pub async fn serve(
     notify(NotifyState::Stopping);
     drop(listener);
     let _ = stop_tx.send(true);
-    let all = u32::try_from(MAX_CONNECTIONS).expect("the connection limit fits in u32");
+    let all = u32::try_from(limit).expect("the connection limit fits in u32");
     if tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all))
         .await
         .is_err()
     {
         warn!(
             "{} connections still open after {}, stopping anyway",
-            MAX_CONNECTIONS - slots.available_permits(),
+            limit - slots.available_permits(),
             humantime::format_duration(DRAIN_TIMEOUT)
         );
     }
     result
+}
+
+/// Raises this process's soft limit on open descriptors to its hard limit, as Go programs
+/// (dockerd) do: systemd starts services with a soft limit of 1024, to be shared by the
+/// connections and the driver's files. Returns the soft limit in force.
+pub fn raise_fd_limit() -> Option<u64> {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if let Err(err) = setrlimit(Resource::Nofile, raised) {
+            warn!("cannot raise the limit on open files: {err}");
+        }
+    }
+    getrlimit(Resource::Nofile).current
+}
+
+/// [`MAX_CONNECTIONS`], or half the descriptors this process may open if that is less.
+fn connection_limit() -> usize {
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    let half = soft.map_or(usize::MAX, |n| usize::try_from(n / 2).unwrap_or(usize::MAX));
+    MAX_CONNECTIONS.min(half).max(1)
+}
+
+/// The connections being served, oldest first, for [`OpenConnections::evict_one`].
+#[derive(Default)]
+struct OpenConnections {
+    next: AtomicU64,
+    open: Mutex<BTreeMap<u64, Arc<ConnectionState>>>,
+}
+
+/// What the accept loop knows of one connection.
+struct ConnectionState {
+    id: u64,
+    /// When its task first ran: hyper then read whatever the client had sent, and handed
+    /// over a whole request at once.
+    serving_since: std::sync::OnceLock<Instant>,
+    /// Requests handed to the handler so far, and how many of them are still running.
+    started: AtomicU64,
+    running: AtomicUsize,
+    /// When its last request ended.
+    idle_since: Mutex<Instant>,
+    /// Set (and `evict` notified) when the connection is to give up its slot.
+    evicted: AtomicBool,
+    evict: Notify,
+}
+
+impl OpenConnections {
+    fn add(&self) -> Arc<ConnectionState> {
+        let state = Arc::new(ConnectionState {
+            id: self.next.fetch_add(1, Ordering::Relaxed),
+            serving_since: std::sync::OnceLock::new(),
+            started: AtomicU64::new(0),
+            running: AtomicUsize::new(0),
+            idle_since: Mutex::new(Instant::now()),
+            evicted: AtomicBool::new(false),
+            evict: Notify::new(),
+        });
+        self.lock().insert(state.id, state.clone());
+        state
+    }
+
+    fn remove(&self, state: &ConnectionState) {
+        self.lock().remove(&state.id);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<ConnectionState>>> {
+        lock_ignoring_poison(&self.open)
+    }
+
+    /// Tells one connection to close: the oldest that has not sent a whole request within
+    /// [`EVICT_AFTER`] of being served (closed at once: no request of it ever reached the
+    /// driver; one whose request waits unread because the daemon is busy is not served yet),
+    /// else the oldest whose last request ended [`EVICT_AFTER`] ago or longer (closed
+    /// gracefully: an idle keep-alive connection at once, one still writing its last reply
+    /// after that). Says which, if any.
+    fn evict_one(&self) -> Option<&'static str> {
+        let open = self.lock();
+        let candidates = || open.values().filter(|c| !c.evicted.load(Ordering::SeqCst));
+        let (chosen, what) = match candidates().find(|c| {
+            c.started.load(Ordering::SeqCst) == 0
+                && c.serving_since
+                    .get()
+                    .is_some_and(|t| t.elapsed() >= EVICT_AFTER)
+        }) {
+            Some(c) => (c, "the oldest connection that sent no request"),
+            None => (
+                candidates().find(|c| {
+                    c.started.load(Ordering::SeqCst) > 0
+                        && c.running.load(Ordering::SeqCst) == 0
+                        && lock_ignoring_poison(&c.idle_since).elapsed() >= EVICT_AFTER
+                })?,
+                "the oldest idle connection",
+            ),
+        };
+        chosen.evicted.store(true, Ordering::SeqCst);
+        chosen.evict.notify_one();
+        Some(what)
+    }
+}
+
+fn lock_ignoring_poison<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Counts a request as running on its connection until dropped.
+struct Running(Arc<ConnectionState>);
+
+impl Running {
+    fn start(state: &Arc<ConnectionState>) -> Running {
+        state.started.fetch_add(1, Ordering::SeqCst);
+        state.running.fetch_add(1, Ordering::SeqCst);
+        Running(state.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        *lock_ignoring_poison(&self.0.idle_since) = Instant::now();
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Errors `accept` can return while the listener is still fine (out of descriptors or memory,
@@ -155,7 +320,9 @@ async fn serve_connection(
     http: http1::Builder,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
+    state: Arc<ConnectionState>,
 ) {
+    let _ = state.serving_since.set(Instant::now());
     // The peer's pid identifies the client (dockerd) whose mounts these are: see
     // `Driver::mount`. A peer in another pid namespace shows as no pid.
     let peer_pid = stream
@@ -164,16 +331,46 @@ async fn serve_connection(
         .and_then(|cred| cred.pid())
         .and_then(|pid| u32::try_from(pid).ok())
         .filter(|&pid| pid != 0);
-    let service = service_fn(move |request| {
-        let shared = shared.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, request, peer_pid).await) }
-    });
+    let peer = Arc::new(wire::Peer::new(peer_pid));
+    let service = {
+        let state = state.clone();
+        service_fn(move |request| {
+            // Counted from the moment hyper hands the request over.
+            let running = Running::start(&state);
+            let shared = shared.clone();
+            let peer = peer.clone();
+            async move {
+                let response = handle(&shared, request, peer).await;
+                drop(running);
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let fd = stream.as_raw_fd();
     let mut connection = pin!(http.serve_connection(TokioIo::new(stream), service));
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = async { drop(stop.wait_for(|stop| *stop).await) } => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    let result = loop {
+        tokio::select! {
+            result = connection.as_mut() => break result,
+            () = async { drop(stop.wait_for(|stop| *stop).await) } => {
+                connection.as_mut().graceful_shutdown();
+                break connection.await;
+            }
+            () = state.evict.notified() => {
+                // SAFETY: the stream lives inside `connection`, which is not dropped yet.
+                let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                if rustix::io::ioctl_fionread(socket).is_ok_and(|waiting| waiting > 0) {
+                    // The client has sent something hyper has not read yet (the daemon is
+                    // busy): it is about to be served, not silent.
+                    state.evicted.store(false, Ordering::SeqCst);
+                    continue;
+                }
+                if state.started.load(Ordering::SeqCst) == 0 {
+                    // No request of it ever reached the handler: nothing is lost.
+                    return;
+                }
+                connection.as_mut().graceful_shutdown();
+                break connection.await;
+            }
         }
     };
     if let Err(err) = result {
@@ -184,6 +381,7 @@ async fn serve_connection(
 struct Shared {
     driver: Arc<Driver>,
     activity: Activity,
+    body_timeout: Duration,
 }
 
 /// Requests in flight and when the last one ended, for the idle timeout.
@@ -245,19 +443,20 @@ struct HandlerFailed(#[source] tokio::task::JoinError);
 async fn handle(
     shared: &Shared,
     request: Request<Incoming>,
-    peer_pid: Option<u32>,
+    peer: Arc<wire::Peer>,
 ) -> Response<Full<Bytes>> {
     let _in_flight = shared.activity.begin();
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let (what, reply) = match read_call(request).await {
+    let (what, reply) = match read_call(request, shared.body_timeout).await {
         Ok(call) => {
             let what = call.to_string();
             let driver = shared.driver.clone();
-            let reply = tokio::task::spawn_blocking(move || wire::execute(&driver, call, peer_pid))
-                .await
-                .unwrap_or_else(|err| Reply::error(500, &HandlerFailed(err)));
+            let reply =
+                tokio::task::spawn_blocking(move || wire::execute_for(&driver, call, &peer))
+                    .await
+                    .unwrap_or_else(|err| Reply::error(500, &HandlerFailed(err)));
             (what, reply)
         }
         Err(err) => {
@@ -281,7 +480,7 @@ async fn handle(
 }
 
 /// Checks the method, reads the body (bounded in size and time) and decodes the call.
-async fn read_call(request: Request<Incoming>) -> Result<Call, WireError> {
+async fn read_call(request: Request<Incoming>, body_timeout: Duration) -> Result<Call, WireError> {
     if request.method() != Method::POST {
         return Err(WireError::MethodNotAllowed {
             method: request.method().as_str().chars().take(20).collect(),
@@ -299,21 +498,38 @@ async fn read_call(request: Request<Incoming>) -> Result<Call, WireError> {
     if declared.is_some_and(|len| len > MAX_BODY as u64) {
         return Err(WireError::BodyTooLarge { limit: MAX_BODY });
     }
-    let body = Limited::new(request.into_body(), MAX_BODY).collect();
-    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, body).await {
-        Err(_) => return Err(WireError::BodyTimeout),
-        Ok(Err(err)) if err.is::<LengthLimitError>() => {
-            return Err(WireError::BodyTooLarge { limit: MAX_BODY });
-        }
-        Ok(Err(source)) => return Err(WireError::BodyRead { source }),
-        Ok(Ok(collected)) => collected.to_bytes(),
-    };
+    let reserve = declared.map_or(0, |len| len as usize);
+    let body =
+        match tokio::time::timeout(body_timeout, read_body(request.into_body(), reserve)).await {
+            Err(_) => return Err(WireError::BodyTimeout),
+            Ok(body) => body?,
+        };
     wire::parse(&path, &body)
+}
+
+/// The body, at most [`MAX_BODY`] bytes; `reserve`: its declared length (checked against
+/// the limit), allocated at once. Each piece is copied out as it arrives: a piece keeps the
+/// whole buffer it was read into alive, so a body sent a byte at a time would otherwise hold
+/// kilobytes per byte.
+async fn read_body(mut body: Incoming, reserve: usize) -> Result<Vec<u8>, WireError> {
+    let mut out = Vec::with_capacity(reserve.min(MAX_BODY));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| WireError::BodyRead {
+            source: Box::new(err),
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if out.len() + data.len() > MAX_BODY {
+                return Err(WireError::BodyTooLarge { limit: MAX_BODY });
+            }
+            out.extend_from_slice(&data);
+        }
+    }
+    Ok(out)
 }
 
 fn to_response(reply: Reply) -> Response<Full<Bytes>> {
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = serde_json::to_vec(&reply.body).expect("a JSON value always serialises");
+    let body = reply.encode();
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -609,6 +825,41 @@ mod tests {
         drop(listener);
         drop(socket);
         assert!(path.exists());
+    }
+
+    #[test]
+    fn eviction_takes_silent_then_idle_connections_never_busy_or_young_ones() {
+        let open = OpenConnections::default();
+        let long_ago = Instant::now() - EVICT_AFTER * 2;
+        let busy = open.add();
+        let _ = busy.serving_since.set(long_ago);
+        let running = Running::start(&busy);
+        let idle = open.add();
+        let _ = idle.serving_since.set(long_ago);
+        drop(Running::start(&idle));
+        *idle.idle_since.lock().unwrap() = long_ago;
+        let young = open.add();
+        let _ = young.serving_since.set(Instant::now());
+        let not_served = open.add();
+        let silent = open.add();
+        let _ = silent.serving_since.set(long_ago);
+
+        // Silent ones first, even when younger than an idle one.
+        assert!(open.evict_one().unwrap().contains("sent no request"));
+        assert!(silent.evicted.load(Ordering::SeqCst));
+        assert!(open.evict_one().unwrap().contains("idle"));
+        assert!(idle.evicted.load(Ordering::SeqCst));
+        // Nothing else may go: one is busy, one sent nothing for less than EVICT_AFTER, one
+        // is not served yet (its request may be waiting to be read).
+        assert_eq!(open.evict_one(), None);
+        for c in [&busy, &young, &not_served] {
+            assert!(!c.evicted.load(Ordering::SeqCst));
+        }
+        // A request that ended just now keeps its connection a while.
+        drop(running);
+        assert_eq!(open.evict_one(), None);
+        open.remove(&busy);
+        assert_eq!(open.lock().len(), 4);
     }
 
     #[tokio::test]

@@ -10,7 +10,8 @@
 //!   NAME/                 one volume
 //!     metadata.json       {"BaseDirPath": "/abs", "Volatile": false, "CreatedAt": "RFC 3339"}
 //!     upper/              overlay upper layer: the volume's changes
-//!     workdir/            overlay work directory
+//!     workdir/            overlay work directory; its `work/`, made by every mount, is
+//!                         removed once nothing can hold a copy of the unmounted overlay
 //!     mountpoint/         where the overlay is mounted
 //!     activemounts/ID     {"UsageCount": n, "BootId": "..."}: one file per mount ID
 //! ```
@@ -27,6 +28,11 @@
 //!   written in an earlier boot are void. Records are written without fsync: a reboot voids
 //!   them anyway, and they survive a process crash as written.
 //! - Every change to a volume happens under an exclusive flock on its directory.
+//! - What a crash leaves half-made is garbage, and found as such: a `.new-*` staging directory
+//!   once nobody holds its lock and its creator (whose pid its name carries) is dead, or a
+//!   minute has passed; a `.*.tmp-*` temporary in `activemounts/` together with the void
+//!   records, at the next Mount of the unmounted overlay; a `.upper-new` at the next
+//!   installation of a fresh upper (the only time one is made).
 //!
 //! This module knows paths and file formats; it makes no decision about mounting.
 
@@ -77,19 +83,31 @@ pub struct Client {
     pub start_time: u64,
 }
 
-/// A name that nothing else in this process or any other process uses at the same moment.
+/// A name that nothing else in this process or any other process uses at the same moment:
+/// `PID-NANOS-COUNTER`. The janitor reads the pid back ([`staging_creator`]).
 pub fn nonce() -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or_default();
+    // getpid is a syscall each time; the pid does not change.
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     format!(
         "{}-{}-{}",
-        std::process::id(),
+        PID.get_or_init(std::process::id),
         nanos,
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// The pid of the process that made the staging directory `file_name`
+/// (`.new-NAME-PID-NANOS-COUNTER`, see [`Root::staging_slot`]); `None` for any other name.
+pub fn staging_creator(file_name: &str) -> Option<u32> {
+    let mut fields = file_name.strip_prefix(STAGING_PREFIX)?.rsplitn(4, '-');
+    let (_counter, _nanos, pid) = (fields.next()?, fields.next()?, fields.next()?);
+    fields.next()?; // the volume name
+    pid.parse().ok()
 }
 
 /// Writes `contents` to `path` atomically: a temporary beside it, then rename. With `durable`,
@@ -107,6 +125,7 @@ pub fn write_atomic(path: &Path, contents: &[u8], durable: bool) -> io::Result<(
         if durable {
             f.sync_all()?;
         }
+        failpoint!("store.temp-written");
         std::fs::rename(&tmp, path)?;
         if durable {
             File::open(dir)?.sync_all()?;
@@ -117,6 +136,44 @@ pub fn write_atomic(path: &Path, contents: &[u8], durable: bool) -> io::Result<(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Opens `path` (relative to `dir`) for reading without updating its access time: with
+/// `relatime`, the first read after a change dirties the inode, and the next unmount's sync
+/// of the upper's file system then commits that too. Falls back to a plain open where
+/// `O_NOATIME` is not allowed (not the owner, no CAP_FOWNER).
+pub fn open_noatime<Fd: std::os::fd::AsFd>(
+    dir: Fd,
+    path: &Path,
+    flags: rustix::fs::OFlags,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use rustix::fs::{Mode, OFlags};
+    let flags = flags | OFlags::RDONLY | OFlags::CLOEXEC;
+    match rustix::fs::openat(&dir, path, flags | OFlags::NOATIME, Mode::empty()) {
+        Err(rustix::io::Errno::PERM) => rustix::fs::openat(&dir, path, flags, Mode::empty()),
+        result => result,
+    }
+    .map_err(Into::into)
+}
+
+/// A small file's contents: `std::fs::read` without its stat for the size (one syscall fewer
+/// on every request) and without updating its access time.
+fn read_small(path: &Path) -> io::Result<Vec<u8>> {
+    read_small_at(rustix::fs::CWD, path)
+}
+
+fn read_small_at<Fd: std::os::fd::AsFd>(dir: Fd, path: &Path) -> io::Result<Vec<u8>> {
+    let file = open_noatime(dir, path, rustix::fs::OFlags::empty())?;
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match rustix::io::read(&file, &mut buf) {
+            Ok(0) => return Ok(bytes),
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// The state root.
@@ -183,6 +240,12 @@ impl VolumeDir {
     pub fn work(&self) -> PathBuf {
         self.path.join("workdir")
     }
+    /// `workdir/work`, which overlayfs creates at every mount. The driver removes it once the
+    /// last unmount was followed by a look for copies of the overlay elsewhere that found none
+    /// (see `driver/verify.rs`): while it is there, that look is still to be made.
+    pub fn overlay_work(&self) -> PathBuf {
+        self.work().join("work")
+    }
     pub fn mountpoint(&self) -> PathBuf {
         self.path.join("mountpoint")
     }
@@ -194,7 +257,7 @@ impl VolumeDir {
     }
 
     pub fn read_metadata(&self) -> io::Result<Metadata> {
-        let bytes = std::fs::read(self.metadata())?;
+        let bytes = read_small(&self.metadata())?;
         serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
@@ -207,28 +270,41 @@ impl VolumeDir {
     /// interrupted write) are skipped; an unreadable record counts as one use, so that a
     /// damaged file can never make a volume unmount under a container.
     pub fn read_records(&self) -> io::Result<Vec<(MountId, MountRecord)>> {
+        self.read_records_and_strays().map(|(records, _)| records)
+    }
+
+    /// [`VolumeDir::read_records`], and whether `activemounts/` holds anything else (the
+    /// temporary of a write cut short), which only [`VolumeDir::clear_records`] deletes.
+    pub fn read_records_and_strays(&self) -> io::Result<(Vec<(MountId, MountRecord)>, bool)> {
         let mut out = Vec::new();
-        let entries = match std::fs::read_dir(self.active_mounts()) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        let mut strays = false;
+        let dir = self.active_mounts();
+        let fd = match open_noatime(rustix::fs::CWD, &dir, rustix::fs::OFlags::DIRECTORY) {
+            Ok(fd) => fd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((out, strays)),
             Err(e) => return Err(e),
         };
-        for entry in entries {
+        let mut entries = rustix::fs::Dir::new(fd)?;
+        while let Some(entry) = entries.read() {
             let entry = entry?;
-            let Some(id) = entry
-                .file_name()
-                .to_str()
+            let name = entry.file_name().to_bytes();
+            if matches!(name, b"." | b"..") {
+                continue;
+            }
+            let Some(id) = std::str::from_utf8(name)
+                .ok()
                 .and_then(|s| MountId::parse(s).ok())
             else {
+                strays = true;
                 continue;
             };
-            let record = std::fs::read(entry.path())
+            let record = read_small_at(entries.fd()?, Path::new(id.as_str()))
                 .ok()
                 .and_then(|b| serde_json::from_slice::<MountRecord>(&b).ok())
                 .unwrap_or_else(|| {
                     log::warn!(
                         "mount record {:?} is unreadable; counting it as one use",
-                        entry.path()
+                        dir.join(&id)
                     );
                     MountRecord {
                         usage_count: 1,
@@ -239,13 +315,20 @@ impl VolumeDir {
             out.push((id, record));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+        Ok((out, strays))
     }
 
     pub fn write_record(&self, id: &MountId, record: &MountRecord) -> io::Result<()> {
-        std::fs::create_dir_all(self.active_mounts())?;
         let json = serde_json::to_vec(record).map_err(io::Error::other)?;
-        write_atomic(&self.record(id), &json, false)
+        match write_atomic(&self.record(id), &json, false) {
+            // `activemounts/` is missing (a damaged volume): made only then, not looked for
+            // at every write.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(self.active_mounts())?;
+                write_atomic(&self.record(id), &json, false)
+            }
+            result => result,
+        }
     }
 
     pub fn delete_record(&self, id: &MountId) -> io::Result<()> {
@@ -284,6 +367,7 @@ impl VolumeDir {
             &staging,
             std::fs::Permissions::from_mode(base.mode() & 0o7777),
         )?;
+        failpoint!("store.upper-staged");
         std::fs::rename(&staging, self.upper())
     }
 }
@@ -343,6 +427,19 @@ mod tests {
             .unwrap(),
             r#"{"UsageCount":1,"BootId":"b","Client":{"Pid":7,"StartTime":9}}"#
         );
+    }
+
+    #[test]
+    fn staging_names_carry_their_creator() {
+        let root = Root {
+            path: PathBuf::from("/r"),
+        };
+        let slot = root.staging_slot(&VolumeName::parse("a-b.c").unwrap());
+        let name = slot.file_name().unwrap().to_str().unwrap();
+        assert_eq!(staging_creator(name), Some(std::process::id()));
+        assert_eq!(staging_creator(".new-7-1-2"), None);
+        assert_eq!(staging_creator(".new-v-x-1-2"), None);
+        assert_eq!(staging_creator("v-7-1-2"), None);
     }
 
     #[test]

@@ -72,8 +72,15 @@ pub enum SysError {
     },
 }
 
+impl SysError {
+    /// The mount failed because a directory it needs is missing.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, SysError::Mount { source, .. } if source.kind() == io::ErrorKind::NotFound)
+    }
+}
+
 /// The mount operations the driver needs.
-pub trait Sys: Send + Sync {
+pub trait Sys: Send + Sync + 'static {
     /// Mounts an overlay as described. The caller guarantees nothing is mounted on the target.
     fn mount_overlay(&self, spec: &OverlaySpec) -> Result<(), SysError>;
     /// Unmounts `target` (not lazily): [`SysError::Busy`] when something still uses it.
@@ -83,6 +90,10 @@ pub trait Sys: Send + Sync {
     /// Processes in *other* mount namespaces that still have an overlay with this upper
     /// directory mounted (a container of another engine, a bind made by a process).
     fn overlay_holders(&self, upper: &Path) -> Result<Vec<Holder>, SysError>;
+    /// [`Sys::overlay_holders`] of several uppers (in that order), for the price of one look.
+    fn overlay_holders_of(&self, uppers: &[PathBuf]) -> Result<Vec<Vec<Holder>>, SysError> {
+        uppers.iter().map(|u| self.overlay_holders(u)).collect()
+    }
     /// When process `pid` started (clock ticks after boot), `None` if there is no such
     /// process. A pid with the same start time is the same process.
     fn process_start_time(&self, pid: u32) -> Option<u64>;
@@ -97,6 +108,7 @@ pub struct RealSys {
 
 impl Sys for RealSys {
     fn mount_overlay(&self, spec: &OverlaySpec) -> Result<(), SysError> {
+        check_upper_xattrs(&spec.work)?;
         if !self.legacy_only {
             match mount_with_fd_api(spec) {
                 Ok(()) => return Ok(()),
@@ -122,8 +134,26 @@ impl Sys for RealSys {
             path: target.to_owned(),
             source,
         };
-        // A mount root has a different device from its parent directory; checking the file
-        // system type as well tells our overlay from anything else mounted there.
+        // One statx says whether `target` is a mount root (Linux 5.8+); then the file system
+        // type tells our overlay from anything else mounted there.
+        use rustix::fs::{AtFlags, StatxAttributes, StatxFlags};
+        match rustix::fs::statx(
+            rustix::fs::CWD,
+            target,
+            AtFlags::SYMLINK_NOFOLLOW,
+            StatxFlags::TYPE,
+        ) {
+            Ok(st) if st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) => {
+                if !st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT) {
+                    return Ok(false);
+                }
+                let fs = rustix::fs::statfs(target).map_err(|e| inspect(e.into()))?;
+                return Ok(fs.f_type as i64 == OVERLAYFS_SUPER_MAGIC);
+            }
+            Err(rustix::io::Errno::NOENT) => return Ok(false),
+            // Older kernels: a mount root has a different device from its parent directory.
+            _ => {}
+        }
         let here = match std::fs::symlink_metadata(target) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
@@ -139,6 +169,11 @@ impl Sys for RealSys {
     }
 
     fn overlay_holders(&self, upper: &Path) -> Result<Vec<Holder>, SysError> {
+        let mut found = self.overlay_holders_of(&[upper.to_owned()])?;
+        Ok(found.pop().unwrap_or_default())
+    }
+
+    fn overlay_holders_of(&self, uppers: &[PathBuf]) -> Result<Vec<Vec<Holder>>, SysError> {
         let inspect = |source: io::Error| SysError::Inspect {
             path: PathBuf::from("/proc"),
             source,
@@ -147,7 +182,7 @@ impl Sys for RealSys {
             .map_err(inspect)?
             .ino();
         let mut seen = HashSet::from([own_ns]);
-        let mut holders = Vec::new();
+        let mut holders = vec![Vec::new(); uppers.len()];
         for entry in std::fs::read_dir("/proc").map_err(inspect)? {
             let Ok(entry) = entry else { continue };
             let Some(pid) = entry
@@ -167,19 +202,66 @@ impl Sys for RealSys {
             let Ok(info) = std::fs::read(format!("/proc/{pid}/mountinfo")) else {
                 continue;
             };
-            if mountinfo_has_overlay_upper(&info, upper) {
-                let command = std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .map(|s| s.trim_end().to_owned())
-                    .unwrap_or_default();
-                holders.push(Holder { pid, command });
+            let mut command = None;
+            for (upper, holders) in uppers.iter().zip(&mut holders) {
+                if mountinfo_has_overlay_upper(&info, upper) {
+                    let command = command.get_or_insert_with(|| {
+                        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                            .map(|s| s.trim_end().to_owned())
+                            .unwrap_or_default()
+                    });
+                    holders.push(Holder {
+                        pid,
+                        command: command.clone(),
+                    });
+                }
             }
         }
         Ok(holders)
     }
 
     fn process_start_time(&self, pid: u32) -> Option<u64> {
-        let stat = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
-        parse_start_time(&stat)
+        // One read: the line is a few hundred bytes, and a growing buffer costs a read each.
+        let path = format!("/proc/{pid}/stat");
+        let file = rustix::fs::open(
+            path.as_str(),
+            rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .ok()?;
+        let mut buf = [0u8; 2048];
+        let n = rustix::io::read(&file, &mut buf).ok()?;
+        if n == buf.len() {
+            return parse_start_time(&std::fs::read(path).ok()?);
+        }
+        parse_start_time(&buf[..n])
+    }
+}
+
+/// Refuses an upper whose filesystem has no `trusted.*` extended attributes (ramfs, for one),
+/// tried on the work directory (same filesystem). overlayfs mounts such an upper with only a
+/// warning in the kernel log, but cannot then mark a directory opaque: deleting a directory
+/// of the base fails inside the container with an I/O error. Any other failure of the probe
+/// is left for the mount itself to report.
+///
+/// The probe reads an attribute nobody sets: a file system with `trusted.*` answers that it
+/// has no such attribute, one without answers EOPNOTSUPP, as it would to a write, and a read
+/// leaves nothing for the journal to commit.
+fn check_upper_xattrs(work: &Path) -> Result<(), SysError> {
+    const PROBE: &str = "trusted.docker-on-top.probe";
+    match rustix::fs::getxattr(work, PROBE, &mut [0u8; 16]) {
+        Ok(_) => Ok(()),
+        Err(errno @ rustix::io::Errno::NOTSUP) => {
+            let dir = work.parent().unwrap_or(work);
+            Err(SysError::Mount {
+                reason: format!(
+                    "the filesystem of {} does not support trusted.* extended attributes, which overlayfs needs in the upper layer; the state directory must be on a filesystem that has them (ext4, xfs, btrfs, tmpfs)",
+                    dir.display()
+                ),
+                source: errno.into(),
+            })
+        }
+        Err(_) => Ok(()),
     }
 }
 
@@ -412,12 +494,24 @@ pub struct RecordingState {
     pub held: HashSet<PathBuf>,
     /// Live processes: pid to start time.
     pub processes: std::collections::HashMap<u32, u64>,
+    /// How many times holders were looked for (`overlay_holders`, per upper).
+    pub looks: usize,
 }
 
 impl Sys for RecordingSys {
     fn mount_overlay(&self, spec: &OverlaySpec) -> Result<(), SysError> {
         let mut s = self.state.lock().unwrap();
         s.calls.push(format!("mount {}", spec.target.display()));
+        for dir in [&spec.lower, &spec.upper, &spec.work, &spec.target] {
+            if !dir.is_dir() {
+                return Err(SysError::Mount {
+                    reason: format!("cannot open {}", dir.display()),
+                    source: io::ErrorKind::NotFound.into(),
+                });
+            }
+        }
+        // As overlayfs does at every mount.
+        let _ = std::fs::create_dir(spec.work.join("work"));
         assert!(
             !s.mounted
                 .iter()
@@ -453,7 +547,8 @@ impl Sys for RecordingSys {
     }
 
     fn overlay_holders(&self, upper: &Path) -> Result<Vec<Holder>, SysError> {
-        let s = self.state.lock().unwrap();
+        let mut s = self.state.lock().unwrap();
+        s.looks += 1;
         Ok(if s.held.contains(upper) {
             vec![Holder {
                 pid: 4242,

@@ -144,7 +144,7 @@ pub enum WireError {
     Json {
         endpoint: &'static str,
         #[source]
-        source: serde_json::Error,
+        source: JsonError,
     },
     #[error("invalid request to {endpoint}")]
     Name {
@@ -152,6 +152,44 @@ pub enum WireError {
         #[source]
         source: NameError,
     },
+}
+
+/// Why a body is not the JSON expected: serde's message, shortened. serde quotes an
+/// unexpected string whole ("invalid type: string \"...\""), and a hostile 1 MiB value must
+/// not come back in the reply, nor go to the log.
+#[derive(Debug)]
+pub struct JsonError(String);
+
+impl JsonError {
+    /// Longest message kept, in characters; the middle of a longer one is cut.
+    pub const MAX_CHARS: usize = 300;
+}
+
+impl From<serde_json::Error> for JsonError {
+    fn from(err: serde_json::Error) -> Self {
+        JsonError(shorten(&err.to_string(), JsonError::MAX_CHARS))
+    }
+}
+
+impl fmt::Display for JsonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Error for JsonError {}
+
+/// `text` if it has at most `max` characters; else its start and its end (where serde puts
+/// what was expected, and the position) around " ... ".
+fn shorten(text: &str, max: usize) -> String {
+    let count = text.chars().count();
+    if count <= max {
+        return text.to_owned();
+    }
+    let head_len = max * 2 / 3;
+    let head: String = text.chars().take(head_len).collect();
+    let tail: String = text.chars().skip(count - (max - head_len)).collect();
+    format!("{head} ... {tail}")
 }
 
 impl WireError {
@@ -176,19 +214,38 @@ impl WireError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
     pub status: u16,
+    /// The body; `Null` for one encoded directly ([`Reply::encode`] has it).
     pub body: Value,
+    encoded: Option<Vec<u8>>,
 }
 
 impl Reply {
     fn ok(body: Value) -> Reply {
-        Reply { status: 200, body }
+        Reply {
+            status: 200,
+            body,
+            encoded: None,
+        }
     }
+
+    /// The body as sent.
+    pub fn encode(self) -> Vec<u8> {
+        match self.encoded {
+            Some(bytes) => bytes,
+            None => serde_json::to_vec(&self.body).expect("a JSON value always serialises"),
+        }
+    }
+
+    /// Longest `Err` message, in characters: room for a few paths of `PATH_MAX` bytes. A
+    /// longer one (an option value of a hostile request quoted in it) has its middle cut.
+    pub const MAX_ERROR_CHARS: usize = 16 * 1024;
 
     /// `{"Err": "<err and its causes>"}` with `status`.
     pub fn error(status: u16, err: &dyn Error) -> Reply {
         Reply {
             status,
-            body: json!({ "Err": error_chain(err) }),
+            body: json!({ "Err": shorten(&error_chain(err), Reply::MAX_ERROR_CHARS) }),
+            encoded: None,
         }
     }
 
@@ -247,7 +304,10 @@ pub fn parse(path: &str, body: &[u8]) -> Result<Call, WireError> {
             path: path.chars().take(100).collect(),
         });
     };
-    let json = |source| WireError::Json { endpoint, source };
+    let json = |source: serde_json::Error| WireError::Json {
+        endpoint,
+        source: source.into(),
+    };
     let name =
         |raw: &str| VolumeName::parse(raw).map_err(|source| WireError::Name { endpoint, source });
     let id = |raw: &str| MountId::parse(raw).map_err(|source| WireError::Name { endpoint, source });
@@ -293,17 +353,44 @@ pub fn parse(path: &str, body: &[u8]) -> Result<Call, WireError> {
     Ok(call)
 }
 
+/// The process at the other end of a connection, from its peer credentials: the client a
+/// Mount's record names. Identified (its start time read) once, at its first Mount, and kept
+/// for the connection's life.
+#[derive(Debug, Default)]
+pub struct Peer {
+    pid: Option<u32>,
+    client: std::sync::OnceLock<Option<crate::store::Client>>,
+}
+
+impl Peer {
+    pub fn new(pid: Option<u32>) -> Peer {
+        Peer {
+            pid,
+            client: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn client(&self, driver: &Driver) -> Option<crate::store::Client> {
+        *self.client.get_or_init(|| driver.client(self.pid))
+    }
+}
+
 /// Runs `call` against `driver` and encodes the answer; `peer_pid` is the calling process,
 /// from the connection's peer credentials. Blocks for as long as the driver does: call it from
 /// a blocking thread.
 pub fn execute(driver: &Driver, call: Call, peer_pid: Option<u32>) -> Reply {
+    execute_for(driver, call, &Peer::new(peer_pid))
+}
+
+/// [`execute`] for a connection's [`Peer`], which remembers who it is across calls.
+pub fn execute_for(driver: &Driver, call: Call, peer: &Peer) -> Reply {
     let result = match &call {
         Call::Activate => Ok(json!({ "Implements": ["VolumeDriver"] })),
         Call::Capabilities => Ok(json!({ "Capabilities": { "Scope": "local" } })),
         Call::Create { name, options } => driver.create(name, options).map(|()| json!({})),
         Call::Remove { name } => driver.remove(name).map(|()| json!({})),
         Call::Mount { name, id } => driver
-            .mount(name, id, peer_pid)
+            .mount_as(name, id, peer.client(driver))
             .map(|mountpoint| json!({ "Mountpoint": path_text(&mountpoint) })),
         Call::Unmount { name, id } => driver.unmount(name, id).map(|()| json!({})),
         Call::Path { name } => driver.path(name).map(|mountpoint| {
@@ -312,19 +399,41 @@ pub fn execute(driver: &Driver, call: Call, peer_pid: Option<u32>) -> Reply {
         Call::Get { name } => driver
             .get(name)
             .map(|info| json!({ "Volume": volume_json(&info) })),
-        Call::List => driver.list().map(|names| {
-            let volumes: Vec<Value> = names
-                .iter()
-                .map(|name| json!({ "Name": name.as_str() }))
-                .collect();
-            json!({ "Volumes": volumes })
-        }),
+        Call::List => {
+            return match driver.list() {
+                Ok(names) => list_reply(&names),
+                Err(err) => Reply::error(500, &err),
+            };
+        }
     };
     match result {
         Ok(body) => Reply::ok(body),
         // dockerd asks Get before every Create: a missing volume is an everyday answer.
         Err(err @ DriverError::NoSuchVolume(_)) => Reply::error(404, &err),
         Err(err) => Reply::error(500, &err),
+    }
+}
+
+/// `{"Volumes": [{"Name": ...}, ...]}`, written straight into its bytes: for thousands of
+/// volumes a `Value` tree costs a map per volume, megabytes and milliseconds. Volume names
+/// need no JSON escaping (letters, digits, `_`, `.` and `-`).
+fn list_reply(names: &[VolumeName]) -> Reply {
+    let size = names.iter().map(|n| n.as_str().len() + 12).sum::<usize>() + 16;
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(b"{\"Volumes\":[");
+    for (i, name) in names.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"Name\":\"");
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b"\"}");
+    }
+    out.extend_from_slice(b"]}");
+    Reply {
+        status: 200,
+        body: Value::Null,
+        encoded: Some(out),
     }
 }
 
@@ -379,6 +488,18 @@ mod tests {
     }
 
     const ID: &str = "3f1c1b6a9f0e4a2b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b";
+
+    #[test]
+    fn list_is_encoded_as_its_json_would_be() {
+        let names = [vol("a"), vol("B-1.x_y"), vol(&"z".repeat(255))];
+        let body: Value = serde_json::from_slice(&list_reply(&names).encode()).unwrap();
+        assert_eq!(
+            body,
+            json!({ "Volumes": [{ "Name": "a" }, { "Name": "B-1.x_y" }, { "Name": "z".repeat(255) }] })
+        );
+        let empty: Value = serde_json::from_slice(&list_reply(&[]).encode()).unwrap();
+        assert_eq!(empty, json!({ "Volumes": [] }));
+    }
 
     #[test]
     fn argumentless_calls_accept_dockerds_empty_body_and_any_json() {
@@ -458,6 +579,27 @@ mod tests {
                 id
             }
         );
+    }
+
+    #[test]
+    fn a_huge_value_of_the_wrong_type_is_not_echoed_whole() {
+        let huge = "h".repeat(1 << 20);
+        let body = serde_json::to_vec(&json!({ "Name": "v", "Opts": huge })).unwrap();
+        let message = error_chain(&parse(CREATE, &body).unwrap_err());
+        assert!(message.len() < 500, "{} bytes", message.len());
+        assert!(
+            message.starts_with(
+                "malformed request body for /VolumeDriver.Create: invalid type: string \"hhh"
+            ),
+            "{message}"
+        );
+        assert!(message.ends_with("\", expected a map"), "{message}");
+
+        let err = std::io::Error::other(format!("base {huge:?} is odd"));
+        let reply = Reply::error(500, &err);
+        let message = reply.error_message().unwrap();
+        assert_eq!(message.chars().count(), Reply::MAX_ERROR_CHARS + 5);
+        assert!(message.starts_with("base \"hhh") && message.ends_with("hhh\" is odd"));
     }
 
     #[test]
@@ -661,6 +803,7 @@ mod tests {
         let config = crate::driver::DriverConfig {
             root: root.path().join("state"),
             legacy_mount_api: false,
+            allowed_bases: Default::default(),
         };
         let Ok(driver) = Driver::open(config) else {
             return; // Opening may need privileges this test runs without.

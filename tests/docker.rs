@@ -30,6 +30,9 @@
 //! `DOT_WRITE_BENCHMARKS=1`, the measured medians are written to `BENCHMARKS.md`.
 //!
 //! A scenario that cannot run (no root, dockerd does not start, ...) is a failure, never a skip.
+//!
+//! Scenarios 13 and 14 `kill -9` the suite's dockerd and start it again with the same flags
+//! (14 with `--live-restore`, then once more without), so they run after the others.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -624,6 +627,12 @@ impl Suite {
     }
 
     fn start_dockerd(&mut self) -> Res {
+        self.start_dockerd_with(&[])
+    }
+
+    /// Starts dockerd with the suite's flags and `extra` (e.g. `--live-restore`); waits until
+    /// it answers.
+    fn start_dockerd_with(&mut self, extra: &[&str]) -> Res {
         write(&self.tmp.join("daemon.json"), "{}\n")?;
         let t = &self.tmp;
         let mut cmd = self.ns_command("dockerd");
@@ -645,7 +654,13 @@ impl Suite {
                 "native.cgroupdriver=cgroupfs",
                 "--cgroup-parent",
                 &self.cgroup_parent,
-            ]);
+            ])
+            .args(extra);
+        let _ = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.dockerd_log)
+            .and_then(|mut f| writeln!(f, "===== test harness: starting {cmd:?}"));
         self.dockerd = Some(spawn_guarded(&mut cmd, &self.dockerd_log)?);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -1062,6 +1077,104 @@ impl Suite {
         );
         Ok(())
     }
+
+    /// The volume's mount records: mount ID → usage count.
+    fn records(&self, volume: &str) -> Res<BTreeMap<String, u64>> {
+        let dir = self.vol_dir(volume).join("activemounts");
+        let mut out = BTreeMap::new();
+        for id in self.active_records(volume)? {
+            let text = read(&dir.join(&id))?;
+            let record: Value = serde_json::from_str(&text).ctx(format!("parsing record {id}"))?;
+            let uses = record["UsageCount"]
+                .as_u64()
+                .ok_or_else(|| format!("record {id} without a UsageCount: {text}"))?;
+            out.insert(id, uses);
+        }
+        Ok(out)
+    }
+
+    /// The pid (in our pid namespace) of a running container's first process.
+    fn container_pid(&self, container: &str) -> Res<u32> {
+        let out = self.docker_ok(&["inspect", "-f", "{{.State.Pid}}", container])?;
+        let pid: u32 = out
+            .trim()
+            .parse()
+            .ctx(format!("pid of {container}: {out:?}"))?;
+        ensure!(pid != 0, "container {container} is not running");
+        Ok(pid)
+    }
+
+    /// Processes in the test namespace: (pid, command).
+    fn ns_processes(&self) -> Vec<(u32, String)> {
+        let Some(ns) = ns_of(self.anchor_pid) else {
+            return Vec::new();
+        };
+        let mut out: Vec<(u32, String)> = pids_in_ns(&ns)
+            .into_iter()
+            .map(|pid| (pid, comm(pid)))
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// `kill -9` dockerd and reap it. dockerd's own containerd gets SIGKILL with it (its
+    /// parent-death signal); the shims and the containers live on.
+    fn kill9_dockerd(&mut self) -> Res {
+        let mut dockerd = self.dockerd.take().ok_or("dockerd is not running")?;
+        let containerd_pid = fs::read_to_string(self.tmp.join("exec/containerd/containerd.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        kill(dockerd.id(), Signal::KILL);
+        dockerd.wait().ctx("reaping dockerd")?;
+        // The restarted dockerd starts a new containerd only once the old pid is gone: a
+        // dead containerd not yet reaped by pid 1 (a zombie) counts as "still running", and
+        // dockerd then waits for its socket in vain.
+        if let Some(pid) = containerd_pid {
+            let reaped = wait_until(Duration::from_secs(30), || {
+                !Path::new(&format!("/proc/{pid}")).exists()
+            });
+            ensure!(
+                reaped,
+                "dockerd's containerd (pid {pid}) is still there 30 s after dockerd's kill -9 (state {:?})",
+                fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops dockerd with SIGTERM (as `systemctl stop docker` does) and reaps it.
+    fn stop_dockerd(&mut self) -> Res {
+        let Some(mut dockerd) = self.dockerd.take() else {
+            return Ok(());
+        };
+        kill(dockerd.id(), Signal::TERM);
+        let pid = dockerd.id();
+        let stopped = wait_until(Duration::from_secs(30), || {
+            dockerd.try_wait().ok().flatten().is_some()
+        });
+        if !stopped {
+            kill(pid, Signal::KILL);
+            let _ = dockerd.wait();
+            return Err("dockerd did not stop within 30 s of SIGTERM".into());
+        }
+        Ok(())
+    }
+}
+
+/// `/proc/PID/comm`, empty when the process is gone.
+fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim_end().to_owned())
+        .unwrap_or_default()
+}
+
+/// Whether `pid` exists and is not a zombie.
+fn alive(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 impl Drop for Suite {
@@ -1878,6 +1991,339 @@ fn remove_in_use(s: &mut Suite) -> Res {
     Ok(())
 }
 
+/// The processes of the test namespace, grouped by command, for the report: what a `kill -9`
+/// of dockerd leaves running.
+fn describe_survivors(s: &Suite, container_pid: u32) -> String {
+    let mut by_comm: BTreeMap<String, usize> = BTreeMap::new();
+    for (_, c) in s.ns_processes() {
+        *by_comm.entry(c).or_default() += 1;
+    }
+    let shown: Vec<String> = by_comm
+        .iter()
+        .filter(|(c, _)| c.starts_with("containerd") || c.starts_with("dockerd"))
+        .map(|(c, n)| format!("{c} x{n}"))
+        .collect();
+    format!(
+        "container process {}; in the namespace: {}",
+        if alive(container_pid) {
+            "alive"
+        } else {
+            "gone"
+        },
+        if shown.is_empty() {
+            "no dockerd/containerd process".to_owned()
+        } else {
+            shown.join(", ")
+        }
+    )
+}
+
+/// 13. dockerd is killed (`kill -9`) and restarted without live-restore while a container uses
+///     a volatile volume. What really happens: dockerd's containerd dies with it, the shim and
+///     the container live on until the restarted dockerd's restore kills the container; no
+///     Unmount is ever sent for its mount (dockerd's counts were in memory), so the plugin is
+///     left with a record of a dead client. Required: the next container does not see the
+///     dead one's scratch file, the volume unmounts after it, and the old container, started
+///     again with its saved mount ID, works and is counted right.
+fn dockerd_restart(s: &mut Suite) -> Res {
+    let base = s.base("dockerd-restart", &[("base.txt", "base\n")])?;
+    let before = snapshot(&base)?;
+    let vol = s.volume("restart", &base, true)?;
+    let a = s.start_container("restart-a", &[mount(&vol, "/x")])?;
+    s.exec(&a, "echo scratch > /x/scratch.txt")?;
+    let records = s.records(&vol)?;
+    ensure!(
+        records.len() == 1 && records.values().all(|&n| n == 1),
+        "one mount record with one use expected while the container runs: {records:?}"
+    );
+    let saved_id = records.keys().next().cloned().unwrap_or_default();
+    let a_pid = s.container_pid(&a)?;
+
+    s.kill9_dockerd()?;
+    println!(
+        "    after kill -9 of dockerd: {}",
+        describe_survivors(s, a_pid)
+    );
+    s.expect_mounted(&vol, true, "right after dockerd was killed")?;
+    s.start_dockerd()?;
+    let killed = wait_until(Duration::from_secs(60), || !alive(a_pid));
+    ensure!(
+        killed,
+        "without live-restore, the restarted dockerd should stop the old container (pid {a_pid})"
+    );
+    let running = s.docker_ok(&["inspect", "-f", "{{.State.Running}}", &a])?;
+    ensure!(
+        running.trim() == "false",
+        "the old container is reported running={running:?}"
+    );
+    println!(
+        "    after the restart: {}; plugin records {:?}",
+        describe_survivors(s, a_pid),
+        s.records(&vol)?
+    );
+    // The restarted dockerd never sends Unmount for the old mount: its record stays, from a
+    // client (the old dockerd) that is gone.
+    ensure!(
+        s.records(&vol)? == BTreeMap::from([(saved_id.clone(), 1)]),
+        "expected the old container's record to be left (dockerd never sends its Unmount): {:?}",
+        s.records(&vol)?
+    );
+
+    let out = s.run(
+        &[],
+        &[mount(&vol, "/x")],
+        "ls /x && cat /x/base.txt && echo new > /x/new.txt",
+    )?;
+    ensure!(
+        out == "base.txt\nbase\n",
+        "a new container after the dockerd restart saw {out:?}: the dead container's scratch file must be discarded"
+    );
+    s.expect_mounted(&vol, false, "after the new container exited")?;
+    ensure!(
+        s.records(&vol)?.is_empty(),
+        "mount records left after the new container exited: {:?}",
+        s.records(&vol)?
+    );
+    let log = read(&s.plugin_log)?;
+    ensure!(
+        log.contains(&format!("released mount ID {saved_id}")),
+        "the plugin did not log the release of the dead dockerd's mount {saved_id}"
+    );
+
+    // The old container again: dockerd mounts it with its saved mount ID.
+    s.docker_ok(&["start", &a])?;
+    ensure!(
+        s.records(&vol)? == BTreeMap::from([(saved_id.clone(), 1)]),
+        "the restarted old container should hold its saved mount ID {saved_id} once: {:?}",
+        s.records(&vol)?
+    );
+    let out = s.exec(&a, "ls /x && echo again > /x/again.txt")?;
+    ensure!(
+        out == "base.txt\n",
+        "the restarted old container saw {out:?} instead of a fresh volatile volume"
+    );
+    s.stop(&a)?;
+    s.expect_mounted(&vol, false, "after the old container stopped again")?;
+    ensure!(
+        s.records(&vol)?.is_empty(),
+        "mount records left after the old container stopped: {:?}",
+        s.records(&vol)?
+    );
+    s.expect_file(&s.upper(&vol).join("again.txt"), "again\n")?;
+    s.remove(&a)?;
+    ensure!(snapshot(&base)? == before, "the host's base changed");
+    Ok(())
+}
+
+/// 14. The same with `--live-restore`. (a) A container keeps running across a `kill -9` and
+///     restart of dockerd and keeps its volume mounted with its data; a container started
+///     meanwhile shares the live changes; after both stopped the volume is unmounted and the
+///     next container gets a fresh volatile volume. dockerd 20.10 restores the mount count of
+///     a container that ran across its restart and sends its Unmount; a dockerd that does not
+///     leaves the dead dockerd's record, which the next Mount releases (nothing holds the
+///     overlay any more) — both are accepted, and the report says which happened. (b) A
+///     container that stops while dockerd is down: the restarted dockerd never sends its
+///     Unmount, the overlay stays mounted on the dead dockerd's record until the next Mount,
+///     which releases it and discards the volatile changes; that container's exit unmounts
+///     the volume; the old container started again with its saved mount ID is counted right.
+fn dockerd_restart_live_restore(s: &mut Suite) -> Res {
+    s.remove_all_containers()?;
+    s.stop_dockerd()?;
+    s.start_dockerd_with(&["--live-restore"])?;
+    let result = live_restore_running(s).and_then(|()| live_restore_stopped_while_down(s));
+    // Back to the suite's dockerd, without live-restore, whatever happened.
+    let back = s
+        .remove_all_containers()
+        .and_then(|()| s.stop_dockerd())
+        .and_then(|()| s.start_dockerd());
+    result.and(back)
+}
+
+/// 14 (a): a container runs across the restart.
+fn live_restore_running(s: &mut Suite) -> Res {
+    let base = s.base("live-restore", &[("base.txt", "base\n")])?;
+    let before = snapshot(&base)?;
+    let vol = s.volume("live-restore", &base, true)?;
+    let a = s.start_container("lr-a", &[mount(&vol, "/x")])?;
+    s.exec(&a, "echo from-a > /x/a.txt")?;
+    let records = s.records(&vol)?;
+    ensure!(records.len() == 1, "one mount record expected: {records:?}");
+    let a_id = records.keys().next().cloned().unwrap_or_default();
+    let a_pid = s.container_pid(&a)?;
+
+    s.kill9_dockerd()?;
+    println!(
+        "    after kill -9 of dockerd (live-restore): {}",
+        describe_survivors(s, a_pid)
+    );
+    s.start_dockerd_with(&["--live-restore"])?;
+    ensure!(
+        alive(a_pid),
+        "with live-restore the container (pid {a_pid}) should survive the dockerd restart"
+    );
+    let out = s.exec(&a, "cat /x/a.txt /x/base.txt && echo after > /x/after.txt")?;
+    ensure!(
+        out == "from-a\nbase\n",
+        "after the dockerd restart the running container saw {out:?}"
+    );
+    s.expect_mounted(&vol, true, "while the live-restored container runs")?;
+
+    let b = s.start_container("lr-b", &[mount(&vol, "/x")])?;
+    let out = s.exec(&b, "cat /x/a.txt /x/after.txt && echo from-b > /x/b.txt")?;
+    ensure!(
+        out == "from-a\nafter\n",
+        "a container started after the restart saw {out:?} instead of the live changes"
+    );
+    let out = s.exec(&a, "cat /x/b.txt")?;
+    ensure!(
+        out == "from-b\n",
+        "the live-restored container saw {out:?} instead of the new one's file"
+    );
+    let records = s.records(&vol)?;
+    ensure!(
+        records.len() == 2 && records.get(&a_id) == Some(&1),
+        "the live-restored container's mount (asked for by the dead dockerd) must be kept while it runs: {records:?}"
+    );
+    s.stop(&b)?;
+    s.remove(&b)?;
+    s.expect_mounted(&vol, true, "while the live-restored container still runs")?;
+    let out = s.exec(&a, "cat /x/a.txt /x/b.txt")?;
+    ensure!(
+        out == "from-a\nfrom-b\n",
+        "the live-restored container lost the volume when the other stopped: {out:?}"
+    );
+    ensure!(
+        s.records(&vol)? == BTreeMap::from([(a_id.clone(), 1)]),
+        "after the new container stopped: {:?}",
+        s.records(&vol)?
+    );
+
+    s.stop(&a)?;
+    s.remove(&a)?;
+    let unmount_sent = wait_until(Duration::from_secs(5), || {
+        s.records(&vol).is_ok_and(|r| r.is_empty()) && s.mounted(&vol).is_ok_and(|m| !m)
+    });
+    if unmount_sent {
+        println!(
+            "    the restarted dockerd sent the live-restored container's Unmount: the volume unmounted when it stopped"
+        );
+    } else {
+        ensure!(
+            s.records(&vol)? == BTreeMap::from([(a_id.clone(), 1)]) && s.mounted(&vol)?,
+            "after both containers stopped: mounted {}, records {:?}",
+            s.mounted(&vol)?,
+            s.records(&vol)?
+        );
+        println!(
+            "    the restarted dockerd did not send the live-restored container's Unmount: the next Mount releases it"
+        );
+    }
+
+    let out = s.run(&[], &[mount(&vol, "/x")], "ls /x")?;
+    ensure!(
+        out == "base.txt\n",
+        "the next container saw {out:?}: the changes of the stopped containers must be discarded"
+    );
+    s.expect_mounted(&vol, false, "after the next container exited")?;
+    ensure!(
+        s.records(&vol)?.is_empty(),
+        "mount records left: {:?}",
+        s.records(&vol)?
+    );
+    if !unmount_sent {
+        let log = read(&s.plugin_log)?;
+        ensure!(
+            log.contains(&format!("released mount ID {a_id}")),
+            "the plugin did not log the release of the dead dockerd's mount {a_id}"
+        );
+    }
+    ensure!(snapshot(&base)? == before, "the host's base changed");
+    Ok(())
+}
+
+/// 14 (b): a container stops while dockerd is down.
+fn live_restore_stopped_while_down(s: &mut Suite) -> Res {
+    let base = s.base("live-restore-down", &[("base.txt", "base\n")])?;
+    let before = snapshot(&base)?;
+    let vol = s.volume("lr-down", &base, true)?;
+    let c = s.start_container("lr-c", &[mount(&vol, "/x")])?;
+    s.exec(&c, "echo scratch > /x/scratch.txt")?;
+    let records = s.records(&vol)?;
+    ensure!(records.len() == 1, "one mount record expected: {records:?}");
+    let c_id = records.keys().next().cloned().unwrap_or_default();
+    let c_pid = s.container_pid(&c)?;
+
+    s.kill9_dockerd()?;
+    // The container's first process dies; the rest of its pid namespace dies with it.
+    ensure!(
+        kill(c_pid, Signal::KILL),
+        "cannot kill the container (pid {c_pid})"
+    );
+    ensure!(
+        wait_until(Duration::from_secs(20), || !alive(c_pid)),
+        "the container (pid {c_pid}) did not die"
+    );
+    s.start_dockerd_with(&["--live-restore"])?;
+    let stopped = wait_until(Duration::from_secs(30), || {
+        s.docker_ok(&["inspect", "-f", "{{.State.Running}}", &c])
+            .is_ok_and(|r| r.trim() == "false")
+    });
+    ensure!(
+        stopped,
+        "the restarted dockerd still reports the dead container running"
+    );
+    println!(
+        "    container stopped while dockerd was down: mounted {}, records {:?}",
+        s.mounted(&vol)?,
+        s.records(&vol)?
+    );
+    ensure!(
+        s.records(&vol)? == BTreeMap::from([(c_id.clone(), 1)]) && s.mounted(&vol)?,
+        "expected the dead dockerd's record to be left (dockerd never sends the Unmount of a container that stopped while it was down): mounted {}, records {:?}",
+        s.mounted(&vol)?,
+        s.records(&vol)?
+    );
+
+    let out = s.run(&[], &[mount(&vol, "/x")], "ls /x && echo new > /x/new.txt")?;
+    ensure!(
+        out == "base.txt\n",
+        "the next container saw {out:?}: the dead container's scratch file must be discarded"
+    );
+    s.expect_mounted(&vol, false, "after the next container exited")?;
+    ensure!(
+        s.records(&vol)?.is_empty(),
+        "mount records left: {:?}",
+        s.records(&vol)?
+    );
+    let log = read(&s.plugin_log)?;
+    ensure!(
+        log.contains(&format!("released mount ID {c_id}")),
+        "the plugin did not log the release of the dead dockerd's mount {c_id}"
+    );
+
+    s.docker_ok(&["start", &c])?;
+    ensure!(
+        s.records(&vol)? == BTreeMap::from([(c_id.clone(), 1)]),
+        "the old container started again should hold its saved mount ID {c_id} once: {:?}",
+        s.records(&vol)?
+    );
+    let out = s.exec(&c, "ls /x")?;
+    ensure!(
+        out == "base.txt\n",
+        "the old container started again saw {out:?} instead of a fresh volatile volume"
+    );
+    s.stop(&c)?;
+    s.remove(&c)?;
+    s.expect_mounted(&vol, false, "after the old container stopped again")?;
+    ensure!(
+        s.records(&vol)?.is_empty(),
+        "mount records left: {:?}",
+        s.records(&vol)?
+    );
+    ensure!(snapshot(&base)? == before, "the host's base changed");
+    Ok(())
+}
+
 // ----- Benchmark --------------------------------------------------------------------------------
 
 struct Bench {
@@ -2073,6 +2519,11 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("10 socket activation", socket_activation),
     ("11 bad input through the docker CLI", bad_input),
     ("12 docker volume rm while in use", remove_in_use),
+    ("13 dockerd killed and restarted", dockerd_restart),
+    (
+        "14 dockerd killed and restarted with live-restore",
+        dockerd_restart_live_restore,
+    ),
 ];
 
 const BENCH_NAME: &str = "benchmark: docker run with a volume";

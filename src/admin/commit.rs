@@ -82,6 +82,7 @@ pub fn apply(plan: &Plan, base: &Path) -> Result<Applied, PathError> {
                 done.written += 1;
             }
         }
+        failpoint!("commit.entry-applied");
     }
     for item in plan.items.iter().rev() {
         if let What::Dir { meta, .. } = &item.what {

@@ -188,6 +188,7 @@ impl Admin<RealSys> {
         Ok(Self::new(Driver::open(DriverConfig {
             root: root.to_owned(),
             legacy_mount_api: false,
+            allowed_bases: Default::default(),
         })?))
     }
 }
@@ -367,6 +368,7 @@ impl<S: Sys> Admin<S> {
     /// trash under the lock (constant time), then deleted here with the lock released.
     pub fn reset(&self, name: &VolumeName) -> Result<ResetDone, AdminError> {
         let trashed = self.driver.reset(name)?;
+        failpoint!("reset.before-delete");
         Ok(ResetDone {
             warnings: self.empty_trash_item(trashed.as_deref()),
             trashed,
@@ -445,6 +447,7 @@ impl<S: Sys> Admin<S> {
         std::fs::File::open(&base)
             .and_then(|f| rustix::fs::syncfs(&f).map_err(io::Error::from))
             .map_err(|e| commit_err(PathError::new("syncing", &base, e)))?;
+        failpoint!("commit.synced");
         let trashed = self.driver.reset_locked(vol)?;
         drop(locks);
         Ok(Committed {

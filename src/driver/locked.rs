@@ -118,7 +118,7 @@ impl<S: Sys> Driver<S> {
         self.refuse_if_held(name, &vol.dir)?;
         let records = self.read_records(name, &vol.dir)?;
         if !records.is_empty() {
-            self.void_records_unless_held(name, &vol.dir, &records)?;
+            self.void_records_unless_held(name, &vol.dir, &records, true)?;
         }
         Ok(UnmountedVolume(vol))
     }
@@ -131,6 +131,9 @@ impl<S: Sys> Driver<S> {
         let meta = vol.metadata()?;
         let base = self.base_metadata(&vol.name, &meta)?;
         let trashed = self.discard_upper(&vol.name, &vol.dir, &base)?;
+        if trashed.is_some() {
+            self.kick_janitor();
+        }
         log::info!("reset volume {}: its changes were discarded", vol.name);
         Ok(trashed)
     }
@@ -161,7 +164,8 @@ impl<S: Sys> Driver<S> {
 
     /// Moves the upper (if any) into the trash and installs a fresh one whose root has the
     /// base's owner, group and mode. The caller holds the lock and knows the volume is not
-    /// mounted. Returns where the old upper went.
+    /// mounted. Returns where the old upper went; the caller kicks the janitor once its own
+    /// work is done (deleting a large upper competes with it for the disk).
     pub(super) fn discard_upper(
         &self,
         name: &VolumeName,
@@ -181,7 +185,7 @@ impl<S: Sys> Driver<S> {
                 let slot = self.root.trash_slot(&format!("{name}-upper"));
                 std::fs::rename(&upper, &slot)
                     .map_err(io_err("moving the upper directory to the trash"))?;
-                self.kick_janitor();
+                failpoint!("discard.upper-trashed");
                 Some(slot)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
@@ -189,6 +193,7 @@ impl<S: Sys> Driver<S> {
         };
         vol.install_fresh_upper(base)
             .map_err(io_err("creating a fresh upper directory"))?;
+        failpoint!("discard.fresh-upper");
         Ok(trashed)
     }
 }

@@ -395,6 +395,16 @@ impl Conn {
         }
     }
 
+    /// Writes `bytes` as they are (a hand-made request, or part of one).
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        assert!(self.try_send_raw(bytes), "cannot send a raw request");
+    }
+
+    /// Writes `bytes`; false when the server has closed the connection (or stopped reading).
+    pub fn try_send_raw(&mut self, bytes: &[u8]) -> bool {
+        self.reader.get_mut().write_all(bytes).is_ok()
+    }
+
     /// Reads one response (Content-Length, chunked, or up to EOF).
     pub fn receive(&mut self) -> Response {
         let r = &mut self.reader;
@@ -626,8 +636,14 @@ impl Env {
 
     /// Starts the daemon and waits until it answers.
     pub fn start(&mut self, extra: &[&str]) {
+        self.start_adjusted(extra, |_| {});
+    }
+
+    /// [`Env::start`], with `adjust` applied to the command first (e.g. resource limits).
+    pub fn start_adjusted(&mut self, extra: &[&str], adjust: impl FnOnce(&mut Command)) {
         assert!(self.daemon.is_none(), "a daemon is already running");
-        let (cmd, log) = self.daemon_command(extra);
+        let (mut cmd, log) = self.daemon_command(extra);
+        adjust(&mut cmd);
         let mut proc = Proc::spawn(cmd, "the daemon");
         let socket = self.socket.clone();
         wait_until(START_TIMEOUT, "the daemon to answer", || {

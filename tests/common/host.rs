@@ -1,0 +1,597 @@
+//! Helpers for the whole-system tests (`tests/systemd.rs`, `tests/podman.rs`): commands with a
+//! timeout, a private mount namespace that dies with the test, and a private dockerd in it.
+//!
+//! Included with `#[path = "common/host.rs"] mod host;` (not through `common/mod.rs`, so the
+//! other suites do not compile it).
+//!
+//! The isolation is the one of `tests/docker.rs`: an anchor process (`unshare --mount
+//! --propagation private sleep infinity`) owns a mount namespace in which private tmpfs mounts
+//! hide the host's `/run/docker/plugins`, `/etc/docker` and `/run/containerd`; dockerd (own
+//! data root, exec root, socket, pidfile, config, cgroup parent) and anything else the test
+//! starts run there through `nsenter`. [`Sandbox::destroy`] (also on drop) kills every process
+//! of the cgroup parent and of the namespace, kills the anchor (its mounts vanish) and removes
+//! the temporary directory. Every process started here carries `PR_SET_PDEATHSIG`.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rustix::process::{Pid, Signal};
+
+pub type Res<T = ()> = Result<T, String>;
+
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)+) => {
+        if !($cond) {
+            return Err(format!($($arg)+));
+        }
+    };
+}
+pub(crate) use ensure;
+
+/// Adds context to an error.
+pub trait Context<T> {
+    fn ctx(self, what: impl std::fmt::Display) -> Res<T>;
+}
+
+impl<T, E: std::fmt::Display> Context<T> for Result<T, E> {
+    fn ctx(self, what: impl std::fmt::Display) -> Res<T> {
+        self.map_err(|e| format!("{what}: {e}"))
+    }
+}
+
+#[derive(Debug)]
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+}
+
+/// Runs `cmd` to completion, killing it after `timeout`.
+pub fn run_cmd(cmd: &mut Command, timeout: Duration) -> Res<Output> {
+    let shown = format!("{cmd:?}");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().ctx(format!("cannot run {shown}"))?;
+    let pid = child.id();
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let out_reader = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = out.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = err.read_to_end(&mut buf);
+        buf
+    });
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    let status = match rx.recv_timeout(timeout) {
+        Ok(status) => Some(status.ctx(format!("waiting for {shown}"))?),
+        Err(_) => {
+            kill(pid, Signal::KILL);
+            let _ = rx.recv();
+            None
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned();
+    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned();
+    match status {
+        Some(status) => Ok(Output {
+            code: status.code(),
+            stdout,
+            stderr,
+        }),
+        None => Err(format!(
+            "{shown} timed out after {timeout:?}; stdout: {stdout:?}; stderr: {stderr:?}"
+        )),
+    }
+}
+
+/// Runs `cmd`, which must succeed; returns its stdout.
+pub fn run_ok(cmd: &mut Command, timeout: Duration) -> Res<String> {
+    let out = run_cmd(cmd, timeout)?;
+    ensure!(
+        out.success(),
+        "{cmd:?} failed ({:?}): {}{}",
+        out.code,
+        out.stderr.trim(),
+        if out.stdout.trim().is_empty() {
+            String::new()
+        } else {
+            format!("; stdout: {}", out.stdout.trim())
+        }
+    );
+    Ok(out.stdout)
+}
+
+pub fn kill(pid: u32, signal: Signal) -> bool {
+    Pid::from_raw(pid as i32).is_some_and(|p| rustix::process::kill_process(p, signal).is_ok())
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn in_path(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            fs::metadata(dir.join(program)).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
+        })
+    })
+}
+
+/// Fails naming the Debian packages to install when a program is missing.
+pub fn require_programs(programs: &[(&str, &str)]) -> Res {
+    let missing: Vec<String> = programs
+        .iter()
+        .filter(|(p, _)| !in_path(p))
+        .map(|(p, pkg)| format!("{p} (Debian package {pkg})"))
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "missing programs: {}; scripts/test installs them",
+        missing.join(", ")
+    );
+    Ok(())
+}
+
+pub fn tail(path: &Path, lines: usize) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(e) => format!("(cannot read {}: {e})", path.display()),
+    }
+}
+
+/// Spawns `cmd` with stdout and stderr appended to `log`, in its own process group, killed
+/// when this process dies.
+pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Res<Child> {
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .ctx(format!("opening {}", log.display()))?;
+    let file2 = file.try_clone().ctx("dup log")?;
+    cmd.stdin(Stdio::null())
+        .stdout(file)
+        .stderr(file2)
+        .process_group(0);
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
+                .map_err(io::Error::from)
+        });
+    }
+    cmd.spawn().ctx(format!("cannot start {cmd:?}"))
+}
+
+fn ns_of(pid: u32) -> Option<String> {
+    fs::read_link(format!("/proc/{pid}/ns/mnt"))
+        .ok()
+        .map(|p| p.to_string_lossy().into_owned())
+}
+
+fn pids_in_ns(ns: &str) -> Vec<u32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != std::process::id() && ns_of(pid).as_deref() == Some(ns))
+        .collect()
+}
+
+/// The cgroup directories named `parent` in every hierarchy and below, deepest first.
+fn cgroup_dirs(parent: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        if let Ok(rd) = fs::read_dir(dir) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    walk(&e.path(), out);
+                }
+            }
+        }
+        out.push(dir.to_path_buf());
+    }
+    let mut hierarchies = vec![PathBuf::from("/sys/fs/cgroup")];
+    if let Ok(rd) = fs::read_dir("/sys/fs/cgroup") {
+        hierarchies.extend(rd.flatten().map(|e| e.path()));
+    }
+    let mut out = Vec::new();
+    for h in hierarchies {
+        let dir = h.join(parent);
+        if dir.is_dir() {
+            walk(&dir, &mut out);
+        }
+    }
+    out
+}
+
+/// A temporary directory and a private mount namespace, destroyed on drop.
+pub struct Sandbox {
+    pub tmp: PathBuf,
+    pub anchor_pid: u32,
+    /// Cgroup parent for dockerd's containers: `dot-NAME-PID`.
+    pub cgroup_parent: String,
+    name: String,
+    ns: Option<String>,
+    anchor: Option<Child>,
+    children: Vec<Child>,
+    made_dirs: Vec<PathBuf>,
+    destroyed: bool,
+}
+
+impl Sandbox {
+    /// Creates `/tmp/dot-NAME-*` and the anchor; mounts a private tmpfs on each of
+    /// `private_tmpfs` inside the namespace (creating missing mount points on the host, removed
+    /// again at the end).
+    pub fn new(name: &str, private_tmpfs: &[&str]) -> Res<Sandbox> {
+        ensure!(
+            rustix::process::geteuid().is_root(),
+            "the {name} tests must run as root: sudo ./scripts/test"
+        );
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!("dot-{name}-"))
+            .tempdir()
+            .ctx("creating the temporary directory")?
+            .keep();
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).ctx("chmod tmp")?;
+        let mut sandbox = Sandbox {
+            tmp,
+            anchor_pid: 0,
+            cgroup_parent: format!("dot-{name}-{}", std::process::id()),
+            name: name.to_owned(),
+            ns: None,
+            anchor: None,
+            children: Vec::new(),
+            made_dirs: Vec::new(),
+            destroyed: false,
+        };
+        for dir in private_tmpfs {
+            let dir = PathBuf::from(dir);
+            let mut missing: Vec<PathBuf> = dir
+                .ancestors()
+                .take_while(|d| !d.exists())
+                .map(Path::to_path_buf)
+                .collect();
+            missing.reverse();
+            for d in missing {
+                fs::create_dir(&d).ctx(format!("creating {}", d.display()))?;
+                sandbox.made_dirs.push(d);
+            }
+        }
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sleep", "infinity"]);
+        let child = spawn_logged(&mut cmd, &sandbox.tmp.join("anchor.log"))?;
+        sandbox.anchor_pid = child.id();
+        sandbox.anchor = Some(child);
+        let own = ns_of(std::process::id());
+        let pid = sandbox.anchor_pid;
+        ensure!(
+            wait_until(Duration::from_secs(10), || ns_of(pid)
+                .is_some_and(|ns| Some(&ns) != own.as_ref())),
+            "the anchor process did not enter a new mount namespace"
+        );
+        sandbox.ns = ns_of(pid);
+        for target in private_tmpfs {
+            run_ok(
+                sandbox.ns_command("mount").args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    "mode=0755,size=1m",
+                    "dot-test",
+                    target,
+                ]),
+                Duration::from_secs(30),
+            )
+            .ctx(format!("mounting a private tmpfs on {target}"))?;
+        }
+        Ok(sandbox)
+    }
+
+    /// `nsenter -t ANCHOR -m -- program`.
+    pub fn ns_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg("-t")
+            .arg(self.anchor_pid.to_string())
+            .arg("-m")
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Starts `cmd` (logging to `log`), to be killed at the end.
+    pub fn spawn(&mut self, cmd: &mut Command, log: &Path) -> Res<u32> {
+        let child = spawn_logged(cmd, log)?;
+        let pid = child.id();
+        self.children.push(child);
+        Ok(pid)
+    }
+
+    /// Whether the process `pid` started by [`Sandbox::spawn`] has exited (reaping it).
+    pub fn exited(&mut self, pid: u32) -> Option<std::process::ExitStatus> {
+        let child = self.children.iter_mut().find(|c| c.id() == pid)?;
+        child.try_wait().ok().flatten()
+    }
+
+    /// Starts a private dockerd in the namespace and waits until it answers.
+    pub fn start_dockerd(&mut self) -> Res<Dockerd> {
+        let t = self.tmp.clone();
+        fs::write(t.join("daemon.json"), "{}\n").ctx("writing daemon.json")?;
+        let dockerd = Dockerd {
+            sock: t.join("docker.sock"),
+            config: t.join("docker-config"),
+            log: t.join("dockerd.log"),
+        };
+        fs::create_dir_all(&dockerd.config).ctx("creating the docker CLI config")?;
+        let mut cmd = self.ns_command("dockerd");
+        cmd.arg("--data-root")
+            .arg(t.join("data"))
+            .arg("--exec-root")
+            .arg(t.join("exec"))
+            .arg("-H")
+            .arg(format!("unix://{}", dockerd.sock.display()))
+            .arg("--pidfile")
+            .arg(t.join("docker.pid"))
+            .arg("--config-file")
+            .arg(t.join("daemon.json"))
+            .args([
+                "--iptables=false",
+                "--ip6tables=false",
+                "--bridge=none",
+                "--exec-opt",
+                "native.cgroupdriver=cgroupfs",
+                "--cgroup-parent",
+                &self.cgroup_parent,
+            ]);
+        let pid = self.spawn(&mut cmd, &dockerd.log)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.exited(pid) {
+                return Err(format!(
+                    "dockerd exited at start ({status}): {}",
+                    tail(&dockerd.log, 20)
+                ));
+            }
+            if dockerd.sock.exists()
+                && run_cmd(
+                    dockerd
+                        .cmd()
+                        .args(["version", "--format", "{{.Server.Version}}"]),
+                    Duration::from_secs(10),
+                )
+                .is_ok_and(|o| o.success())
+            {
+                return Ok(dockerd);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "dockerd did not answer within 60 s: {}",
+                tail(&dockerd.log, 20)
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills everything and removes what was made. Idempotent; returns warnings.
+    pub fn destroy(&mut self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.destroyed {
+            return warnings;
+        }
+        self.destroyed = true;
+        // Containers: in child namespaces, but in our cgroup.
+        for _ in 0..100 {
+            let mut any = false;
+            for dir in cgroup_dirs(&self.cgroup_parent) {
+                let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                    any = true;
+                    kill(pid, Signal::KILL);
+                }
+            }
+            if !any {
+                break;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        if let Some(ns) = self.ns.clone() {
+            let gone = wait_until(Duration::from_secs(10), || {
+                let pids = pids_in_ns(&ns);
+                for &pid in &pids {
+                    kill(pid, Signal::KILL);
+                }
+                pids.is_empty()
+            });
+            if !gone {
+                warnings.push(format!(
+                    "processes still in the test mount namespace: {:?}",
+                    pids_in_ns(&ns)
+                ));
+            }
+        }
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(mut anchor) = self.anchor.take() {
+            let _ = anchor.kill();
+            let _ = anchor.wait();
+        }
+        for dir in cgroup_dirs(&self.cgroup_parent) {
+            let removed = wait_until(Duration::from_secs(5), || {
+                fs::remove_dir(&dir).is_ok() || !dir.exists()
+            });
+            if !removed {
+                warnings.push(format!("cannot remove the cgroup {}", dir.display()));
+            }
+        }
+        for dir in self.made_dirs.iter().rev() {
+            if let Err(e) = fs::remove_dir(dir) {
+                warnings.push(format!("cannot remove {}: {e}", dir.display()));
+            }
+        }
+        if std::env::var_os("DOT_KEEP_TMP").is_some() {
+            eprintln!("{}: kept {} (DOT_KEEP_TMP)", self.name, self.tmp.display());
+        } else if let Err(e) = fs::remove_dir_all(&self.tmp) {
+            warnings.push(format!("cannot remove {}: {e}", self.tmp.display()));
+        }
+        warnings
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for w in self.destroy() {
+            eprintln!("{}: teardown: {w}", self.name);
+        }
+    }
+}
+
+/// A private dockerd started by [`Sandbox::start_dockerd`].
+pub struct Dockerd {
+    pub sock: PathBuf,
+    pub config: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Dockerd {
+    /// `docker -H unix://SOCK` with a private CLI config and none of the caller's DOCKER_*.
+    pub fn cmd(&self) -> Command {
+        let mut cmd = Command::new("docker");
+        cmd.arg("-H")
+            .arg(format!("unix://{}", self.sock.display()))
+            .env("DOCKER_CONFIG", &self.config)
+            .env("DOCKER_CLI_HINTS", "false");
+        for var in [
+            "DOCKER_HOST",
+            "DOCKER_CONTEXT",
+            "DOCKER_TLS_VERIFY",
+            "DOCKER_CERT_PATH",
+            "DOCKER_API_VERSION",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd
+    }
+
+    /// `docker ARGS`, which must succeed within `timeout`; returns its stdout.
+    pub fn ok(&self, args: &[&str], timeout: Duration) -> Res<String> {
+        run_ok(self.cmd().args(args), timeout)
+    }
+}
+
+/// A small stable hash (FNV-1a, 64 bit) for cache keys.
+pub fn fnv64(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Results of the steps of a whole-system test, printed as PASS/FAIL lines and a closing
+/// `N passed, N failed` line.
+pub struct Report {
+    name: &'static str,
+    started: Instant,
+    results: Vec<(String, Res, Duration)>,
+}
+
+impl Report {
+    pub fn new(name: &'static str) -> Report {
+        Report {
+            name,
+            started: Instant::now(),
+            results: Vec::new(),
+        }
+    }
+
+    /// Runs `step` unless an earlier one failed (then it fails as not run). Returns whether
+    /// it passed.
+    pub fn step(&mut self, name: &str, step: impl FnOnce() -> Res) -> bool {
+        let t = Instant::now();
+        let result = if self.results.iter().any(|r| r.1.is_err()) {
+            Err("not run: an earlier step failed".to_owned())
+        } else {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)).unwrap_or_else(|p| {
+                Err(format!(
+                    "panicked: {}",
+                    p.downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default()
+                ))
+            })
+        };
+        let took = t.elapsed();
+        match &result {
+            Ok(()) => println!("{}: PASS  {name} ({took:.1?})", self.name),
+            Err(e) => println!("{}: FAIL  {name} ({took:.1?}): {e}", self.name),
+        }
+        let ok = result.is_ok();
+        self.results.push((name.to_owned(), result, took));
+        ok
+    }
+
+    /// Whether a step failed so far.
+    pub fn failed(&self) -> bool {
+        self.results.iter().any(|r| r.1.is_err())
+    }
+
+    /// Prints the summary; returns whether everything passed.
+    pub fn finish(self, warnings: &[String]) -> bool {
+        let failed = self.results.iter().filter(|r| r.1.is_err()).count();
+        let passed = self.results.len() - failed;
+        println!(
+            "\n===== {} report ({:.1?}) =====",
+            self.name,
+            self.started.elapsed()
+        );
+        for (name, result, took) in &self.results {
+            match result {
+                Ok(()) => println!("PASS  {name} ({took:.1?})"),
+                Err(e) => println!("FAIL  {name} ({took:.1?}): {e}"),
+            }
+        }
+        for w in warnings {
+            println!("teardown warning: {w}");
+        }
+        println!("\n{passed} passed, {failed} failed");
+        failed == 0 && warnings.is_empty()
+    }
+}

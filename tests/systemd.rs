@@ -1,0 +1,750 @@
+//! docker-on-top installed as a real system service, under a real systemd (issue 7).
+//!
+//! A Debian bookworm root filesystem (debootstrap `--variant=minbase` with systemd, dbus,
+//! docker.io, busybox-static and make, from the mirror apt uses) is imported into a private
+//! dockerd (see `tests/common/host.rs`) and booted with systemd as PID 1: explicit `--cap-add`
+//! list (no `--privileged`: the host lacks CAP_SYS_RESOURCE), seccomp and AppArmor
+//! unconfined, a private cgroup namespace with a tmpfs on `/sys/fs/cgroup` (the host has
+//! cgroup v1), tmpfs on `/run` and `/run/lock`, and `/var/lib/docker` and
+//! `/var/lib/docker-on-top` on bind-mounted host directories (overlayfs cannot use an overlay
+//! as upper). The docker.io inside is the stock one, started by its own units.
+//!
+//! Inside, the steps check: `make install` and `make uninstall` (uninstall keeps
+//! `/var/lib/docker-on-top`); the Debian package (`cargo deb`, which scripts/test runs first)
+//! installs, enables and starts only the socket; the first `docker volume create` starts the
+//! service; `docker run -v` works; after `systemctl stop docker-on-top.service` the next docker
+//! command starts it again with the data intact; `--idle-timeout` (a drop-in) makes it exit and
+//! come back; `journalctl -u docker-on-top` has the log with priorities (`-p warning`
+//! filters); `systemd-analyze verify` passes for the installed units; a reboot (container
+//! restart, clean shutdown through SIGRTMIN+3) stops dockerd before the plugin, starts the
+//! socket before dockerd, and leaves the volumes usable (a `--restart always` container comes
+//! back with its volume); `dpkg -r` stops the units and keeps the volumes; `dpkg -P` keeps a
+//! state directory that holds volumes and removes an empty one.
+//!
+//! The root filesystem is cached in `/var/cache/docker-on-top-test/` under a key made of the
+//! package list, suite, mirror and recipe version; it is built when missing (about 3 minutes).
+//! A step that cannot run fails; nothing is skipped. `DOT_KEEP_TMP=1` keeps the temporary
+//! directory (logs) for inspection.
+
+#[path = "common/host.rs"]
+mod host;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant, SystemTime};
+
+use host::{Context, Dockerd, Report, Res, Sandbox, ensure, run_cmd, run_ok, wait_until};
+
+const SUITE: &str = "bookworm";
+const PACKAGES: &str = "systemd,systemd-sysv,dbus,docker.io,busybox-static,make";
+/// Bump when the way the root filesystem is prepared changes.
+const RECIPE: &str = "2";
+const CACHE_DIR: &str = "/var/cache/docker-on-top-test";
+const IMAGE: &str = "dot-systemd:latest";
+const CONTAINER: &str = "dot-systemd";
+const INNER_IMAGE: &str = "dot-busybox:latest";
+const BIN: &str = env!("CARGO_BIN_EXE_docker-on-top");
+const LONG: Duration = Duration::from_secs(180);
+const SHORT: Duration = Duration::from_secs(60);
+/// Capabilities for systemd and dockerd inside (Docker's defaults are added by Docker).
+const CAPS: &[&str] = &[
+    "SYS_ADMIN",
+    "NET_ADMIN",
+    "SYS_PTRACE",
+    "SYS_CHROOT",
+    "MKNOD",
+    "DAC_READ_SEARCH",
+    "SYS_NICE",
+    "IPC_LOCK",
+    "AUDIT_CONTROL",
+    "LINUX_IMMUTABLE",
+    "SYSLOG",
+];
+
+/// The mirror apt uses: the first `URIs:` of a deb822 source, or the URL of the first
+/// one-line `deb` source, naming Debian.
+fn apt_mirror() -> String {
+    let mut files: Vec<PathBuf> = vec![PathBuf::from("/etc/apt/sources.list")];
+    if let Ok(rd) = fs::read_dir("/etc/apt/sources.list.d") {
+        let mut more: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "list" || e == "sources"))
+            .collect();
+        more.sort();
+        files.extend(more);
+    }
+    for file in files {
+        let Ok(text) = fs::read_to_string(&file) else {
+            continue;
+        };
+        for line in text.lines().map(str::trim) {
+            let url = if let Some(rest) = line.strip_prefix("URIs:") {
+                rest.split_whitespace().next()
+            } else if let Some(rest) = line.strip_prefix("deb ") {
+                rest.split_whitespace().find(|w| w.contains("://"))
+            } else {
+                None
+            };
+            if let Some(url) = url
+                && url.contains("debian")
+                && !url.contains("security")
+            {
+                return url.to_owned();
+            }
+        }
+    }
+    "http://deb.debian.org/debian".to_owned()
+}
+
+/// The cached root filesystem tarball, built when missing.
+fn rootfs() -> Res<PathBuf> {
+    let mirror = apt_mirror();
+    let key = host::fnv64(format!("{SUITE} {PACKAGES} {mirror} {RECIPE}").as_bytes());
+    let cache = PathBuf::from(CACHE_DIR);
+    let tarball = cache.join(format!("{SUITE}-{key:016x}.tar"));
+    if tarball.is_file() {
+        println!(
+            "systemd: using the cached root filesystem {}",
+            tarball.display()
+        );
+        return Ok(tarball);
+    }
+    host::require_programs(&[("debootstrap", "debootstrap"), ("tar", "tar")])?;
+    fs::create_dir_all(&cache).ctx(format!("creating {CACHE_DIR}"))?;
+    let work = cache.join(format!("build-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&work);
+    let t = Instant::now();
+    println!("systemd: building the root filesystem from {mirror} (once; cached in {CACHE_DIR})");
+    let out = run_cmd(
+        Command::new("debootstrap")
+            .arg("--variant=minbase")
+            .arg(format!("--include={PACKAGES}"))
+            .arg(SUITE)
+            .arg(&work)
+            .arg(&mirror),
+        Duration::from_secs(1200),
+    );
+    let result = (|| {
+        let out = out?;
+        ensure!(
+            out.success(),
+            "debootstrap failed ({:?}): {}",
+            out.code,
+            out.stdout
+                .lines()
+                .rev()
+                .take(15)
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        // No package caches in the image; a persistent journal, to read the previous boot.
+        for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+            if let Ok(rd) = fs::read_dir(work.join(dir)) {
+                for e in rd.flatten() {
+                    if e.file_type().is_ok_and(|t| t.is_file()) {
+                        let _ = fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+        fs::create_dir_all(work.join("var/log/journal")).ctx("creating var/log/journal")?;
+        let partial = cache.join(format!("{SUITE}-{key:016x}.tar.partial"));
+        run_ok(
+            Command::new("tar")
+                .arg("--numeric-owner")
+                .arg("-C")
+                .arg(&work)
+                .arg("-cf")
+                .arg(&partial)
+                .arg("."),
+            LONG,
+        )?;
+        fs::rename(&partial, &tarball).ctx("renaming the tarball")?;
+        Ok(())
+    })();
+    let _ = fs::remove_dir_all(&work);
+    result?;
+    println!("systemd: root filesystem built in {:.1?}", t.elapsed());
+    Ok(tarball)
+}
+
+/// The Debian package `cargo deb` made of this tree; refused when older than its packaging.
+fn package() -> Res<PathBuf> {
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .ok_or("no target directory")?
+        .to_path_buf();
+    let dir = target.join("debian");
+    let version = env!("CARGO_PKG_VERSION");
+    let deb = fs::read_dir(&dir)
+        .ok()
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with(&format!("docker-on-top_{version}-")) && n.ends_with(".deb")
+            })
+        })
+        .max_by_key(|p| fs::metadata(p).and_then(|m| m.modified()).ok())
+        .ok_or_else(|| {
+            format!(
+                "no docker-on-top_{version}-*.deb in {}: build it with `cargo deb` (scripts/test does)",
+                dir.display()
+            )
+        })?;
+    let built = fs::metadata(&deb)
+        .and_then(|m| m.modified())
+        .ctx("stat the package")?;
+    let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // The packaging inputs; the code itself is trusted to be current (scripts/test builds the
+    // package right before the tests, and engineers edit sources while others test).
+    let newest = newest_mtime(&[
+        crate_dir.join("debian"),
+        crate_dir.join("docker-on-top.service"),
+        crate_dir.join("Cargo.toml"),
+        crate_dir.join("docker-on-top.socket"),
+    ]);
+    ensure!(
+        newest <= built,
+        "{} is older than the sources: rebuild it with `cargo deb` (scripts/test does)",
+        deb.display()
+    );
+    Ok(deb)
+}
+
+fn newest_mtime(paths: &[PathBuf]) -> SystemTime {
+    let mut newest = SystemTime::UNIX_EPOCH;
+    let mut stack: Vec<PathBuf> = paths.to_vec();
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = fs::metadata(&p) else { continue };
+        if meta.is_dir() {
+            stack.extend(
+                fs::read_dir(&p)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.path()),
+            );
+        } else if let Ok(m) = meta.modified() {
+            newest = newest.max(m);
+        }
+    }
+    newest
+}
+
+struct Machine {
+    docker: Dockerd,
+    /// Host directory seen as `/share` inside.
+    share: PathBuf,
+    /// Host directory seen as `/var/lib/docker-on-top` inside.
+    state: PathBuf,
+}
+
+impl Machine {
+    /// `sh -c SCRIPT` inside the container; returns the output (stdout, then stderr).
+    fn sh(&self, script: &str) -> Res<Output2> {
+        let out = run_cmd(
+            self.docker
+                .cmd()
+                .args(["exec", CONTAINER, "sh", "-c", script]),
+            LONG,
+        )?;
+        Ok(Output2 {
+            ok: out.success(),
+            stdout: out.stdout,
+            stderr: out.stderr,
+        })
+    }
+
+    /// `sh -e -c SCRIPT` inside, which must succeed; returns its stdout.
+    fn ok(&self, script: &str) -> Res<String> {
+        let out = self.sh(&format!("set -e\n{script}"))?;
+        ensure!(
+            out.ok,
+            "inside the container, `{script}` failed: {}{}",
+            out.stderr.trim(),
+            if out.stdout.trim().is_empty() {
+                String::new()
+            } else {
+                format!("; stdout: {}", out.stdout.trim())
+            }
+        );
+        Ok(out.stdout)
+    }
+
+    fn active(&self, unit: &str) -> Res<String> {
+        Ok(self
+            .sh(&format!("systemctl is-active {unit}"))?
+            .stdout
+            .trim()
+            .to_owned())
+    }
+
+    fn expect_active(&self, unit: &str, want: &str, when: &str) -> Res {
+        let got = self.active(unit)?;
+        ensure!(got == want, "{when}: {unit} is {got:?}, expected {want:?}");
+        Ok(())
+    }
+
+    fn main_pid(&self) -> Res<u32> {
+        let out = self.ok("systemctl show -p MainPID --value docker-on-top.service")?;
+        out.trim().parse().ctx(format!("MainPID {out:?}"))
+    }
+
+    /// Starts the container and waits until systemd reports the system running and the
+    /// docker inside answers.
+    fn boot(&self) -> Res {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut last = String::new();
+        loop {
+            if let Ok(out) = self.sh("systemctl is-system-running") {
+                last = out.stdout.trim().to_owned();
+                if last == "running" {
+                    break;
+                }
+                if last == "degraded" {
+                    let failed = self.sh("systemctl --failed --no-legend --plain")?.stdout;
+                    return Err(format!("systemd booted degraded; failed units: {failed}"));
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "systemd did not reach `running` within 120 s (last state {last:?})"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        ensure!(
+            wait_until(Duration::from_secs(60), || self
+                .sh("docker version --format '{{.Server.Version}}'")
+                .is_ok_and(|o| o.ok)),
+            "the docker inside does not answer: {}",
+            self.sh(
+                "systemctl status docker --no-pager; journalctl -u docker --no-pager | tail -20"
+            )?
+            .stdout
+        );
+        Ok(())
+    }
+}
+
+struct Output2 {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        println!("systemd_service: test");
+        return ExitCode::SUCCESS;
+    }
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    if !filters.is_empty()
+        && !filters
+            .iter()
+            .any(|f| "systemd_service".contains(f.as_str()))
+    {
+        println!("systemd: not selected\n0 passed, 0 failed");
+        return ExitCode::SUCCESS;
+    }
+    let mut report = Report::new("systemd");
+    let mut sandbox: Option<Sandbox> = None;
+    let mut machine: Option<Machine> = None;
+    let mut tarball = PathBuf::new();
+    let mut deb = PathBuf::new();
+
+    report.step("prerequisites: package, root filesystem", || {
+        host::require_programs(&[
+            ("dockerd", "docker.io"),
+            ("docker", "docker.io"),
+            ("unshare", "util-linux"),
+            ("nsenter", "util-linux"),
+        ])?;
+        deb = package()?;
+        tarball = rootfs()?;
+        Ok(())
+    });
+    report.step("boot systemd with dockerd in a container", || {
+        let mut sb = Sandbox::new(
+            "systemd",
+            &["/run/docker/plugins", "/etc/docker", "/run/containerd"],
+        )?;
+        let docker = sb.start_dockerd()?;
+        let share = sb.tmp.join("share");
+        let state = sb.tmp.join("inner-docker-on-top");
+        let inner_docker = sb.tmp.join("inner-docker");
+        for d in [&share, &state, &inner_docker] {
+            fs::create_dir_all(d).ctx(format!("creating {}", d.display()))?;
+        }
+        sandbox = Some(sb);
+        docker.ok(
+            &[
+                "import",
+                "--change",
+                "ENV container=docker",
+                "--change",
+                r#"CMD ["/sbin/init"]"#,
+                &tarball.to_string_lossy(),
+                IMAGE,
+            ],
+            LONG,
+        )?;
+        let mut args: Vec<String> = [
+            "run",
+            "-d",
+            "--name",
+            CONTAINER,
+            "--hostname",
+            CONTAINER,
+            "--network",
+            "none",
+            "--stop-signal",
+            "SIGRTMIN+3",
+            "--security-opt",
+            "seccomp=unconfined",
+            "--security-opt",
+            "apparmor=unconfined",
+            "--cgroupns=private",
+            "--tmpfs",
+            "/sys/fs/cgroup",
+            "--tmpfs",
+            "/run",
+            "--tmpfs",
+            "/run/lock",
+        ]
+        .map(String::from)
+        .to_vec();
+        for cap in CAPS {
+            args.extend(["--cap-add".into(), cap.to_string()]);
+        }
+        for (host_dir, inside) in [
+            (&inner_docker, "/var/lib/docker"),
+            (&state, "/var/lib/docker-on-top"),
+            (&share, "/share"),
+        ] {
+            args.extend(["-v".into(), format!("{}:{inside}", host_dir.display())]);
+        }
+        args.push(IMAGE.into());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        docker.ok(&args, SHORT)?;
+        let m = Machine {
+            docker,
+            share,
+            state,
+        };
+        m.boot()?;
+        // A busybox image for the containers inside (from the busybox-static of the rootfs).
+        m.ok(&format!(
+            r#"d=$(mktemp -d); mkdir -p $d/bin $d/tmp; cp /bin/busybox $d/bin/
+for a in $(/bin/busybox --list); do [ "$a" = busybox ] || ln -s busybox $d/bin/$a; done
+tar -C $d -c . | docker import - {INNER_IMAGE} >/dev/null; rm -rf $d
+docker run --rm --network none {INNER_IMAGE} echo ok"#
+        ))?;
+        machine = Some(m);
+        Ok(())
+    });
+    let m = || machine.as_ref().ok_or_else(|| "no machine".to_owned());
+
+    report.step("make install, socket activation, make uninstall keeps the state", || {
+        let m = m()?;
+        let src = m.share.join("src");
+        fs::create_dir_all(&src).ctx("creating share/src")?;
+        let crate_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for f in ["Makefile", "docker-on-top.service", "docker-on-top.socket"] {
+            fs::copy(crate_dir.join(f), src.join(f)).ctx(format!("copying {f}"))?;
+        }
+        fs::copy(BIN, m.share.join("docker-on-top")).ctx("copying the binary")?;
+        let out = m.ok("make -C /share/src install BIN=/share/docker-on-top 2>&1")?;
+        ensure!(
+            out.contains("enable --now docker-on-top.socket"),
+            "make install did not enable the socket: {out}"
+        );
+        m.ok("test -x /usr/local/bin/docker-on-top")?;
+        m.ok("grep -qx 'ExecStart=/usr/local/bin/docker-on-top serve $DOCKER_ON_TOP_OPTS' /etc/systemd/system/docker-on-top.service")?;
+        m.expect_active("docker-on-top.socket", "active", "after make install")?;
+        m.expect_active("docker-on-top.service", "inactive", "after make install")?;
+        m.ok("systemd-analyze verify /etc/systemd/system/docker-on-top.socket /etc/systemd/system/docker-on-top.service")?;
+        m.ok("mkdir -p /srv/made && echo made > /srv/made/f && docker volume create --driver docker-on-top -o base=/srv/made made >/dev/null")?;
+        m.expect_active("docker-on-top.service", "active", "after a request")?;
+        let seen = m.ok(&format!(
+            "docker run --rm --network none -v made:/d {INNER_IMAGE} cat /d/f"
+        ))?;
+        ensure!(seen == "made\n", "the container saw {seen:?}");
+        m.ok("docker volume rm made >/dev/null")?;
+        // A volume left behind, to see that uninstall keeps it.
+        m.ok("docker volume create --driver docker-on-top -o base=/srv/made kept >/dev/null")?;
+        let out = m.ok("make -C /share/src uninstall 2>&1")?;
+        ensure!(
+            out.contains("kept /var/lib/docker-on-top"),
+            "make uninstall does not say it keeps the state: {out}"
+        );
+        m.ok("test ! -e /usr/local/bin/docker-on-top && test ! -e /etc/systemd/system/docker-on-top.service && test ! -e /etc/systemd/system/docker-on-top.socket")?;
+        m.expect_active("docker-on-top.socket", "inactive", "after make uninstall")?;
+        m.expect_active("docker-on-top.service", "inactive", "after make uninstall")?;
+        ensure!(
+            m.state.join("kept/metadata.json").is_file(),
+            "make uninstall deleted the volume `kept`"
+        );
+        Ok(())
+    });
+
+    report.step("package installs and starts only the socket", || {
+        let m = m()?;
+        let name = deb.file_name().unwrap().to_string_lossy().into_owned();
+        fs::copy(&deb, m.share.join(&name)).ctx("copying the package")?;
+        m.ok(&format!("dpkg -i /share/{name} >/dev/null 2>&1"))?;
+        m.ok("test -x /usr/bin/docker-on-top")?;
+        m.ok("systemctl is-enabled docker-on-top.socket >/dev/null")?;
+        m.expect_active("docker-on-top.socket", "active", "after dpkg -i")?;
+        m.expect_active(
+            "docker-on-top.service",
+            "inactive",
+            "before the first request",
+        )?;
+        let pids = m.sh("pidof docker-on-top")?;
+        ensure!(
+            !pids.ok,
+            "a docker-on-top process runs before the first request: {}",
+            pids.stdout
+        );
+        m.ok("systemd-analyze verify docker-on-top.socket docker-on-top.service")?;
+        Ok(())
+    });
+
+    report.step("docker volume create starts the service; docker run -v works", || {
+        let m = m()?;
+        m.expect_active("docker-on-top.service", "inactive", "before the create")?;
+        m.ok("mkdir -p /srv/base && echo base > /srv/base/f.txt")?;
+        m.ok("docker volume create --driver docker-on-top -o base=/srv/base data >/dev/null")?;
+        m.expect_active("docker-on-top.service", "active", "after docker volume create")?;
+        let out = m.ok(&format!(
+            "docker run --rm --network none -v data:/d {INNER_IMAGE} sh -c 'cat /d/f.txt; echo changed > /d/f.txt; echo new > /d/new.txt'"
+        ))?;
+        ensure!(out == "base\n", "the container read {out:?}");
+        let out = m.ok(&format!(
+            "docker run --rm --network none -v data:/d {INNER_IMAGE} cat /d/f.txt /d/new.txt"
+        ))?;
+        ensure!(out == "changed\nnew\n", "a second container read {out:?}");
+        ensure!(m.ok("cat /srv/base/f.txt")? == "base\n", "the base was changed");
+        ensure!(
+            m.ok("test ! -e /srv/base/new.txt && cat /var/lib/docker-on-top/data/upper/new.txt")?
+                == "new\n",
+            "the upper does not hold the change"
+        );
+        // The volume made under `make install` is known to the package's service too.
+        m.ok("docker volume rm kept >/dev/null")?;
+        Ok(())
+    });
+
+    report.step(
+        "systemctl stop; the next docker command starts it again",
+        || {
+            let m = m()?;
+            let before = m.main_pid()?;
+            m.ok("systemctl stop docker-on-top.service 2>/dev/null")?;
+            m.expect_active("docker-on-top.service", "inactive", "after systemctl stop")?;
+            m.expect_active(
+                "docker-on-top.socket",
+                "active",
+                "after stopping the service",
+            )?;
+            m.ok("docker volume inspect data >/dev/null")?;
+            m.expect_active(
+                "docker-on-top.service",
+                "active",
+                "after docker volume inspect",
+            )?;
+            let after = m.main_pid()?;
+            ensure!(after != before && after != 0, "MainPID {before} -> {after}");
+            let out = m.ok(&format!(
+                "docker run --rm --network none -v data:/d {INNER_IMAGE} cat /d/f.txt /d/new.txt"
+            ))?;
+            ensure!(
+                out == "changed\nnew\n",
+                "after the restart the container read {out:?}"
+            );
+            Ok(())
+        },
+    );
+
+    report.step("--idle-timeout (drop-in) exits and comes back", || {
+        let m = m()?;
+        m.ok(r#"mkdir -p /etc/systemd/system/docker-on-top.service.d
+printf '[Service]\nEnvironment="DOCKER_ON_TOP_OPTS=--idle-timeout 2s"\n' > /etc/systemd/system/docker-on-top.service.d/idle.conf
+systemctl daemon-reload
+systemctl restart docker-on-top.service"#)?;
+        let cmdline = m.ok("tr '\\0' ' ' < /proc/$(systemctl show -p MainPID --value docker-on-top.service)/cmdline")?;
+        ensure!(
+            cmdline.contains("--idle-timeout 2s"),
+            "the drop-in did not reach the command line: {cmdline:?}"
+        );
+        ensure!(
+            wait_until(Duration::from_secs(20), || m
+                .active("docker-on-top.service")
+                .is_ok_and(|s| s == "inactive")),
+            "the service did not exit within 20 s of idling with --idle-timeout 2s"
+        );
+        let result = m.ok("systemctl show -p Result --value docker-on-top.service")?;
+        ensure!(result.trim() == "success", "the idle exit was a {result:?}");
+        let out = m.ok(&format!(
+            "docker run --rm --network none -v data:/d {INNER_IMAGE} cat /d/new.txt"
+        ))?;
+        ensure!(out == "new\n", "after the idle exit the container read {out:?}");
+        m.ok("journalctl -u docker-on-top --no-pager -o cat | grep -q 'no request for 2s, stopping'")
+            .map_err(|e| format!("the idle exit is not logged: {e}"))?;
+        m.ok("rm -r /etc/systemd/system/docker-on-top.service.d && systemctl daemon-reload && systemctl restart docker-on-top.service")?;
+        Ok(())
+    });
+
+    report.step("journalctl -u docker-on-top shows the log with priorities", || {
+        let m = m()?;
+        let out = m.sh("docker volume create --driver docker-on-top -o base=/nonexistent bad")?;
+        ensure!(!out.ok, "a volume over a missing base was created");
+        let all = m.ok("journalctl -u docker-on-top --no-pager -o cat")?;
+        ensure!(
+            all.contains("serving on /run/docker/plugins/docker-on-top.sock (socket activated)"),
+            "the journal lacks the start line: {all}"
+        );
+        let warnings = m.ok("journalctl -u docker-on-top -p warning --no-pager -o cat")?;
+        ensure!(
+            warnings.contains("/VolumeDriver.Create bad") && warnings.contains("/nonexistent"),
+            "`journalctl -p warning` lacks the refused Create: {warnings:?}"
+        );
+        ensure!(
+            !warnings.contains("serving on"),
+            "`journalctl -p warning` shows info lines: {warnings:?}"
+        );
+        let prios = m.ok(
+            "journalctl -u docker-on-top -o json --no-pager _COMM=docker-on-top | grep -o '\"PRIORITY\":\"[0-9]\"' | sort -u",
+        )?;
+        ensure!(
+            prios.contains("\"PRIORITY\":\"6\"") && prios.contains("\"PRIORITY\":\"4\""),
+            "the plugin's lines do not carry info and warning priorities: {prios:?}"
+        );
+        ensure!(
+            !all.lines().any(|l| l.starts_with('<')),
+            "priority prefixes leaked into the messages"
+        );
+        Ok(())
+    });
+
+    report.step("reboot: ordering against docker.service, volumes usable", || {
+        let m = m()?;
+        m.ok(&format!(
+            "docker run -d --restart always --network none --name keeper -v data:/d {INNER_IMAGE} sh -c 'trap \"exit 0\" TERM; while :; do sleep 1 & wait $!; done' >/dev/null"
+        ))?;
+        // The kernel's boot ID is the host's, so the journal cannot tell the boots apart by it;
+        // the persistent journal (var/log/journal in the image) is read from this second on,
+        // across machine IDs (--merge: the container's machine ID is new at each boot).
+        std::thread::sleep(Duration::from_millis(1100));
+        let since = m.ok("date +%s")?.trim().to_owned();
+        m.docker.ok(&["restart", "-t", "60", CONTAINER], LONG)?;
+        m.boot()?;
+        let log = m.ok(&format!(
+            "journalctl --merge --since @{since} --no-pager -o cat _PID=1"
+        ))?;
+        let Some(shutdown_at) = log.find("Received SIGRTMIN+3") else {
+            return Err(format!("the journal shows no shutdown since @{since}: {log}"));
+        };
+        let shutdown = &log[shutdown_at..];
+        // Stop order at shutdown: dockerd first, the plugin after it.
+        let (Some(docker_stopped), Some(plugin_stopping)) = (
+            shutdown.find("Stopped docker.service"),
+            shutdown.find("Stopping docker-on-top.service"),
+        ) else {
+            return Err(format!("the shutdown's journal lacks the stop lines: {shutdown}"));
+        };
+        ensure!(
+            docker_stopped < plugin_stopping,
+            "at shutdown the plugin was stopped before dockerd had stopped: {shutdown}"
+        );
+        // Start order at the boot that follows: the socket listens before dockerd starts.
+        let boot = &shutdown[plugin_stopping..];
+        let (Some(listening), Some(docker_starting)) = (
+            boot.find("Listening on docker-on-top.socket"),
+            boot.find("Starting docker.service"),
+        ) else {
+            return Err(format!("the boot's journal lacks the socket or dockerd start lines: {boot}"));
+        };
+        ensure!(
+            listening < docker_starting,
+            "dockerd started before the plugin socket listened"
+        );
+        // The --restart always container is back with its volume.
+        ensure!(
+            wait_until(Duration::from_secs(60), || m
+                .sh("docker exec keeper cat /d/new.txt")
+                .is_ok_and(|o| o.ok && o.stdout == "new\n")),
+            "the restarted container does not see the volume: {}",
+            m.sh("docker ps -a; docker logs keeper 2>&1 | tail -5; journalctl -u docker-on-top -b 0 --no-pager | tail -20")?.stdout
+        );
+        let out = m.ok(&format!(
+            "docker run --rm --network none -v data:/d {INNER_IMAGE} sh -c 'cat /d/f.txt /d/new.txt; echo after > /d/after.txt'"
+        ))?;
+        ensure!(out == "changed\nnew\n", "after the reboot a new container read {out:?}");
+        m.ok("docker rm -f keeper >/dev/null")?;
+        Ok(())
+    });
+
+    report.step(
+        "dpkg -r keeps volumes; purge keeps a state directory with volumes",
+        || {
+            let m = m()?;
+            let removed = m.ok("dpkg -r docker-on-top 2>&1")?;
+            ensure!(
+                removed.contains("kept /var/lib/docker-on-top"),
+                "dpkg -r does not say it keeps the state: {removed}"
+            );
+            m.expect_active("docker-on-top.socket", "inactive", "after dpkg -r")?;
+            m.expect_active("docker-on-top.service", "inactive", "after dpkg -r")?;
+            m.ok("test ! -e /usr/bin/docker-on-top")?;
+            ensure!(
+                m.state.join("data/upper/after.txt").is_file(),
+                "dpkg -r lost the volume's changes"
+            );
+            let purged = m.ok("dpkg -P docker-on-top 2>&1")?;
+            ensure!(
+                purged.contains("NOT removing /var/lib/docker-on-top") && purged.contains("  data"),
+                "dpkg -P does not say it keeps the volumes: {purged}"
+            );
+            ensure!(
+                m.state.join("data/upper/after.txt").is_file(),
+                "dpkg -P lost the volume's changes"
+            );
+            // Reinstalled, the volume is there again; once removed, purge removes the state.
+            let name = deb.file_name().unwrap().to_string_lossy().into_owned();
+            m.ok(&format!("dpkg -i /share/{name} >/dev/null 2>&1"))?;
+            m.expect_active("docker-on-top.socket", "active", "after reinstalling")?;
+            let out = m.ok(&format!(
+                "docker run --rm --network none -v data:/d {INNER_IMAGE} cat /d/after.txt"
+            ))?;
+            ensure!(
+                out == "after\n",
+                "after reinstalling the container read {out:?}"
+            );
+            m.ok("docker volume rm data >/dev/null")?;
+            m.ok("dpkg -P docker-on-top >/dev/null 2>&1")?;
+            ensure!(
+            m.ok("test ! -e /var/lib/docker-on-top/.trash && ls -A /var/lib/docker-on-top | wc -l")?
+                .trim()
+                == "0",
+            "dpkg -P left the emptied state directory's contents"
+        );
+            Ok(())
+        },
+    );
+
+    let warnings = sandbox.as_mut().map(|s| s.destroy()).unwrap_or_default();
+    drop(machine);
+    if report.finish(&warnings) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
