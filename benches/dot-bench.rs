@@ -500,6 +500,7 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
+        die_with_parent(&mut cmd);
         let t = Instant::now();
         let mut child = cmd.spawn().expect("cannot start docker-on-top");
         drop(first_answer(&socket, Duration::from_secs(20), &mut child));
@@ -540,6 +541,28 @@ impl Daemon {
 
     fn stop(mut self) {
         terminate(&mut self.child);
+    }
+}
+
+impl Drop for Daemon {
+    /// A run that fails half-way leaves no plugin behind.
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The child gets SIGKILL if this process dies first.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory.
+    unsafe {
+        cmd.pre_exec(|| {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+                .map_err(io::Error::from)
+        });
     }
 }
 
@@ -977,7 +1000,9 @@ fn scale(work: &Path, base: &Path, opts: &Opts) -> Scale {
     for run in 0..opts.starts {
         let _ = std::fs::remove_file(&socket);
         let log = std::fs::File::create(work.join("activated.log")).unwrap();
-        let mut child = Command::new("systemd-socket-activate")
+        let mut activate = Command::new("systemd-socket-activate");
+        die_with_parent(&mut activate);
+        let mut child = activate
             .arg("-l")
             .arg(&socket)
             .arg(BIN)
