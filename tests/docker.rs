@@ -34,22 +34,30 @@
 //! Scenarios 13 and 14 `kill -9` the suite's dockerd and start it again with the same flags
 //! (14 with `--live-restore`, then once more without), so they run after the others.
 
+#[path = "common/host.rs"]
+mod host;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{self, Read, Write as _};
+use std::io::{self, Write as _};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt, symlink};
-use std::os::unix::process::CommandExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::process::{Child, Command, ExitCode};
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use rustix::process::{Pid, Signal};
+use rustix::process::Signal;
 use serde_json::Value;
+
+use host::{
+    Context, Output, Res, anchor_command, check_interrupted, create_missing_dirs, docker_command,
+    ensure, in_path, kill, kill_cgroup, kill_ns, ns_of, nsenter, own_ns, pids_in_ns,
+    private_dockerd_args, remove_cgroups, remove_dirs, run_cmd, set_interrupted, spawn_logged,
+    stdout_suffix, tail, wait_until_every,
+};
 
 const IMAGE: &str = "dot-e2e:latest";
 const DRIVER: &str = "docker-on-top";
@@ -61,125 +69,12 @@ const LONG_RUNNING: &str = "trap 'exit 0' TERM INT; while :; do sleep 1 & wait $
 const BENCH_RUNS: usize = 15;
 const BENCH_HEADING: &str = "## docker run with a volume (issue 3)";
 
-type Res<T = ()> = Result<T, String>;
+/// How often the suite polls.
+const POLL: Duration = Duration::from_millis(20);
 
-macro_rules! ensure {
-    ($cond:expr, $($arg:tt)+) => {
-        if !($cond) {
-            return Err(format!($($arg)+));
-        }
-    };
-}
-
-/// Adds context to an error message.
-trait Context<T> {
-    fn ctx(self, what: impl std::fmt::Display) -> Res<T>;
-}
-
-impl<T, E: std::fmt::Display> Context<T> for Result<T, E> {
-    fn ctx(self, what: impl std::fmt::Display) -> Res<T> {
-        self.map_err(|e| format!("{what}: {e}"))
-    }
-}
-
-// ----- Running commands -----------------------------------------------------------------------
-
-#[derive(Debug)]
-struct Output {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Output {
-    fn success(&self) -> bool {
-        self.code == Some(0)
-    }
-}
-
-/// Runs `cmd` to completion, killing it after `timeout`.
-fn run_cmd(cmd: &mut Command, timeout: Duration) -> Res<Output> {
-    check_interrupted()?;
-    let shown = format!("{cmd:?}");
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().ctx(format!("cannot run {shown}"))?;
-    let pid = child.id();
-    let mut out = child.stdout.take().expect("piped stdout");
-    let mut err = child.stderr.take().expect("piped stderr");
-    let out_reader = thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = out.read_to_end(&mut buf);
-        buf
-    });
-    let err_reader = thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = err.read_to_end(&mut buf);
-        buf
-    });
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(child.wait());
-    });
-    let status = match rx.recv_timeout(timeout) {
-        Ok(status) => Some(status.ctx(format!("waiting for {shown}"))?),
-        Err(_) => {
-            // Not reaped yet (the waiter is blocked in wait), so the pid is still ours.
-            kill(pid, Signal::KILL);
-            let _ = rx.recv();
-            None
-        }
-    };
-    let stdout = String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned();
-    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned();
-    match status {
-        Some(status) => Ok(Output {
-            code: status.code(),
-            stdout,
-            stderr,
-        }),
-        None => Err(format!(
-            "{shown} timed out after {timeout:?}; stdout: {stdout:?}; stderr: {stderr:?}"
-        )),
-    }
-}
-
-fn kill(pid: u32, signal: Signal) -> bool {
-    Pid::from_raw(pid as i32).is_some_and(|p| rustix::process::kill_process(p, signal).is_ok())
-}
-
-/// Polls `cond` every 20 ms until it holds or `timeout` passes.
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn in_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| {
-            fs::metadata(dir.join(program)).is_ok_and(|m| m.is_file() && m.mode() & 0o111 != 0)
-        })
-    })
-}
-
-fn tail(path: &Path, lines: usize) -> String {
-    match fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let all: Vec<&str> = text.lines().collect();
-            all[all.len().saturating_sub(lines)..].join("\n")
-        }
-        Err(e) => format!("(cannot read {}: {e})", path.display()),
-    }
+/// Polls `cond` every [`POLL`] until it holds or `timeout` passes.
+fn wait_until(timeout: Duration, cond: impl FnMut() -> bool) -> bool {
+    wait_until_every(POLL, timeout, cond)
 }
 
 // ----- Files ------------------------------------------------------------------------------------
@@ -284,54 +179,6 @@ struct Resources {
     destroyed: bool,
 }
 
-fn own_ns() -> String {
-    fs::read_link("/proc/self/ns/mnt")
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default()
-}
-
-fn ns_of(pid: u32) -> Option<String> {
-    fs::read_link(format!("/proc/{pid}/ns/mnt"))
-        .ok()
-        .map(|p| p.to_string_lossy().into_owned())
-}
-
-/// Pids of the processes whose mount namespace is `ns`.
-fn pids_in_ns(ns: &str) -> Vec<u32> {
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|&pid| pid != std::process::id() && ns_of(pid).as_deref() == Some(ns))
-        .collect()
-}
-
-/// The cgroup directories of `parent` in every hierarchy, deepest first.
-fn cgroup_dirs(parent: &str) -> Vec<PathBuf> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        if let Ok(rd) = fs::read_dir(dir) {
-            for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    walk(&e.path(), out);
-                }
-            }
-        }
-        out.push(dir.to_path_buf());
-    }
-    let mut hierarchies = vec![PathBuf::from("/sys/fs/cgroup")];
-    if let Ok(rd) = fs::read_dir("/sys/fs/cgroup") {
-        hierarchies.extend(rd.flatten().map(|e| e.path()));
-    }
-    let mut out = Vec::new();
-    for h in hierarchies {
-        let dir = h.join(parent);
-        if dir.is_dir() {
-            walk(&dir, &mut out);
-        }
-    }
-    out
-}
-
 impl Resources {
     /// Kills everything left and removes what we made. Idempotent; returns warnings.
     fn destroy(&mut self) -> Vec<String> {
@@ -342,57 +189,21 @@ impl Resources {
         self.destroyed = true;
         // Containers (they live in child namespaces, but in our cgroup).
         if let Some(parent) = &self.cgroup_parent {
-            for _ in 0..50 {
-                let mut any = false;
-                for dir in cgroup_dirs(parent) {
-                    let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-                    for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-                        any = true;
-                        kill(pid, Signal::KILL);
-                    }
-                }
-                if !any {
-                    break;
-                }
-                thread::sleep(Duration::from_millis(20));
-            }
+            kill_cgroup(parent, 50, POLL);
         }
         // dockerd, containerd, shims, the plugin, the anchor: all in the namespace.
         if let Some(ns) = &self.ns
             && *ns != own_ns()
         {
-            let gone = wait_until(Duration::from_secs(10), || {
-                let pids = pids_in_ns(ns);
-                for &pid in &pids {
-                    kill(pid, Signal::KILL);
-                }
-                pids.is_empty()
-            });
-            if !gone {
-                warnings.push(format!(
-                    "processes still in the test mount namespace: {:?}",
-                    pids_in_ns(ns)
-                ));
-            }
+            warnings.extend(kill_ns(ns, POLL));
         }
         if let Some(pid) = self.anchor_pid {
             kill(pid, Signal::KILL);
         }
         if let Some(parent) = &self.cgroup_parent {
-            for dir in cgroup_dirs(parent) {
-                let removed = wait_until(Duration::from_secs(2), || {
-                    fs::remove_dir(&dir).is_ok() || !dir.exists()
-                });
-                if !removed {
-                    warnings.push(format!("cannot remove the cgroup {}", dir.display()));
-                }
-            }
+            warnings.extend(remove_cgroups(parent, Duration::from_secs(2), POLL));
         }
-        for dir in self.made_dirs.iter().rev() {
-            if let Err(e) = fs::remove_dir(dir) {
-                warnings.push(format!("cannot remove {}: {e}", dir.display()));
-            }
-        }
+        warnings.extend(remove_dirs(&self.made_dirs));
         if let Some(tmp) = &self.tmp {
             // The namespace is gone with its mounts: this only deletes plain files. Retried,
             // as after a signal the main thread may still be writing here for a moment.
@@ -411,14 +222,6 @@ impl Resources {
         }
         warnings
     }
-}
-
-/// Set once a signal arrived: nothing new is started or written from then on.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-fn check_interrupted() -> Res {
-    ensure!(!INTERRUPTED.load(Ordering::SeqCst), "interrupted");
-    Ok(())
 }
 
 /// On SIGINT, SIGTERM or SIGHUP: tear down by force and exit.
@@ -445,7 +248,7 @@ fn install_signal_teardown(resources: Arc<Mutex<Resources>>) {
                 _ = hup.recv() => {}
             }
         });
-        INTERRUPTED.store(true, Ordering::SeqCst);
+        set_interrupted();
         eprintln!("docker e2e: interrupted; tearing down");
         let warnings = resources
             .lock()
@@ -569,23 +372,10 @@ impl Suite {
         let mut targets = Vec::new();
         for dir in Self::PRIVATE_TMPFS {
             let dir = PathBuf::from(dir);
-            if !dir.exists() {
-                let mut missing: Vec<PathBuf> = dir
-                    .ancestors()
-                    .take_while(|d| !d.exists())
-                    .map(Path::to_path_buf)
-                    .collect();
-                missing.reverse();
-                for d in missing {
-                    fs::create_dir(&d).ctx(format!("creating {}", d.display()))?;
-                    self.resources.lock().unwrap().made_dirs.push(d);
-                }
-            }
+            create_missing_dirs(&dir, |d| self.resources.lock().unwrap().made_dirs.push(d))?;
             targets.push(dir);
         }
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "private", "sleep", "infinity"]);
-        let child = spawn_guarded(&mut cmd, &self.tmp.join("anchor.log"))?;
+        let child = spawn_logged(&mut anchor_command(), &self.tmp.join("anchor.log"))?;
         self.anchor_pid = child.id();
         self.resources.lock().unwrap().anchor_pid = Some(child.id());
         self.anchor = Some(child);
@@ -617,13 +407,7 @@ impl Suite {
 
     /// `nsenter -t ANCHOR -m -- program`.
     fn ns_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg("-t")
-            .arg(self.anchor_pid.to_string())
-            .arg("-m")
-            .arg("--")
-            .arg(program);
-        cmd
+        nsenter(self.anchor_pid, program)
     }
 
     fn start_dockerd(&mut self) -> Res {
@@ -636,32 +420,13 @@ impl Suite {
         write(&self.tmp.join("daemon.json"), "{}\n")?;
         let t = &self.tmp;
         let mut cmd = self.ns_command("dockerd");
-        cmd.arg("--data-root")
-            .arg(t.join("data"))
-            .arg("--exec-root")
-            .arg(t.join("exec"))
-            .arg("-H")
-            .arg(format!("unix://{}", self.docker_sock.display()))
-            .arg("--pidfile")
-            .arg(t.join("docker.pid"))
-            .arg("--config-file")
-            .arg(t.join("daemon.json"))
-            .args([
-                "--iptables=false",
-                "--ip6tables=false",
-                "--bridge=none",
-                "--exec-opt",
-                "native.cgroupdriver=cgroupfs",
-                "--cgroup-parent",
-                &self.cgroup_parent,
-            ])
-            .args(extra);
+        private_dockerd_args(&mut cmd, t, &self.docker_sock, &self.cgroup_parent).args(extra);
         let _ = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.dockerd_log)
             .and_then(|mut f| writeln!(f, "===== test harness: starting {cmd:?}"));
-        self.dockerd = Some(spawn_guarded(&mut cmd, &self.dockerd_log)?);
+        self.dockerd = Some(spawn_logged(&mut cmd, &self.dockerd_log)?);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.dockerd.as_mut().unwrap().try_wait().ctx("dockerd")? {
@@ -714,7 +479,7 @@ impl Suite {
             .append(true)
             .open(&self.plugin_log)
             .and_then(|mut f| writeln!(f, "===== test harness: starting {cmd:?}"));
-        spawn_guarded(cmd, &self.plugin_log)
+        spawn_logged(cmd, &self.plugin_log)
     }
 
     /// Waits until the socket exists (and, with `connect`, accepts a connection).
@@ -878,21 +643,7 @@ impl Suite {
     // ----- docker helpers ----------------------------------------------------------------------
 
     fn docker_cmd(&self) -> Command {
-        let mut cmd = Command::new("docker");
-        cmd.arg("-H")
-            .arg(format!("unix://{}", self.docker_sock.display()))
-            .env("DOCKER_CONFIG", &self.docker_config)
-            .env("DOCKER_CLI_HINTS", "false");
-        for var in [
-            "DOCKER_HOST",
-            "DOCKER_CONTEXT",
-            "DOCKER_TLS_VERIFY",
-            "DOCKER_CERT_PATH",
-            "DOCKER_API_VERSION",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd
+        docker_command(&self.docker_sock, &self.docker_config)
     }
 
     fn docker(&self, args: &[&str]) -> Res<Output> {
@@ -908,11 +659,7 @@ impl Suite {
             args.join(" "),
             out.code,
             out.stderr.trim(),
-            if out.stdout.trim().is_empty() {
-                String::new()
-            } else {
-                format!("; stdout: {}", out.stdout.trim())
-            }
+            stdout_suffix(&out.stdout)
         );
         Ok(out.stdout)
     }
@@ -1183,30 +930,6 @@ impl Drop for Suite {
             eprintln!("docker e2e: teardown: {w}");
         }
     }
-}
-
-/// Spawns `cmd` with stdout and stderr appended to `log`, in its own process group, killed
-/// when this process dies.
-fn spawn_guarded(cmd: &mut Command, log: &Path) -> Res<Child> {
-    check_interrupted()?;
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .ctx(format!("opening {}", log.display()))?;
-    let file2 = file.try_clone().ctx("dup log")?;
-    cmd.stdin(Stdio::null())
-        .stdout(file)
-        .stderr(file2)
-        .process_group(0);
-    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))
-                .map_err(io::Error::from)
-        });
-    }
-    cmd.spawn().ctx(format!("cannot start {cmd:?}"))
 }
 
 // ----- Scenarios --------------------------------------------------------------------------------

@@ -34,7 +34,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant, SystemTime};
 
-use host::{Context, Dockerd, Report, Res, Sandbox, ensure, run_cmd, run_ok, wait_until};
+use host::{
+    Context, Dockerd, Report, Res, Sandbox, ensure, run_cmd, run_ok, stdout_suffix, wait_until,
+};
 
 const SUITE: &str = "bookworm";
 const PACKAGES: &str = "systemd,systemd-sysv,dbus,docker.io,busybox-static,make";
@@ -268,11 +270,7 @@ impl Machine {
             out.ok,
             "inside the container, `{script}` failed: {}{}",
             out.stderr.trim(),
-            if out.stdout.trim().is_empty() {
-                String::new()
-            } else {
-                format!("; stdout: {}", out.stdout.trim())
-            }
+            stdout_suffix(&out.stdout)
         );
         Ok(out.stdout)
     }

@@ -1,5 +1,6 @@
-//! Helpers for the whole-system tests (`tests/systemd.rs`, `tests/podman.rs`): commands with a
-//! timeout, a private mount namespace that dies with the test, and a private dockerd in it.
+//! Helpers for the whole-system tests (`tests/docker.rs`, `tests/systemd.rs`, `tests/podman.rs`):
+//! commands with a timeout, a private mount namespace that dies with the test, and a private
+//! dockerd in it.
 //!
 //! Included with `#[path = "common/host.rs"] mod host;` (not through `common/mod.rs`, so the
 //! other suites do not compile it).
@@ -19,6 +20,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -47,6 +49,21 @@ impl<T, E: std::fmt::Display> Context<T> for Result<T, E> {
     }
 }
 
+/// Set once the test was interrupted (by a signal): nothing new is started from then on.
+/// Never set unless a test calls [`set_interrupted`].
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Marks the test as interrupted: [`run_cmd`] and [`spawn_logged`] refuse to start anything.
+pub fn set_interrupted() {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Fails once [`set_interrupted`] was called.
+pub fn check_interrupted() -> Res {
+    ensure!(!INTERRUPTED.load(Ordering::SeqCst), "interrupted");
+    Ok(())
+}
+
 #[derive(Debug)]
 pub struct Output {
     pub code: Option<i32>,
@@ -62,6 +79,7 @@ impl Output {
 
 /// Runs `cmd` to completion, killing it after `timeout`.
 pub fn run_cmd(cmd: &mut Command, timeout: Duration) -> Res<Output> {
+    check_interrupted()?;
     let shown = format!("{cmd:?}");
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -87,6 +105,7 @@ pub fn run_cmd(cmd: &mut Command, timeout: Duration) -> Res<Output> {
     let status = match rx.recv_timeout(timeout) {
         Ok(status) => Some(status.ctx(format!("waiting for {shown}"))?),
         Err(_) => {
+            // Not reaped yet (the waiter is blocked in wait), so the pid is still ours.
             kill(pid, Signal::KILL);
             let _ = rx.recv();
             None
@@ -114,13 +133,18 @@ pub fn run_ok(cmd: &mut Command, timeout: Duration) -> Res<String> {
         "{cmd:?} failed ({:?}): {}{}",
         out.code,
         out.stderr.trim(),
-        if out.stdout.trim().is_empty() {
-            String::new()
-        } else {
-            format!("; stdout: {}", out.stdout.trim())
-        }
+        stdout_suffix(&out.stdout)
     );
     Ok(out.stdout)
+}
+
+/// `; stdout: STDOUT` for an error message, or nothing when `stdout` is blank.
+pub fn stdout_suffix(stdout: &str) -> String {
+    if stdout.trim().is_empty() {
+        String::new()
+    } else {
+        format!("; stdout: {}", stdout.trim())
+    }
 }
 
 pub fn kill(pid: u32, signal: Signal) -> bool {
@@ -128,7 +152,12 @@ pub fn kill(pid: u32, signal: Signal) -> bool {
 }
 
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub fn wait_until(timeout: Duration, cond: impl FnMut() -> bool) -> bool {
+    wait_until_every(Duration::from_millis(50), timeout, cond)
+}
+
+/// Polls `cond` every `poll` until it holds or `timeout` passes.
+pub fn wait_until_every(poll: Duration, timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if cond() {
@@ -137,7 +166,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        thread::sleep(Duration::from_millis(50));
+        thread::sleep(poll);
     }
 }
 
@@ -178,6 +207,7 @@ pub fn tail(path: &Path, lines: usize) -> String {
 /// Spawns `cmd` with stdout and stderr appended to `log`, in its own process group, killed
 /// when this process dies.
 pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Res<Child> {
+    check_interrupted()?;
     let file = fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -198,13 +228,22 @@ pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Res<Child> {
     cmd.spawn().ctx(format!("cannot start {cmd:?}"))
 }
 
-fn ns_of(pid: u32) -> Option<String> {
+/// The mount namespace (`mnt:[N]`) of this process, empty when unknown.
+pub fn own_ns() -> String {
+    fs::read_link("/proc/self/ns/mnt")
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// The mount namespace (`mnt:[N]`) of `pid`.
+pub fn ns_of(pid: u32) -> Option<String> {
     fs::read_link(format!("/proc/{pid}/ns/mnt"))
         .ok()
         .map(|p| p.to_string_lossy().into_owned())
 }
 
-fn pids_in_ns(ns: &str) -> Vec<u32> {
+/// Pids of the processes (but this one) whose mount namespace is `ns`.
+pub fn pids_in_ns(ns: &str) -> Vec<u32> {
     let Ok(dir) = fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -214,7 +253,7 @@ fn pids_in_ns(ns: &str) -> Vec<u32> {
 }
 
 /// The cgroup directories named `parent` in every hierarchy and below, deepest first.
-fn cgroup_dirs(parent: &str) -> Vec<PathBuf> {
+pub fn cgroup_dirs(parent: &str) -> Vec<PathBuf> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
         if let Ok(rd) = fs::read_dir(dir) {
             for e in rd.flatten() {
@@ -237,6 +276,137 @@ fn cgroup_dirs(parent: &str) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// Kills every process in the cgroups named `parent` (containers live in child namespaces, but
+/// in that cgroup), again every `pause` until none is left, `rounds` times at most.
+pub fn kill_cgroup(parent: &str, rounds: usize, pause: Duration) {
+    for _ in 0..rounds {
+        let mut any = false;
+        for dir in cgroup_dirs(parent) {
+            let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+                any = true;
+                kill(pid, Signal::KILL);
+            }
+        }
+        if !any {
+            break;
+        }
+        thread::sleep(pause);
+    }
+}
+
+/// Kills every process in the mount namespace `ns`, again every `poll` until none is left
+/// (10 s at most); returns a warning when some remain.
+pub fn kill_ns(ns: &str, poll: Duration) -> Option<String> {
+    let gone = wait_until_every(poll, Duration::from_secs(10), || {
+        let pids = pids_in_ns(ns);
+        for &pid in &pids {
+            kill(pid, Signal::KILL);
+        }
+        pids.is_empty()
+    });
+    (!gone).then(|| {
+        format!(
+            "processes still in the test mount namespace: {:?}",
+            pids_in_ns(ns)
+        )
+    })
+}
+
+/// Removes the (emptied) cgroup directories named `parent`, each retried every `poll` for
+/// `timeout`; returns warnings.
+pub fn remove_cgroups(parent: &str, timeout: Duration, poll: Duration) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for dir in cgroup_dirs(parent) {
+        let removed = wait_until_every(poll, timeout, || {
+            fs::remove_dir(&dir).is_ok() || !dir.exists()
+        });
+        if !removed {
+            warnings.push(format!("cannot remove the cgroup {}", dir.display()));
+        }
+    }
+    warnings
+}
+
+/// Removes the empty directories `dirs` (made in that order), innermost first; returns warnings.
+pub fn remove_dirs(dirs: &[PathBuf]) -> Vec<String> {
+    dirs.iter()
+        .rev()
+        .filter_map(|dir| {
+            fs::remove_dir(dir)
+                .err()
+                .map(|e| format!("cannot remove {}: {e}", dir.display()))
+        })
+        .collect()
+}
+
+/// How often [`Sandbox::destroy`] polls.
+const POLL: Duration = Duration::from_millis(50);
+
+/// Creates `dir` and its missing ancestors, outermost first, passing each one made to `made`
+/// (to be removed again at the end).
+pub fn create_missing_dirs(dir: &Path, mut made: impl FnMut(PathBuf)) -> Res {
+    let mut missing: Vec<PathBuf> = dir
+        .ancestors()
+        .take_while(|d| !d.exists())
+        .map(Path::to_path_buf)
+        .collect();
+    missing.reverse();
+    for d in missing {
+        fs::create_dir(&d).ctx(format!("creating {}", d.display()))?;
+        made(d);
+    }
+    Ok(())
+}
+
+/// The anchor: `unshare --mount --propagation private sleep infinity`, a process that owns a
+/// private mount namespace for as long as it lives.
+pub fn anchor_command() -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sleep", "infinity"]);
+    cmd
+}
+
+/// `nsenter -t ANCHOR -m -- program`: `program` in the mount namespace of `anchor_pid`.
+pub fn nsenter(anchor_pid: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg("-t")
+        .arg(anchor_pid.to_string())
+        .arg("-m")
+        .arg("--")
+        .arg(program);
+    cmd
+}
+
+/// Adds to `cmd` (a dockerd) the flags of a private engine: data root, exec root, pidfile and
+/// `daemon.json` in `dir`, the API on `sock`, no networking, containers under `cgroup_parent`.
+pub fn private_dockerd_args<'a>(
+    cmd: &'a mut Command,
+    dir: &Path,
+    sock: &Path,
+    cgroup_parent: &str,
+) -> &'a mut Command {
+    cmd.arg("--data-root")
+        .arg(dir.join("data"))
+        .arg("--exec-root")
+        .arg(dir.join("exec"))
+        .arg("-H")
+        .arg(format!("unix://{}", sock.display()))
+        .arg("--pidfile")
+        .arg(dir.join("docker.pid"))
+        .arg("--config-file")
+        .arg(dir.join("daemon.json"))
+        .args([
+            "--iptables=false",
+            "--ip6tables=false",
+            "--bridge=none",
+            "--exec-opt",
+            "native.cgroupdriver=cgroupfs",
+            "--cgroup-parent",
+            cgroup_parent,
+        ])
 }
 
 /// A temporary directory and a private mount namespace, destroyed on drop.
@@ -280,21 +450,9 @@ impl Sandbox {
             destroyed: false,
         };
         for dir in private_tmpfs {
-            let dir = PathBuf::from(dir);
-            let mut missing: Vec<PathBuf> = dir
-                .ancestors()
-                .take_while(|d| !d.exists())
-                .map(Path::to_path_buf)
-                .collect();
-            missing.reverse();
-            for d in missing {
-                fs::create_dir(&d).ctx(format!("creating {}", d.display()))?;
-                sandbox.made_dirs.push(d);
-            }
+            create_missing_dirs(Path::new(dir), |d| sandbox.made_dirs.push(d))?;
         }
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "private", "sleep", "infinity"]);
-        let child = spawn_logged(&mut cmd, &sandbox.tmp.join("anchor.log"))?;
+        let child = spawn_logged(&mut anchor_command(), &sandbox.tmp.join("anchor.log"))?;
         sandbox.anchor_pid = child.id();
         sandbox.anchor = Some(child);
         let own = ns_of(std::process::id());
@@ -324,13 +482,7 @@ impl Sandbox {
 
     /// `nsenter -t ANCHOR -m -- program`.
     pub fn ns_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut cmd = Command::new("nsenter");
-        cmd.arg("-t")
-            .arg(self.anchor_pid.to_string())
-            .arg("-m")
-            .arg("--")
-            .arg(program);
-        cmd
+        nsenter(self.anchor_pid, program)
     }
 
     /// Starts `cmd` (logging to `log`), to be killed at the end.
@@ -358,25 +510,7 @@ impl Sandbox {
         };
         fs::create_dir_all(&dockerd.config).ctx("creating the docker CLI config")?;
         let mut cmd = self.ns_command("dockerd");
-        cmd.arg("--data-root")
-            .arg(t.join("data"))
-            .arg("--exec-root")
-            .arg(t.join("exec"))
-            .arg("-H")
-            .arg(format!("unix://{}", dockerd.sock.display()))
-            .arg("--pidfile")
-            .arg(t.join("docker.pid"))
-            .arg("--config-file")
-            .arg(t.join("daemon.json"))
-            .args([
-                "--iptables=false",
-                "--ip6tables=false",
-                "--bridge=none",
-                "--exec-opt",
-                "native.cgroupdriver=cgroupfs",
-                "--cgroup-parent",
-                &self.cgroup_parent,
-            ]);
+        private_dockerd_args(&mut cmd, &t, &dockerd.sock, &self.cgroup_parent);
         let pid = self.spawn(&mut cmd, &dockerd.log)?;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -414,34 +548,9 @@ impl Sandbox {
         }
         self.destroyed = true;
         // Containers: in child namespaces, but in our cgroup.
-        for _ in 0..100 {
-            let mut any = false;
-            for dir in cgroup_dirs(&self.cgroup_parent) {
-                let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-                for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
-                    any = true;
-                    kill(pid, Signal::KILL);
-                }
-            }
-            if !any {
-                break;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        if let Some(ns) = self.ns.clone() {
-            let gone = wait_until(Duration::from_secs(10), || {
-                let pids = pids_in_ns(&ns);
-                for &pid in &pids {
-                    kill(pid, Signal::KILL);
-                }
-                pids.is_empty()
-            });
-            if !gone {
-                warnings.push(format!(
-                    "processes still in the test mount namespace: {:?}",
-                    pids_in_ns(&ns)
-                ));
-            }
+        kill_cgroup(&self.cgroup_parent, 100, POLL);
+        if let Some(ns) = &self.ns {
+            warnings.extend(kill_ns(ns, POLL));
         }
         for child in &mut self.children {
             let _ = child.kill();
@@ -451,19 +560,12 @@ impl Sandbox {
             let _ = anchor.kill();
             let _ = anchor.wait();
         }
-        for dir in cgroup_dirs(&self.cgroup_parent) {
-            let removed = wait_until(Duration::from_secs(5), || {
-                fs::remove_dir(&dir).is_ok() || !dir.exists()
-            });
-            if !removed {
-                warnings.push(format!("cannot remove the cgroup {}", dir.display()));
-            }
-        }
-        for dir in self.made_dirs.iter().rev() {
-            if let Err(e) = fs::remove_dir(dir) {
-                warnings.push(format!("cannot remove {}: {e}", dir.display()));
-            }
-        }
+        warnings.extend(remove_cgroups(
+            &self.cgroup_parent,
+            Duration::from_secs(5),
+            POLL,
+        ));
+        warnings.extend(remove_dirs(&self.made_dirs));
         if std::env::var_os("DOT_KEEP_TMP").is_some() {
             eprintln!("{}: kept {} (DOT_KEEP_TMP)", self.name, self.tmp.display());
         } else if let Err(e) = fs::remove_dir_all(&self.tmp) {
@@ -491,27 +593,32 @@ pub struct Dockerd {
 impl Dockerd {
     /// `docker -H unix://SOCK` with a private CLI config and none of the caller's DOCKER_*.
     pub fn cmd(&self) -> Command {
-        let mut cmd = Command::new("docker");
-        cmd.arg("-H")
-            .arg(format!("unix://{}", self.sock.display()))
-            .env("DOCKER_CONFIG", &self.config)
-            .env("DOCKER_CLI_HINTS", "false");
-        for var in [
-            "DOCKER_HOST",
-            "DOCKER_CONTEXT",
-            "DOCKER_TLS_VERIFY",
-            "DOCKER_CERT_PATH",
-            "DOCKER_API_VERSION",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd
+        docker_command(&self.sock, &self.config)
     }
 
     /// `docker ARGS`, which must succeed within `timeout`; returns its stdout.
     pub fn ok(&self, args: &[&str], timeout: Duration) -> Res<String> {
         run_ok(self.cmd().args(args), timeout)
     }
+}
+
+/// `docker -H unix://SOCK` with the CLI config `config` and none of the caller's DOCKER_*.
+pub fn docker_command(sock: &Path, config: &Path) -> Command {
+    let mut cmd = Command::new("docker");
+    cmd.arg("-H")
+        .arg(format!("unix://{}", sock.display()))
+        .env("DOCKER_CONFIG", config)
+        .env("DOCKER_CLI_HINTS", "false");
+    for var in [
+        "DOCKER_HOST",
+        "DOCKER_CONTEXT",
+        "DOCKER_TLS_VERIFY",
+        "DOCKER_CERT_PATH",
+        "DOCKER_API_VERSION",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
 }
 
 /// A small stable hash (FNV-1a, 64 bit) for cache keys.
