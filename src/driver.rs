@@ -1016,6 +1016,11 @@ mod tests {
                 .map(|c| c.split(' ').next().unwrap().to_string())
                 .collect()
         }
+        /// Makes another mount namespace hold a copy of `vol`'s overlay.
+        fn hold(&self, vol: &str) {
+            let upper = self.vol(vol).upper();
+            self.driver.sys().state.lock().unwrap().held.insert(upper);
+        }
         fn vol(&self, vol: &str) -> VolumeDir {
             self.driver.root().volume(&name(vol))
         }
@@ -1171,13 +1176,7 @@ mod tests {
             )
             .unwrap();
         // Held elsewhere would refuse; an earlier boot's records need no look.
-        f.driver
-            .sys()
-            .state
-            .lock()
-            .unwrap()
-            .held
-            .insert(f.vol("v").upper());
+        f.hold("v");
         f.driver.mount(&name("v"), &id("new"), None).unwrap();
         assert_eq!(f.count("v", "old"), None);
         assert_eq!(f.count("v", "new"), Some(1));
@@ -1194,13 +1193,7 @@ mod tests {
         f.driver.mount(&name("v"), &id("a"), None).unwrap();
         // Someone unmounted it here while a container elsewhere still holds it.
         f.driver.sys().state.lock().unwrap().mounted.clear();
-        f.driver
-            .sys()
-            .state
-            .lock()
-            .unwrap()
-            .held
-            .insert(f.vol("v").upper());
+        f.hold("v");
         let err = f.driver.mount(&name("v"), &id("b"), None).unwrap_err();
         assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
         assert_eq!(f.calls(), vec!["mount"], "second overlay on one upper");
@@ -1221,13 +1214,7 @@ mod tests {
         std::fs::write(f.vol("v").upper().join("in-use"), "x").unwrap();
         // The last Unmount here leaves a copy of the overlay in another mount namespace (made
         // while it was mounted: once no namespace has it, none can copy it).
-        f.driver
-            .sys()
-            .state
-            .lock()
-            .unwrap()
-            .held
-            .insert(f.vol("v").upper());
+        f.hold("v");
         f.driver.unmount(&name("v"), &id("a")).unwrap();
         let err = f.driver.mount(&name("v"), &id("b"), None).unwrap_err();
         assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
@@ -1248,13 +1235,7 @@ mod tests {
         f.driver.mount(&name("v"), &id("c"), None).unwrap();
         f.vol("v").clear_records().unwrap();
         std::fs::write(f.vol("v").upper().join("in-use"), "x").unwrap();
-        f.driver
-            .sys()
-            .state
-            .lock()
-            .unwrap()
-            .held
-            .insert(f.vol("v").upper());
+        f.hold("v");
         let err = f.driver.mount(&name("v"), &id("d"), None).unwrap_err();
         assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
         assert!(
@@ -1292,13 +1273,7 @@ mod tests {
         // The look never ran (a crash after the unmount): the next Mount looks itself.
         f.create("w", false);
         std::fs::create_dir(f.vol("w").overlay_work()).unwrap();
-        f.driver
-            .sys()
-            .state
-            .lock()
-            .unwrap()
-            .held
-            .insert(f.vol("w").upper());
+        f.hold("w");
         let err = f.driver.mount(&name("w"), &id("a"), None).unwrap_err();
         assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
         let err = f.driver.remove(&name("w")).unwrap_err();
