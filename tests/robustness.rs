@@ -406,7 +406,10 @@ fn check_reply(r: &Response) -> Result<(), String> {
             String::from_utf8_lossy(&r.body[..r.body.len().min(300)])
         )
     })?;
-    if r.body.len() > 16 * 1024 {
+    // The product cuts an error message to `MAX_ERROR_CHARS` characters (plus the marker of
+    // the cut); JSON escaping makes a character at most 6 bytes (`\uXXXX`).
+    let bound = (wire::Reply::MAX_ERROR_CHARS + 16) * 6;
+    if r.body.len() > bound {
         return Err(format!(
             "status {}: a {}-byte reply",
             r.status,
