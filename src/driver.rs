@@ -12,7 +12,7 @@
 //! | kernel    | records                    | meaning and what Mount does                         |
 //! |-----------|----------------------------|-----------------------------------------------------|
 //! | mounted   | some                       | in use: count one more                              |
-//! | mounted   | none                       | left by a crash after mount, or a busy last unmount: reuse; a volatile volume is unmounted and discarded first (refused while busy) |
+//! | mounted   | none                       | left by a crash after mount or before the unmount that follows the last Unmount, or a busy mountpoint: reuse; a volatile volume is unmounted and discarded first (refused while busy) |
 //! | unmounted | none                       | idle: discard if volatile, mount; if the look for copies after the last unmount is still to be made (`workdir/work` is there, see below), refused while another mount namespace holds a copy of the overlay |
 //! | unmounted | all from an earlier boot   | idle after a reboot: records are void               |
 //! | unmounted | some from this boot (or Go)| unmounted here but perhaps still held in another mount namespace: refused while any process holds it, else the records are void |
@@ -23,17 +23,19 @@
 //! namespace holds the overlay (with live-restore a running container still does, and keeps
 //! them). Records with no known client are never released this way.
 //!
-//! Last Unmount unmounts *before* deleting its record, and Mount mounts *before* writing its
-//! record, so a crash between the two steps always leaves one of the rows above. A volatile
+//! Mount mounts *before* writing its record; the last Unmount deletes its record and leaves
+//! the unmount for after its reply (below). A crash between the two steps of either always
+//! leaves one of the rows above. A volatile
 //! volume's changes are discarded at the first Mount after the last Unmount, never at Unmount,
 //! so they can be recovered in between; the discard renames the upper into the trash in
 //! constant time and the [`Janitor`] deletes it.
 //!
 //! A copy of the overlay can outlive the last Unmount in another mount namespace, and that
 //! upper must never get a second overlay. Looking for copies reads every mount namespace's
-//! mount table, which costs more than the mount itself, so Mount does not: the last Unmount
-//! looks in the background after replying, with the volume still locked, and marks a volume
-//! found free by removing overlayfs' `workdir/work` (see `driver/verify.rs`). A Mount or
+//! mount table, which costs more than the mount itself, so Mount does not: after the last
+//! Unmount has replied, a background thread unmounts the overlay (which syncs the upper's file
+//! system) and looks, with the volume still locked, and marks a volume found free by removing
+//! overlayfs' `workdir/work` (see `driver/verify.rs`). A Mount or
 //! Remove of an unmounted volume looks itself only while records or that mark say the look
 //! is still to be made.
 //!
@@ -192,6 +194,8 @@ pub struct Driver<S: Sys = RealSys> {
     janitor: OnceLock<Janitor>,
     /// Started at the first last Unmount; `None` if its thread could not be started.
     verifier: OnceLock<Option<verify::Verifier>>,
+    /// Files made ahead of time to become mount records (refilled by the janitor).
+    spares: Arc<store::Spares>,
     allowed_bases: AllowedBases,
 }
 
@@ -227,6 +231,7 @@ impl<S: Sys> Driver<S> {
             boot_id,
             janitor: OnceLock::new(),
             verifier: OnceLock::new(),
+            spares: Arc::default(),
             allowed_bases: AllowedBases::anywhere(),
         })
     }
@@ -252,7 +257,7 @@ impl<S: Sys> Driver<S> {
         if self.janitor.get().is_some() {
             return;
         }
-        match Janitor::start(self.root.clone()) {
+        match Janitor::start(self.root.clone(), self.spares.clone()) {
             Ok(j) => {
                 let _ = self.janitor.set(j);
             }
@@ -439,10 +444,24 @@ impl<S: Sys> Driver<S> {
             failpoint!("mount.stale-unmounted");
         }
         let fresh = !mounted;
+        let previous = records.iter().find(|(rid, _)| rid == id).map(|(_, r)| r);
+        let uses = previous.map_or(0, |r| r.usage_count) + 1;
+        let record = MountRecord {
+            usage_count: uses,
+            boot_id: Some(self.boot_id.clone()),
+            client: client.or(previous.and_then(|r| r.client)),
+        };
+        let record_err = |source| DriverError::Io {
+            name: name.clone(),
+            action: "recording the mount",
+            source,
+        };
         // Whether changes went to the trash: the janitor starts on them once this Mount is
         // done, not while it runs (deleting a large upper competes for the disk's journal).
         let mut discarded = false;
-        if !mounted {
+        let recorded = if mounted {
+            self.write_record(&vol, id, &record).map_err(record_err)
+        } else {
             // A volatile volume's upper is looked at first (its changes go now). Otherwise
             // the directories are made only when the mount misses one (a damaged or Go-made
             // volume): they are nearly always there.
@@ -457,33 +476,19 @@ impl<S: Sys> Driver<S> {
                 }
                 result => result,
             };
-            if discarded && mounted.is_err() {
-                self.kick_janitor();
+            if let Err(source) = mounted {
+                if discarded {
+                    self.kick_janitor();
+                }
+                return Err(DriverError::Mount {
+                    name: name.clone(),
+                    source,
+                });
             }
-            mounted.map_err(|source| DriverError::Mount {
-                name: name.clone(),
-                source,
-            })?;
             log::info!("mounted volume {name} at {mountpoint:?}");
             failpoint!("mount.overlay-mounted");
-        }
-
-        let previous = records.iter().find(|(rid, _)| rid == id).map(|(_, r)| r);
-        let uses = previous.map_or(0, |r| r.usage_count) + 1;
-        let recorded = vol
-            .write_record(
-                id,
-                &MountRecord {
-                    usage_count: uses,
-                    boot_id: Some(self.boot_id.clone()),
-                    client: client.or(previous.and_then(|r| r.client)),
-                },
-            )
-            .map_err(|source| DriverError::Io {
-                name: name.clone(),
-                action: "recording the mount",
-                source,
-            });
+            self.write_record(&vol, id, &record).map_err(record_err)
+        };
         if let Err(err) = recorded {
             // The state directory is full or read-only. dockerd gets the error and will never
             // send an Unmount: an overlay just mounted for this Mount goes again.
@@ -503,6 +508,18 @@ impl<S: Sys> Driver<S> {
             self.kick_janitor();
         }
         Ok(mountpoint)
+    }
+
+    /// Writes a mount record, from a spare file if one is ready (`store::Spares`); asks the
+    /// janitor for more when they run low.
+    fn write_record(&self, vol: &VolumeDir, id: &MountId, record: &MountRecord) -> io::Result<()> {
+        let result = vol.write_record_using(id, record, &self.spares);
+        if self.spares.ready() <= store::Spares::TARGET / 2
+            && let Some(j) = self.janitor.get()
+        {
+            j.want_spares();
+        }
+        result
     }
 
     /// Releases the records whose client process is gone, provided no other mount namespace
@@ -681,7 +698,8 @@ impl<S: Sys> Driver<S> {
         };
         if record.usage_count > 1 {
             let left = record.usage_count - 1;
-            vol.write_record(
+            self.write_record(
+                &vol,
                 id,
                 &MountRecord {
                     usage_count: left,
@@ -694,61 +712,46 @@ impl<S: Sys> Driver<S> {
             failpoint!("unmount.decremented");
             return Ok(());
         }
-        let mut result = Ok(());
-        let mut unmounted = false;
-        if records.len() == 1 {
-            let mountpoint = vol.mountpoint();
-            if self.is_mounted(name, &mountpoint)? {
-                match self.unmount_overlay(name, &mountpoint) {
-                    Ok(()) => {
-                        log::info!("unmounted volume {name}");
-                        unmounted = true;
-                        failpoint!("unmount.unmounted");
-                    }
-                    // The record goes anyway: dockerd never repeats an Unmount. The next
-                    // Mount finds the overlay with no records and deals with it.
-                    Err(busy @ DriverError::Busy { .. }) => {
-                        log::warn!("volume {name} stays mounted: {mountpoint:?} is busy");
-                        result = Err(busy);
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        // After the last unmount the record is renamed into the trash, to be deleted after
-        // the reply: deleting a file whose data is on disk costs some 0.1 ms on ext4, five
-        // times the rename, and the unmount itself costs little more.
-        let trashed = if unmounted {
-            let slot = self.root.trash_slot("record");
-            match std::fs::rename(vol.record(id), &slot) {
-                Ok(()) => Some(slot),
-                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-                Err(e) => return Err(io_err("deleting the mount record")(e)),
-            }
-        } else {
+        // The last record goes first, then the overlay, after the reply (see
+        // `driver/verify.rs`): dockerd does not wait for the unmount, which syncs the upper's
+        // file system, and nothing can mount the volume before it is done.
+        let mountpoint = vol.mountpoint();
+        let last_here = records.len() == 1 && self.is_mounted(name, &mountpoint)?;
+        // The last record is renamed into the trash, to be deleted after the reply: deleting
+        // a file whose data is on disk costs some 0.1 ms on ext4, five times the rename.
+        if !last_here {
             vol.delete_record(id)
                 .map_err(io_err("deleting the mount record"))?;
-            None
+            log::debug!("volume {name}: mount ID {id} released");
+            failpoint!("unmount.released");
+            return Ok(());
+        }
+        let slot = self.root.trash_slot("record");
+        let (trashed, result) = match std::fs::rename(vol.record(id), &slot) {
+            Ok(()) => (Some(slot), Ok(())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (None, Ok(())),
+            // A read-only or damaged state directory: the overlay goes all the same (dockerd
+            // never repeats an Unmount), and the next Mount finds the record void.
+            Err(e) => (None, Err(io_err("deleting the mount record")(e))),
         };
         log::debug!("volume {name}: mount ID {id} released");
         failpoint!("unmount.released");
-        if unmounted {
-            self.look_for_copies_later(verify::Job {
-                name: name.clone(),
-                vol,
-                lock,
-                trashed,
-            });
-        }
+        self.unmount_later(verify::Job {
+            name: name.clone(),
+            vol,
+            lock,
+            trashed,
+        });
         result
     }
 
-    /// Hands a volume just unmounted here, still locked, to the thread that looks for copies of
-    /// its overlay elsewhere (`driver/verify.rs`); looks at once if that thread cannot run.
-    fn look_for_copies_later(&self, job: verify::Job) {
+    /// Hands a volume whose last record is gone, still locked and mounted here, to the thread
+    /// that unmounts it and looks for copies of its overlay elsewhere (`driver/verify.rs`);
+    /// does that at once if the thread cannot run.
+    fn unmount_later(&self, job: verify::Job) {
         let verifier = self.verifier.get_or_init(|| {
             verify::Verifier::start(self.sys.clone())
-                .inspect_err(|e| log::warn!("cannot start the thread that looks for copies: {e}"))
+                .inspect_err(|e| log::warn!("cannot start the thread that unmounts: {e}"))
                 .ok()
         });
         let job = match verifier {
@@ -758,7 +761,17 @@ impl<S: Sys> Driver<S> {
             },
             None => job,
         };
-        verify::look(&*self.sys, vec![job]);
+        drop(verify::finish(&*self.sys, vec![job]));
+    }
+
+    /// Waits until the unmount a last Unmount left for after its reply is done for `name`
+    /// (not the look for copies that follows it: a Mount or Remove waits for that, on the
+    /// volume's lock). Queries call it so that they never report a volume as mounted that no
+    /// container uses any more.
+    pub fn settle(&self, name: &VolumeName) {
+        if let Some(Some(v)) = self.verifier.get() {
+            v.wait_unmounted(name);
+        }
     }
 
     // ----- Remove -----------------------------------------------------------------------
@@ -798,6 +811,7 @@ impl<S: Sys> Driver<S> {
 
     /// The mountpoint while mounted, `None` while not; an error for an unknown volume.
     pub fn path(&self, name: &VolumeName) -> Result<Option<PathBuf>, DriverError> {
+        self.settle(name);
         let vol = self.existing(name)?;
         let mountpoint = vol.mountpoint();
         Ok(self.is_mounted(name, &mountpoint)?.then_some(mountpoint))
@@ -806,6 +820,7 @@ impl<S: Sys> Driver<S> {
     pub fn get(&self, name: &VolumeName) -> Result<VolumeInfo, DriverError> {
         // Only a missing directory is an error: dockerd forgets a volume on any Get error, so
         // every other failure is reported inside the answer.
+        self.settle(name);
         let vol = self.existing(name)?;
         let mountpoint = vol.mountpoint();
         let mut errors = Vec::new();
@@ -1009,6 +1024,14 @@ mod tests {
             o.insert("volatile".to_string(), volatile.to_string());
             self.driver.create(&name(vol), &o).unwrap();
         }
+        /// Unmount, and the work it leaves for after its reply (the unmount, then the look,
+        /// which ends when the volume's lock is free).
+        fn unmount(&self, vol: &VolumeName, mount: &MountId) -> Result<(), DriverError> {
+            let result = self.driver.unmount(vol, mount);
+            self.driver.settle(vol);
+            drop(self.driver.lock_volume(vol));
+            result
+        }
         fn calls(&self) -> Vec<String> {
             let s = self.driver.sys().state.lock().unwrap();
             s.calls
@@ -1078,15 +1101,15 @@ mod tests {
         assert_eq!(f.calls(), vec!["mount"]);
         assert_eq!(f.driver.get(&name("v")).unwrap().active_mounts, 3);
 
-        f.driver.unmount(&name("v"), &id("a")).unwrap();
-        f.driver.unmount(&name("v"), &id("a")).unwrap();
+        f.unmount(&name("v"), &id("a")).unwrap();
+        f.unmount(&name("v"), &id("a")).unwrap();
         assert_eq!(f.count("v", "a"), None);
         assert_eq!(f.calls(), vec!["mount"], "unmounted while b uses it");
         assert!(f.driver.path(&name("v")).unwrap().is_some());
-        f.driver.unmount(&name("v"), &id("b")).unwrap();
+        f.unmount(&name("v"), &id("b")).unwrap();
         assert_eq!(f.calls(), vec!["mount", "unmount"]);
         assert_eq!(f.driver.path(&name("v")).unwrap(), None);
-        let err = f.driver.unmount(&name("v"), &id("b")).unwrap_err();
+        let err = f.unmount(&name("v"), &id("b")).unwrap_err();
         assert_eq!(err.to_string(), "volume v has no mount with ID b");
     }
 
@@ -1095,7 +1118,7 @@ mod tests {
         let f = fixture();
         for err in [
             f.driver.mount(&name("nope"), &id("a"), None).unwrap_err(),
-            f.driver.unmount(&name("nope"), &id("a")).unwrap_err(),
+            f.unmount(&name("nope"), &id("a")).unwrap_err(),
             f.driver.path(&name("nope")).unwrap_err(),
             f.driver.get(&name("nope")).unwrap_err(),
         ] {
@@ -1110,7 +1133,7 @@ mod tests {
         f.create("v", true);
         f.driver.mount(&name("v"), &id("a"), None).unwrap();
         std::fs::write(f.vol("v").upper().join("scratch"), "x").unwrap();
-        f.driver.unmount(&name("v"), &id("a")).unwrap();
+        f.unmount(&name("v"), &id("a")).unwrap();
         assert!(
             f.vol("v").upper().join("scratch").exists(),
             "discarded at unmount"
@@ -1137,7 +1160,7 @@ mod tests {
         f.create("v", false);
         f.driver.mount(&name("v"), &id("a"), None).unwrap();
         std::fs::write(f.vol("v").upper().join("kept"), "x").unwrap();
-        f.driver.unmount(&name("v"), &id("a")).unwrap();
+        f.unmount(&name("v"), &id("a")).unwrap();
         f.driver.mount(&name("v"), &id("b"), None).unwrap();
         assert!(f.vol("v").upper().join("kept").exists());
     }
@@ -1155,7 +1178,7 @@ mod tests {
         check();
         f.driver.mount(&name("v"), &id("a"), None).unwrap();
         std::fs::write(f.vol("v").upper().join("x"), "x").unwrap();
-        f.driver.unmount(&name("v"), &id("a")).unwrap();
+        f.unmount(&name("v"), &id("a")).unwrap();
         f.driver.mount(&name("v"), &id("a"), None).unwrap();
         check();
     }
@@ -1215,7 +1238,7 @@ mod tests {
         // The last Unmount here leaves a copy of the overlay in another mount namespace (made
         // while it was mounted: once no namespace has it, none can copy it).
         f.hold("v");
-        f.driver.unmount(&name("v"), &id("a")).unwrap();
+        f.unmount(&name("v"), &id("a")).unwrap();
         let err = f.driver.mount(&name("v"), &id("b"), None).unwrap_err();
         assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
         let err = f.driver.remove(&name("v")).unwrap_err();
@@ -1257,7 +1280,7 @@ mod tests {
         f.driver.mount(&name("v"), &id("a"), None).unwrap();
         assert_eq!(looks(), 0, "the first Mount of a new volume looked");
         assert!(f.vol("v").overlay_work().exists());
-        f.driver.unmount(&name("v"), &id("a")).unwrap();
+        f.unmount(&name("v"), &id("a")).unwrap();
         // The look runs in the background, with the volume locked.
         drop(f.driver.lock_volume(&name("v")).unwrap());
         assert_eq!(looks(), 1);
@@ -1266,7 +1289,7 @@ mod tests {
             "mark left after a clean look"
         );
         f.driver.mount(&name("v"), &id("b"), None).unwrap();
-        f.driver.unmount(&name("v"), &id("b")).unwrap();
+        f.unmount(&name("v"), &id("b")).unwrap();
         f.driver.remove(&name("v")).unwrap();
         assert_eq!(looks(), 2, "Mount or Remove looked again");
 
@@ -1295,9 +1318,10 @@ mod tests {
             f.driver.mount(&name(v), &id("a"), None).unwrap();
             let mp = f.vol(v).mountpoint();
             f.driver.sys().state.lock().unwrap().busy.insert(mp);
-            let err = f.driver.unmount(&name(v), &id("a")).unwrap_err();
-            assert!(matches!(err, DriverError::Busy { .. }), "{err}");
+            // dockerd is not told: the unmount comes after the reply.
+            f.unmount(&name(v), &id("a")).unwrap();
             assert_eq!(f.count(v, "a"), None);
+            assert!(f.driver.get(&name(v)).unwrap().mounted);
         }
         // Persistent: reuse the overlay as it is.
         f.driver.mount(&name("p"), &id("b"), None).unwrap();
@@ -1348,7 +1372,7 @@ mod tests {
         f.driver.mount(&name("v"), &id("b"), Some(200)).unwrap();
         assert_eq!(f.count("v", "a"), Some(1));
         assert!(upper.join("scratch").exists());
-        f.driver.unmount(&name("v"), &id("b")).unwrap();
+        f.unmount(&name("v"), &id("b")).unwrap();
 
         // The container is gone too: its mount is released, and the volatile volume starts
         // afresh instead of showing a dead container's scratch file.
@@ -1404,7 +1428,7 @@ mod tests {
         // A crash in the middle of a record write (tests/crash.rs kills the daemon there).
         let tmp = f.vol("v").active_mounts().join(".a.tmp-1-2-3");
         std::fs::write(&tmp, "{").unwrap();
-        f.driver.unmount(&name("v"), &id("a")).unwrap();
+        f.unmount(&name("v"), &id("a")).unwrap();
         f.driver.mount(&name("v"), &id("b"), None).unwrap();
         assert!(!tmp.exists(), "temporary kept");
         assert_eq!(f.count("v", "b"), Some(1));

@@ -1,17 +1,19 @@
 //! Background deletion of the trash: discarded uppers of volatile volumes, removed volumes and
-//! abandoned staging directories.
+//! abandoned staging directories; and the making of spare files for mount records
+//! ([`Spares`]).
 //!
 //! Deleting an upper costs time proportional to its size (about 1 s per 100,000 files), so
 //! requests only *rename* things into `ROOT/.trash` (constant time) and this thread deletes
 //! them later. A deletion interrupted by a crash or a stop is simply finished by the next
 //! process. This module must never touch anything outside the trash, except that it moves an
-//! abandoned `.new-*` staging directory (one whose creator no longer holds its lock) into it.
+//! abandoned `.new-*` staging directory (one whose creator no longer holds its lock) into it,
+//! and it makes (and at its first pass clears) the spare files in `ROOT/.spare/`.
 
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 
-use crate::store::{self, Root, STAGING_PREFIX};
+use crate::store::{self, Root, STAGING_PREFIX, Spares};
 
 /// How long a pass waits after the kick that asked for it.
 const KICK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
@@ -19,13 +21,15 @@ const KICK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
 /// Handle to the janitor thread; dropping it lets the thread finish its current pass and end.
 #[derive(Debug)]
 pub struct Janitor {
-    kick: mpsc::Sender<()>,
+    /// `true`: a pass over the trash; `false`: only spares wanted.
+    kick: mpsc::Sender<bool>,
 }
 
 impl Janitor {
-    /// Starts the thread; it makes one pass at once (finishing earlier processes' deletions).
-    pub fn start(root: Root) -> std::io::Result<Self> {
-        let (kick, wake) = mpsc::channel::<()>();
+    /// Starts the thread; it makes one pass at once (finishing earlier processes' deletions,
+    /// making `spares` ready).
+    pub fn start(root: Root, spares: Arc<Spares>) -> std::io::Result<Self> {
+        let (kick, wake) = mpsc::channel::<bool>();
         std::thread::Builder::new()
             .name("janitor".into())
             .spawn(move || {
@@ -33,21 +37,38 @@ impl Janitor {
                 // that requests never wait for a CPU while it deletes a large upper.
                 let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
                 sweep(&root);
-                while wake.recv().is_ok() {
+                refill(&root, &spares);
+                while let Ok(mut trash) = wake.recv() {
                     // The request that kicked is still answering: a deletion in the kernel
                     // is not preempted for it whatever the priority, so start a moment later.
                     std::thread::sleep(KICK_DELAY);
                     // Several kicks while we were busy need only one more pass.
-                    while wake.try_recv().is_ok() {}
-                    sweep(&root);
+                    while let Ok(more) = wake.try_recv() {
+                        trash |= more;
+                    }
+                    if trash {
+                        sweep(&root);
+                    }
+                    refill(&root, &spares);
                 }
             })?;
         Ok(Self { kick })
     }
 
-    /// Asks for a pass soon.
+    /// Asks for a pass over the trash soon.
     pub fn kick(&self) {
-        let _ = self.kick.send(());
+        let _ = self.kick.send(true);
+    }
+
+    /// Asks for spares soon.
+    pub fn want_spares(&self) {
+        let _ = self.kick.send(false);
+    }
+}
+
+fn refill(root: &Root, spares: &Spares) {
+    if let Err(e) = spares.refill(root) {
+        log::debug!("cannot make spare files for mount records: {e}");
     }
 }
 

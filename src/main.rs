@@ -276,10 +276,11 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
-/// Driver calls running at once; more wait for a thread. Calls of one volume wait for each
-/// other anyway (its lock), and mounts serialise in the kernel.
+/// Driver calls running at once for connections beyond the server's dedicated threads; more
+/// wait for a thread. Calls of one volume wait for each other anyway (its lock), and mounts
+/// serialise in the kernel.
 const BLOCKING_THREADS: usize = 16;
-/// Stack of those threads: the driver recurses nowhere deep.
+/// Stack of those threads: the driver recurses nowhere deep (the JSON is decoded before).
 const BLOCKING_STACK: usize = 256 * 1024;
 
 /// glibc's malloc, tuned for a small daemon: two arenas instead of eight per CPU, and large
@@ -327,8 +328,9 @@ fn serve(opts: Opts) -> Result<()> {
     .with_context(|| format!("cannot open the state directory {}", opts.root.display()))?;
     let driver = Arc::new(driver);
 
-    // One thread serves the socket (HTTP is cheap); driver calls, which block on locks and
-    // syscalls, run on a bounded pool of small threads that exit when idle.
+    // This thread accepts connections. The first few open at a time get a thread of their own,
+    // which makes their driver calls itself; the calls of any more run on a bounded pool of
+    // small threads that exit when idle (see `server.rs`).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .thread_name("docker-on-top")
         .max_blocking_threads(BLOCKING_THREADS)
@@ -359,8 +361,10 @@ fn serve(opts: Opts) -> Result<()> {
             .await
             .context("cannot accept connections")
     });
-    // Requests still running in the driver after the drain get a little longer to finish.
     runtime.shutdown_timeout(Duration::from_secs(10));
+    // Finishes the unmounts that last Unmounts left for after their replies (when no
+    // connection still holds the driver).
+    drop(driver);
     result
 }
 

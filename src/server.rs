@@ -2,9 +2,17 @@
 //!
 //! [`listen`] acquires the unix socket (from systemd, or by creating it); [`serve`] answers
 //! HTTP/1.1 on it, handing each request's method, path and body to [`crate::wire`] and running
-//! the decoded call on a blocking thread. This module must not interpret requests or know
-//! about volumes, files or mounts: everything it answers comes from `wire`, and every answer,
-//! errors included, is JSON.
+//! the decoded call. This module must not interpret requests or know about volumes, files or
+//! mounts: everything it answers comes from `wire`, and every answer, errors included, is JSON.
+//!
+//! One thread accepts. The first [`DEDICATED_THREADS`] connections open at a time are each
+//! served by a thread of their own, which runs the driver's (blocking) calls itself: handing
+//! a call to a pool thread and back costs two thread wake-ups, more than an empty request
+//! costs in all (75 of 106 µs here, BENCHMARKS.md), and dockerd keeps its few connections
+//! open, so such a thread is paid for once. Those threads end with their connections (an idle
+//! daemon has none). Connections beyond them (thousands, from a client gone wrong) cost a few
+//! KiB each: they are served by the accepting thread and their calls run on a bounded pool
+//! of blocking threads.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -91,6 +99,7 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(limit));
     let open = Arc::new(OpenConnections::default());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let dedicated = Arc::new(AtomicUsize::new(0));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(opts.read_timeout.unwrap_or(HEADER_READ_TIMEOUT))
@@ -140,19 +149,42 @@ pub async fn serve(
             }
         };
         let state = open.add();
-        let connection = serve_connection(
-            stream,
-            http.clone(),
-            shared.clone(),
-            stop_rx.clone(),
-            state.clone(),
-        );
         let open = open.clone();
-        tokio::spawn(async move {
-            connection.await;
-            open.remove(&state);
-            drop(slot);
-        });
+        let conn = Connection {
+            http: http.clone(),
+            shared: shared.clone(),
+            stop: stop_rx.clone(),
+            state: state.clone(),
+        };
+        let Some(place) = DedicatedPlace::take(&dedicated) else {
+            tokio::spawn(async move {
+                serve_connection(stream, conn, false).await;
+                open.remove(&state);
+                drop(slot);
+            });
+            continue;
+        };
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(err) => {
+                warn!("cannot take over a connection: {err}");
+                open.remove(&state);
+                continue;
+            }
+        };
+        let spawned = std::thread::Builder::new()
+            .name("connection".into())
+            .stack_size(CONNECTION_STACK)
+            .spawn(move || {
+                serve_on_this_thread(stream, conn);
+                open.remove(&state);
+                drop(slot);
+                drop(place);
+            });
+        if let Err(err) = spawned {
+            // Its slot, place and state went with the closure: the client sees it close.
+            warn!("cannot start a thread for a connection: {err}");
+        }
     };
 
     notify(NotifyState::Stopping);
@@ -315,13 +347,70 @@ fn is_transient(err: &io::Error) -> bool {
     })
 }
 
-async fn serve_connection(
-    stream: UnixStream,
+/// Connections served at once by threads of their own (see the module's doc).
+pub const DEDICATED_THREADS: usize = 16;
+/// Stack of such a thread: it also decodes the requests' JSON (serde recurses up to 128
+/// levels deep); only the pages touched count.
+const CONNECTION_STACK: usize = 2 * 1024 * 1024;
+
+/// What serving one accepted connection needs besides its stream.
+struct Connection {
     http: http1::Builder,
     shared: Arc<Shared>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     state: Arc<ConnectionState>,
-) {
+}
+
+/// One of the [`DEDICATED_THREADS`] places; given back when dropped.
+struct DedicatedPlace(Arc<AtomicUsize>);
+
+impl DedicatedPlace {
+    fn take(taken: &Arc<AtomicUsize>) -> Option<DedicatedPlace> {
+        if taken.fetch_add(1, Ordering::SeqCst) >= DEDICATED_THREADS {
+            taken.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(DedicatedPlace(taken.clone()))
+    }
+}
+
+impl Drop for DedicatedPlace {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Serves a connection until it ends, on this thread (which it blocks), with a runtime of its
+/// own: its driver calls run right here.
+fn serve_on_this_thread(stream: std::os::unix::net::UnixStream, conn: Connection) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            warn!("cannot serve a connection: {err}");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        match UnixStream::from_std(stream) {
+            Ok(stream) => serve_connection(stream, conn, true).await,
+            Err(err) => warn!("cannot serve a connection: {err}"),
+        }
+    });
+}
+
+/// Serves one connection: on a thread of its own (`inline`: the driver's calls run on it) or
+/// as a task of the accepting thread (they run on the blocking pool).
+async fn serve_connection(stream: UnixStream, conn: Connection, inline: bool) {
+    let Connection {
+        http,
+        shared,
+        mut stop,
+        state,
+        ..
+    } = conn;
     let _ = state.serving_since.set(Instant::now());
     // The peer's pid identifies the client (dockerd) whose mounts these are: see
     // `Driver::mount`. A peer in another pid namespace shows as no pid.
@@ -340,7 +429,7 @@ async fn serve_connection(
             let shared = shared.clone();
             let peer = peer.clone();
             async move {
-                let response = handle(&shared, request, peer).await;
+                let response = handle(&shared, request, peer, inline).await;
                 drop(running);
                 Ok::<_, Infallible>(response)
             }
@@ -437,13 +526,14 @@ impl Drop for InFlight<'_> {
 }
 
 #[derive(Debug, Error)]
-#[error("the request handler failed")]
-struct HandlerFailed(#[source] tokio::task::JoinError);
+#[error("the request handler failed: {0}")]
+struct HandlerPanicked(String);
 
 async fn handle(
     shared: &Shared,
     request: Request<Incoming>,
     peer: Arc<wire::Peer>,
+    inline: bool,
 ) -> Response<Full<Bytes>> {
     let _in_flight = shared.activity.begin();
     let started = Instant::now();
@@ -453,10 +543,26 @@ async fn handle(
         Ok(call) => {
             let what = call.to_string();
             let driver = shared.driver.clone();
-            let reply =
-                tokio::task::spawn_blocking(move || wire::execute_for(&driver, call, &peer))
+            // A panic fails this request alone, as a 500.
+            let run = move || {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    wire::execute_for(&driver, call, &peer)
+                }))
+                .unwrap_or_else(|panic| {
+                    let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    Reply::error(500, &HandlerPanicked(what))
+                })
+            };
+            // On the connection's own thread it blocks nothing else.
+            let reply = if inline {
+                run()
+            } else {
+                tokio::task::spawn_blocking(run)
                     .await
-                    .unwrap_or_else(|err| Reply::error(500, &HandlerFailed(err)));
+                    .unwrap_or_else(|err| Reply::error(500, &HandlerPanicked(err.to_string())))
+            };
             (what, reply)
         }
         Err(err) => {

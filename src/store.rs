@@ -6,6 +6,8 @@
 //! ROOT/
 //!   .trash/               entries being deleted in the background (discarded uppers,
 //!                         removed volumes); anything here is garbage
+//!   .spare/               empty files made in the background, each to become a mount
+//!                         record (see [`Spares`]); anything here at start is garbage
 //!   .new-NAME-NONCE/      a volume being created; renamed to NAME when complete
 //!   NAME/                 one volume
 //!     metadata.json       {"BaseDirPath": "/abs", "Volatile": false, "CreatedAt": "RFC 3339"}
@@ -38,7 +40,7 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -48,6 +50,7 @@ use serde::{Deserialize, Serialize};
 use crate::names::{MountId, VolumeName};
 
 pub const TRASH_DIR: &str = ".trash";
+pub const SPARE_DIR: &str = ".spare";
 pub const STAGING_PREFIX: &str = ".new-";
 
 /// `metadata.json`. Field names are the Go version's; `CreatedAt` is new and optional.
@@ -176,6 +179,78 @@ fn read_small_at<Fd: std::os::fd::AsFd>(dir: Fd, path: &Path) -> io::Result<Vec<
     }
 }
 
+/// Empty files in `ROOT/.spare/`, made ahead of time (by the janitor, in the background), each
+/// to become a mount record by one write and one rename.
+///
+/// Creating a file is the dearest step of writing a record: on ext4 some 45 µs of a 60 µs
+/// write (a new inode, its directory entry), against 20 µs for the rename that follows; a
+/// Mount spends a fifth of its own time on it. A spare moves that off the request. A crash
+/// between the write and the rename leaves a spare with content: garbage, deleted by the next
+/// process's first [`Spares::refill`], like every other leftover there.
+#[derive(Debug, Default)]
+pub struct Spares {
+    ready: std::sync::Mutex<Vec<Spare>>,
+    /// Whether this process has cleared what earlier ones left in `.spare/`.
+    cleared: std::sync::atomic::AtomicBool,
+}
+
+/// One empty spare file. Not kept open: a file open for writing would keep the state
+/// directory's file system from being remounted read-only.
+#[derive(Debug)]
+pub struct Spare {
+    path: PathBuf,
+}
+
+impl Spares {
+    /// How many are kept ready.
+    pub const TARGET: usize = 4;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Spare>> {
+        self.ready
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn take(&self) -> Option<Spare> {
+        self.lock().pop()
+    }
+
+    /// How many are ready.
+    pub fn ready(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Makes spares in `root`'s `.spare/` until [`Spares::TARGET`] are ready; the first call
+    /// in a process deletes what earlier processes left there.
+    pub fn refill(&self, root: &Root) -> io::Result<()> {
+        let dir = root.spare_dir();
+        if !self.cleared.swap(true, Ordering::SeqCst) {
+            match std::fs::read_dir(&dir) {
+                Ok(entries) => {
+                    for entry in entries {
+                        std::fs::remove_file(entry?.path())?;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    std::fs::create_dir(&dir)?;
+                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        while self.ready() < Self::TARGET {
+            let path = dir.join(format!("record-{}", nonce()));
+            File::options()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(&path)?;
+            self.lock().push(Spare { path });
+        }
+        Ok(())
+    }
+}
+
 /// The state root.
 #[derive(Debug, Clone)]
 pub struct Root {
@@ -208,6 +283,10 @@ impl Root {
         VolumeDir {
             path: self.path.join(name),
         }
+    }
+
+    pub fn spare_dir(&self) -> PathBuf {
+        self.path.join(SPARE_DIR)
     }
 
     /// A fresh path in the trash for something that used to be `what`.
@@ -331,6 +410,36 @@ impl VolumeDir {
         }
     }
 
+    /// [`VolumeDir::write_record`], turning one of `spares` into the record if there is one:
+    /// it is written (it is empty) and renamed into place.
+    pub fn write_record_using(
+        &self,
+        id: &MountId,
+        record: &MountRecord,
+        spares: &Spares,
+    ) -> io::Result<()> {
+        if let Some(spare) = spares.take() {
+            let json = serde_json::to_vec(record).map_err(io::Error::other)?;
+            let installed = File::options()
+                .write(true)
+                .open(&spare.path)
+                .and_then(|mut file| file.write_all(&json))
+                .and_then(|()| {
+                    failpoint!("store.temp-written");
+                    std::fs::rename(&spare.path, self.record(id))
+                });
+            match installed {
+                Ok(()) => return Ok(()),
+                // `activemounts/` missing, on another file system, ...: the usual way.
+                Err(e) => {
+                    log::debug!("cannot use {:?} as a mount record: {e}", spare.path);
+                    let _ = std::fs::remove_file(&spare.path);
+                }
+            }
+        }
+        self.write_record(id, record)
+    }
+
     pub fn delete_record(&self, id: &MountId) -> io::Result<()> {
         match std::fs::remove_file(self.record(id)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
@@ -405,6 +514,63 @@ pub fn lock_volume(dir: &Path) -> io::Result<Option<VolumeLock>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spares_become_records_and_leftovers_go_at_the_first_refill() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(&tmp.path().join("root")).unwrap();
+        std::fs::create_dir(root.spare_dir()).unwrap();
+        std::fs::write(root.spare_dir().join("record-old"), "left by a crash").unwrap();
+        let vol = VolumeDir::at(root.path().join("v"));
+        std::fs::create_dir_all(vol.active_mounts()).unwrap();
+        let spares = Spares::default();
+        spares.refill(&root).unwrap();
+        assert_eq!(spares.ready(), Spares::TARGET);
+        let on_disk = || std::fs::read_dir(root.spare_dir()).unwrap().count();
+        assert_eq!(on_disk(), Spares::TARGET, "the leftover is gone");
+
+        let id = MountId::parse("a").unwrap();
+        let record = MountRecord {
+            usage_count: 1,
+            boot_id: Some("b".into()),
+            client: None,
+        };
+        vol.write_record_using(&id, &record, &spares).unwrap();
+        assert_eq!(spares.ready(), Spares::TARGET - 1);
+        assert_eq!(on_disk(), Spares::TARGET - 1, "the spare became the record");
+        assert_eq!(vol.read_records().unwrap(), vec![(id.clone(), record)]);
+
+        // Replacing a record (a count going down) works the same way.
+        let fewer = MountRecord {
+            usage_count: 2,
+            boot_id: Some("b".into()),
+            client: None,
+        };
+        vol.write_record_using(&id, &fewer, &spares).unwrap();
+        assert_eq!(vol.read_records().unwrap(), vec![(id.clone(), fewer)]);
+
+        // No `activemounts/`: the spare is dropped and the record written the usual way.
+        std::fs::remove_dir_all(vol.active_mounts()).unwrap();
+        let once = MountRecord {
+            usage_count: 1,
+            boot_id: None,
+            client: None,
+        };
+        vol.write_record_using(&id, &once, &spares).unwrap();
+        assert_eq!(vol.read_records().unwrap(), vec![(id, once)]);
+        assert_eq!(on_disk(), Spares::TARGET - 3);
+
+        // Without spares, the usual way.
+        let none = Spares::default();
+        let other = MountId::parse("b").unwrap();
+        let rec = MountRecord {
+            usage_count: 1,
+            boot_id: None,
+            client: None,
+        };
+        vol.write_record_using(&other, &rec, &none).unwrap();
+        assert_eq!(vol.read_records().unwrap().len(), 2);
+    }
 
     #[test]
     fn metadata_reads_go_format() {

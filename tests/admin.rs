@@ -14,7 +14,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use docker_on_top::driver::{Driver, DriverError};
+use docker_on_top::driver::Driver;
 use docker_on_top::names::{MountId, VolumeName};
 use docker_on_top::sys::{OverlaySpec, RealSys, Sys, SysError};
 
@@ -61,12 +61,20 @@ impl Env {
         self.driver.mount(&name(vol), &id(mount_id), None).unwrap()
     }
 
+    /// The last Unmount of `vol` (every test here unmounts each mount ID once), and the
+    /// unmount it leaves for after its reply.
     fn unmount(&self, vol: &str, mount_id: &str) {
-        match self.driver.unmount(&name(vol), &id(mount_id)) {
-            Ok(()) => {}
-            // The record is gone; only the overlay is left to unmount.
-            Err(DriverError::Busy { mountpoint, .. }) => unmount_retrying(&mountpoint),
-            Err(e) => panic!("unmounting {vol}: {e}"),
+        let vol = name(vol);
+        if let Err(e) = self.driver.unmount(&vol, &id(mount_id)) {
+            panic!("unmounting {vol}: {e}");
+        }
+        // What a client's Get would wait for: the unmount after the reply.
+        self.driver.settle(&vol);
+        let info = self.driver.get(&vol).unwrap();
+        assert_eq!(info.active_mounts, 0, "not the last Unmount of {vol}");
+        if let Some(mountpoint) = info.mountpoint {
+            // Busy: the record is gone, only the overlay is left to unmount.
+            unmount_retrying(&mountpoint);
         }
     }
 

@@ -776,7 +776,8 @@ impl Suite {
     }
 
     fn expect_mounted(&self, volume: &str, want: bool, when: &str) -> Res {
-        // dockerd's Unmount may trail the CLI's return by a moment.
+        // dockerd's Unmount may trail the CLI's return by a moment, and the plugin unmounts
+        // after its reply to the last Unmount.
         let ok = wait_until(Duration::from_secs(5), || {
             self.mounted(volume).is_ok_and(|m| m == want)
         });

@@ -69,11 +69,17 @@ fn set(items: &[&str]) -> BTreeSet<String> {
 }
 
 /// Checks what the state directory holds, as the daemon sees it: exactly `volumes` and the
-/// trash (emptied by the janitor), each volume complete with no temporaries and no records.
+/// trash (emptied by the janitor), each volume complete with no temporaries and no records,
+/// and nothing mounted (once a Get has waited for the unmount after a last Unmount's reply).
 fn assert_clean_state(env: &Env, volumes: &[&str]) {
+    for v in volumes {
+        env.settle(v);
+    }
     let root = env.seen(&env.root);
     let mut expected = set(volumes);
     expected.insert(".trash".into());
+    // Made by the janitor at the daemon's start: empty files, each to become a record.
+    expected.insert(".spare".into());
     assert_eq!(names(&root), expected, "the state directory");
     let trash = root.join(".trash");
     wait_until(Duration::from_secs(10), "the trash to be emptied", || {
@@ -119,6 +125,9 @@ fn read_only_state_directory_refuses_changes_clearly_and_recovers() {
     let mp = env.mount_ok("t", "a");
     std::fs::write(env.seen(&mp).join("scratch"), "x").unwrap();
     env.unmount_ok("t", "a");
+    // Unmounted for real before the directory turns read-only.
+    env.settle("t");
+    env.assert_not_mounted("t");
     // A volume in use while the directory turns read-only.
     let mp_m = env.mount_ok("m", "m1");
     std::fs::write(env.seen(&mp_m).join("kept"), "kept").unwrap();
@@ -167,7 +176,7 @@ fn read_only_state_directory_refuses_changes_clearly_and_recovers() {
         .run(&["mount", "-o", "remount,bind,rw", s(&env.root)]);
     // Nothing half-done: no staging directory of the refused Create, no temporaries.
     let root = env.seen(&env.root);
-    assert_eq!(names(&root), set(&[".trash", "m", "p", "t"]));
+    assert_eq!(names(&root), set(&[".spare", ".trash", "m", "p", "t"]));
     for v in ["m", "p", "t"] {
         let entries = names(&root.join(v));
         assert!(
@@ -236,6 +245,9 @@ fn full_state_directory_refuses_changes_clearly_and_recovers() {
     let mp_p = env.mount_ok("p", "a");
     std::fs::write(env.seen(&mp_p).join("kept"), "kept").unwrap();
     env.unmount_ok("p", "a");
+    // Unmounted for real (and its record deleted) before the directory is filled.
+    env.settle("p");
+    env.assert_not_mounted("p");
 
     let root = env.seen(&env.root);
     let filler = fill(&root);

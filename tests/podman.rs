@@ -370,8 +370,11 @@ fn main() -> ExitCode {
                     == "new\n",
                 "the upper does not hold the change"
             );
+            // The plugin unmounts after its reply to the last Unmount: a moment later.
             ensure!(
-                !p.mounted("data")?,
+                wait_until(Duration::from_secs(10), || p
+                    .mounted("data")
+                    .is_ok_and(|m| !m)),
                 "still mounted after the containers ended"
             );
             ensure!(

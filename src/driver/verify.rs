@@ -1,33 +1,47 @@
-//! After the last Unmount: the look for copies of the overlay in other mount namespaces.
+//! After the last Unmount: the unmount itself, and the look for copies of the overlay in other
+//! mount namespaces. Both happen here, on one thread, after the Unmount has replied, while
+//! the volume stays locked: nothing can mount, reset or remove it before they are done, and
+//! queries wait for the unmount ([`Driver::settle`]).
 //!
-//! A process whose mount namespace was copied while the overlay was mounted (a container of
-//! another engine, anything run under `unshare -m`) keeps its copy of the overlay after the
-//! last Unmount here, and that upper must never get a second overlay. Finding such copies
-//! means reading the mount table of every mount namespace (`/proc/*/mountinfo`): milliseconds
-//! on a busy host, many times the mount itself. So Mount does not look; the last Unmount does,
-//! in the background once its reply is on its way, while the volume stays locked (nothing can
-//! mount it before the look is done).
+//! Why after the reply: unmounting an overlay syncs its upper's whole file system (overlayfs'
+//! `sync_fs` at superblock shutdown), which costs more than the plugin's own bookkeeping, and
+//! for a container that wrote much it takes as long as writing that back. dockerd has nothing
+//! to wait for: the container is gone, and its last record is deleted before the reply.
+//! A crash before the unmount leaves the "mounted, no records" row of the driver's state
+//! machine; a busy mountpoint (a process still inside it) stays mounted the same way, with a
+//! warning in the log, and the next Mount reuses the overlay (a volatile one is refused until
+//! it is free).
+//!
+//! Why look: a process whose mount namespace was copied while the overlay was mounted (a
+//! container of another engine, anything run under `unshare -m`) keeps its copy of the
+//! overlay after the unmount here, and that upper must never get a second overlay. Finding
+//! such copies means reading the mount table of every mount namespace (`/proc/*/mountinfo`):
+//! milliseconds on a busy host, many times the mount itself. So Mount does not look; this
+//! thread does, once per batch of waiting volumes.
 //!
 //! The mark that the look is still to be made is overlayfs' own: every mount creates
 //! `workdir/work` ([`VolumeDir::overlay_work`]), and the look removes it when it finds no
 //! copy. A Mount or Remove that finds it (the look found a copy, or never ran: a crash, the
-//! process stopped, a busy mountpoint unmounted by hand, a mount made by the Go version) looks
-//! itself and refuses while a copy is held. Several last Unmounts waiting at once share one
-//! look.
+//! process stopped, a busy mountpoint, a mount made by the Go version) looks itself and
+//! refuses while a copy is held.
 //!
-//! The last mount record does not wait for the look (the mark says whether it is still to be
-//! made): the Unmount renames it into the trash, cheaper than deleting it, and it is deleted
-//! here after the reply.
+//! The last mount record does not wait (the mark says whether the look is still to be made):
+//! the Unmount renames it into the trash, cheaper than deleting it, and it is deleted here.
+//!
+//! This thread must not take any volume's lock: each job brings its own.
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::thread::JoinHandle;
 
 use super::*;
 
 /// Stack of the thread: it parses mount tables, nothing recursive.
 const STACK_SIZE: usize = 128 * 1024;
 
-/// One volume whose overlay was just unmounted here, still locked.
+/// One volume whose last mount record was just released, its overlay still mounted here and
+/// the volume still locked.
 pub(super) struct Job {
     pub name: VolumeName,
     pub vol: VolumeDir,
@@ -36,44 +50,149 @@ pub(super) struct Job {
     pub trashed: Option<PathBuf>,
 }
 
-/// Handle to the thread that makes the looks; it ends when the handle is dropped.
+/// Handle to the thread that finishes last Unmounts. Dropping it lets the thread finish the
+/// jobs queued and waits for it, so that a clean stop leaves nothing mounted for nobody.
 pub(super) struct Verifier {
-    jobs: mpsc::Sender<Job>,
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Option<JoinHandle<()>>,
+    /// Volumes whose overlay is still to be unmounted by a job, and the signal that some were.
+    pending: Arc<(Mutex<HashSet<VolumeName>>, Condvar)>,
 }
 
 impl Verifier {
     pub(super) fn start<S: Sys>(sys: Arc<S>) -> io::Result<Self> {
         let (jobs, queue) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
+        let pending = Arc::new((Mutex::new(HashSet::new()), Condvar::new()));
+        let done = pending.clone();
+        let thread = std::thread::Builder::new()
             .name("verifier".into())
             .stack_size(STACK_SIZE)
             .spawn(move || {
                 while let Ok(first) = queue.recv() {
                     let mut batch = vec![first];
                     batch.extend(queue.try_iter());
-                    look(&*sys, batch);
+                    let names: Vec<VolumeName> = batch.iter().map(|j| j.name.clone()).collect();
+                    let (unmounted, mut locks) = unmount_all(&*sys, batch);
+                    let mut pending = done.0.lock().unwrap_or_else(PoisonError::into_inner);
+                    for name in &names {
+                        pending.remove(name);
+                    }
+                    drop(pending);
+                    done.1.notify_all();
+                    locks.extend(look(&*sys, unmounted));
+                    drop(locks);
                 }
             })?;
-        Ok(Self { jobs })
+        Ok(Self {
+            jobs: Some(jobs),
+            thread: Some(thread),
+            pending,
+        })
     }
 
     /// Queues `job`; gives it back when the thread is gone.
     pub(super) fn submit(&self, job: Job) -> Result<(), Job> {
-        self.jobs.send(job).map_err(|e| e.0)
+        let name = job.name.clone();
+        self.set_pending(&name, true);
+        let Some(jobs) = &self.jobs else {
+            self.set_pending(&name, false);
+            return Err(job);
+        };
+        jobs.send(job).map_err(|e| {
+            self.set_pending(&name, false);
+            e.0
+        })
+    }
+
+    /// Waits until no job has `name`'s overlay still to unmount.
+    pub(super) fn wait_unmounted(&self, name: &VolumeName) {
+        let (set, unmounted) = &*self.pending;
+        let mut pending = set.lock().unwrap_or_else(PoisonError::into_inner);
+        while pending.contains(name) {
+            pending = unmounted
+                .wait(pending)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn set_pending(&self, name: &VolumeName, on: bool) {
+        let mut pending = self
+            .pending
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if on {
+            pending.insert(name.clone());
+        } else {
+            pending.remove(name);
+        }
     }
 }
 
-/// Looks once for copies of all the jobs' overlays; removes the mark of each volume none of
-/// whose copies is held, then unlocks them.
-pub(super) fn look<S: Sys + ?Sized>(sys: &S, jobs: Vec<Job>) {
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Finishes the jobs' last Unmounts ([`unmount_all`], then [`look`]). Returns the volumes'
+/// locks, for the caller to drop once it is done with them.
+pub(super) fn finish<S: Sys + ?Sized>(sys: &S, jobs: Vec<Job>) -> Vec<store::VolumeLock> {
+    let (unmounted, mut locks) = unmount_all(sys, jobs);
+    locks.extend(look(sys, unmounted));
+    locks
+}
+
+/// Deletes the jobs' records and unmounts their overlays. Returns the jobs whose overlay is
+/// unmounted, and the locks of the others (still mounted: busy), which need no look.
+fn unmount_all<S: Sys + ?Sized>(sys: &S, jobs: Vec<Job>) -> (Vec<Job>, Vec<store::VolumeLock>) {
     for trashed in jobs.iter().filter_map(|j| j.trashed.as_ref()) {
         // Before anyone else can lock the volume (else the janitor deletes it at the next
         // start).
         let _ = std::fs::remove_file(trashed);
     }
-    let uppers: Vec<PathBuf> = jobs.iter().map(|j| j.vol.upper()).collect();
+    let mut locks = Vec::with_capacity(jobs.len());
+    let mut unmounted = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let name = &job.name;
+        let mountpoint = job.vol.mountpoint();
+        match sys.unmount(&mountpoint) {
+            Ok(()) => {
+                log::info!("unmounted volume {name}");
+                failpoint!("unmount.unmounted");
+                unmounted.push(job);
+                continue;
+            }
+            Err(SysError::Busy) => log::warn!(
+                "volume {name} stays mounted after its last Unmount: {mountpoint:?} is busy (a \
+                 process still uses files under it); the next Mount uses it as it is"
+            ),
+            Err(e) => log::warn!(
+                "volume {name} stays mounted after its last Unmount: {}",
+                crate::error_chain(&DriverError::Unmount {
+                    name: name.clone(),
+                    source: e,
+                })
+            ),
+        }
+        locks.push(job.lock);
+    }
+    (unmounted, locks)
+}
+
+/// Looks once for copies of the (unmounted) jobs' overlays, and removes the mark of each
+/// none of whose copies is held. Returns their locks.
+fn look<S: Sys + ?Sized>(sys: &S, unmounted: Vec<Job>) -> Vec<store::VolumeLock> {
+    let mut locks = Vec::with_capacity(unmounted.len());
+    if unmounted.is_empty() {
+        return locks;
+    }
+    let uppers: Vec<PathBuf> = unmounted.iter().map(|j| j.vol.upper()).collect();
     let found = sys.overlay_holders_of(&uppers);
-    for (i, job) in jobs.into_iter().enumerate() {
+    for (i, job) in unmounted.into_iter().enumerate() {
         let name = &job.name;
         match found.as_ref().map(|all| &all[i]) {
             Ok(holders) => match holders.first() {
@@ -95,6 +214,7 @@ pub(super) fn look<S: Sys + ?Sized>(sys: &S, jobs: Vec<Job>) {
                 crate::error_chain(e)
             ),
         }
-        drop(job.lock);
+        locks.push(job.lock);
     }
+    locks
 }

@@ -756,6 +756,8 @@ impl Env {
         PathBuf::from(mp)
     }
 
+    /// An Unmount. The last one of a volume answers before its overlay is unmounted: see
+    /// [`Env::settle`].
     pub fn unmount(&self, name: &str, id: &str) -> Result<(), String> {
         self.call(
             "/VolumeDriver.Unmount",
@@ -787,6 +789,13 @@ impl Env {
 
     pub fn get_ok(&self, name: &str) -> Value {
         self.get(name).unwrap_or_else(|e| panic!("Get {name}: {e}"))
+    }
+
+    /// Waits for what a last Unmount of `name` leaves for after its reply (the unmount of the
+    /// overlay, the look for copies of it elsewhere) the way a client does: with a Get, which
+    /// waits for it. Whatever the Get answers is ignored (the volume may not exist).
+    pub fn settle(&self, name: &str) {
+        let _ = self.call("/VolumeDriver.Get", Some(json!({ "Name": name })));
     }
 
     /// The Mountpoint of a Path reply; `None` when absent or empty.
