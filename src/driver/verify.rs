@@ -146,14 +146,9 @@ pub(super) fn finish<S: Sys + ?Sized>(sys: &S, jobs: Vec<Job>) -> Vec<store::Vol
     locks
 }
 
-/// Deletes the jobs' records and unmounts their overlays. Returns the jobs whose overlay is
-/// unmounted, and the locks of the others (still mounted: busy), which need no look.
+/// Unmounts the jobs' overlays. Returns the jobs whose overlay is unmounted, and the locks of
+/// the others (still mounted: busy), which need no look, their records deleted.
 fn unmount_all<S: Sys + ?Sized>(sys: &S, jobs: Vec<Job>) -> (Vec<Job>, Vec<store::VolumeLock>) {
-    for trashed in jobs.iter().filter_map(|j| j.trashed.as_ref()) {
-        // Before anyone else can lock the volume (else the janitor deletes it at the next
-        // start).
-        let _ = std::fs::remove_file(trashed);
-    }
     let mut locks = Vec::with_capacity(jobs.len());
     let mut unmounted = Vec::with_capacity(jobs.len());
     for job in jobs {
@@ -178,18 +173,29 @@ fn unmount_all<S: Sys + ?Sized>(sys: &S, jobs: Vec<Job>) -> (Vec<Job>, Vec<store
                 })
             ),
         }
+        delete_trashed(&job);
         locks.push(job.lock);
     }
     (unmounted, locks)
 }
 
-/// Looks once for copies of the (unmounted) jobs' overlays, and removes the mark of each
-/// none of whose copies is held. Returns their locks.
+/// Deletes the job's last record from the trash: after the unmount (which queries wait for;
+/// deleting a file costs more than renaming it), before anyone else can lock the volume (else
+/// the janitor deletes it at the next start).
+fn delete_trashed(job: &Job) {
+    if let Some(trashed) = &job.trashed {
+        let _ = std::fs::remove_file(trashed);
+    }
+}
+
+/// Deletes the (unmounted) jobs' records, looks once for copies of their overlays, and removes
+/// the mark of each none of whose copies is held. Returns their locks.
 fn look<S: Sys + ?Sized>(sys: &S, unmounted: Vec<Job>) -> Vec<store::VolumeLock> {
     let mut locks = Vec::with_capacity(unmounted.len());
     if unmounted.is_empty() {
         return locks;
     }
+    unmounted.iter().for_each(delete_trashed);
     let uppers: Vec<PathBuf> = unmounted.iter().map(|j| j.vol.upper()).collect();
     let found = sys.overlay_holders_of(&uppers);
     for (i, job) in unmounted.into_iter().enumerate() {
