@@ -1,8 +1,9 @@
 //! The volume driver: volume lifecycle, per-ID mount counts and the volatile discard.
 //!
 //! This is where every invariant of [`crate::store`] is kept. It is synchronous (the server
-//! calls it on a thread that may block: a connection's own, or the blocking pool); it takes validated [`VolumeName`]s and [`MountId`]s and
-//! never sees the wire format. Mounting goes through the [`Sys`] trait.
+//! calls it on a thread that may block: a connection's own, or the blocking pool); it takes
+//! validated [`VolumeName`]s and [`MountId`]s and never sees the wire format. Mounting goes
+//! through the [`Sys`] trait.
 //!
 //! # State machine of one volume
 //!
