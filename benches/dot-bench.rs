@@ -614,7 +614,9 @@ fn syncfs(path: &Path) {
 /// (the mount's own writes; for the plugin also its mount records), and in a second round
 /// also between mount and umount2 ("synced before it"), as after a container that ran longer
 /// than the journal's commit interval. Every timed request follows an untimed empty one, so
-/// that it finds the plugin awake, as the empty round trip it is compared with does. The
+/// that it finds the plugin awake, as the empty round trip it is compared with does; except
+/// a Get sent right after the last Unmount's reply, which waits for the unmount the plugin
+/// makes after that reply (the pair is reported as "until unmounted"). The
 /// floor's `workdir/work` is removed (untimed) before each mount: overlayfs then creates it
 /// without first deleting an old one, its cheapest case, which is also the plugin's case for
 /// a volume whose last unmount was looked after.

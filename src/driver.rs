@@ -26,9 +26,8 @@
 //!
 //! Mount mounts *before* writing its record; the last Unmount deletes its record and leaves
 //! the unmount for after its reply (below). A crash between the two steps of either always
-//! leaves one of the rows above. A volatile
-//! volume's changes are discarded at the first Mount after the last Unmount, never at Unmount,
-//! so they can be recovered in between; the discard renames the upper into the trash in
+//! leaves one of the rows above. A volatile volume's changes are discarded at the first Mount
+//! after the last Unmount, never at Unmount, so they can be recovered in between; the discard renames the upper into the trash in
 //! constant time and the [`Janitor`] deletes it.
 //!
 //! A copy of the overlay can outlive the last Unmount in another mount namespace, and that
@@ -36,9 +35,8 @@
 //! mount table, which costs more than the mount itself, so Mount does not: after the last
 //! Unmount has replied, a background thread unmounts the overlay (which syncs the upper's file
 //! system) and looks, with the volume still locked, and marks a volume found free by removing
-//! overlayfs' `workdir/work` (see `driver/verify.rs`). A Mount or
-//! Remove of an unmounted volume looks itself only while records or that mark say the look
-//! is still to be made.
+//! overlayfs' `workdir/work` (see `driver/verify.rs`). A Mount or Remove of an unmounted
+//! volume looks itself only while records or that mark say the look is still to be made.
 //!
 //! The admin commands (`docker-on-top changes`, `reset`, `commit`, ...) take the same lock
 //! through [`Driver::lock_volume`]. The one state change they make, a reset (the upper into
@@ -718,8 +716,6 @@ impl<S: Sys> Driver<S> {
         // file system, and nothing can mount the volume before it is done.
         let mountpoint = vol.mountpoint();
         let last_here = records.len() == 1 && self.is_mounted(name, &mountpoint)?;
-        // The last record is renamed into the trash, to be deleted after the reply: deleting
-        // a file whose data is on disk costs some 0.1 ms on ext4, five times the rename.
         if !last_here {
             vol.delete_record(id)
                 .map_err(io_err("deleting the mount record"))?;
@@ -727,6 +723,8 @@ impl<S: Sys> Driver<S> {
             failpoint!("unmount.released");
             return Ok(());
         }
+        // The last record is renamed into the trash, to be deleted after the reply: deleting
+        // a file whose data is on disk costs some 0.1 ms on ext4, five times the rename.
         let slot = self.root.trash_slot("record");
         let (trashed, result) = match std::fs::rename(vol.record(id), &slot) {
             Ok(()) => (Some(slot), Ok(())),

@@ -172,6 +172,7 @@ pub async fn serve(
                 continue;
             }
         };
+        let (registry, registered) = (open.clone(), state.clone());
         let spawned = std::thread::Builder::new()
             .name("connection".into())
             .stack_size(CONNECTION_STACK)
@@ -182,7 +183,8 @@ pub async fn serve(
                 drop(place);
             });
         if let Err(err) = spawned {
-            // Its slot, place and state went with the closure: the client sees it close.
+            // Its slot, place and stream went with the closure: the client sees it close.
+            registry.remove(&registered);
             warn!("cannot start a thread for a connection: {err}");
         }
     };
@@ -409,7 +411,6 @@ async fn serve_connection(stream: UnixStream, conn: Connection, inline: bool) {
         shared,
         mut stop,
         state,
-        ..
     } = conn;
     let _ = state.serving_since.set(Instant::now());
     // The peer's pid identifies the client (dockerd) whose mounts these are: see

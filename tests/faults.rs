@@ -245,7 +245,7 @@ fn full_state_directory_refuses_changes_clearly_and_recovers() {
     let mp_p = env.mount_ok("p", "a");
     std::fs::write(env.seen(&mp_p).join("kept"), "kept").unwrap();
     env.unmount_ok("p", "a");
-    // Unmounted for real (and its record deleted) before the directory is filled.
+    // Unmounted for real before the directory is filled.
     env.settle("p");
     env.assert_not_mounted("p");
 

@@ -791,9 +791,9 @@ impl Env {
         self.get(name).unwrap_or_else(|e| panic!("Get {name}: {e}"))
     }
 
-    /// Waits for what a last Unmount of `name` leaves for after its reply (the unmount of the
-    /// overlay, the look for copies of it elsewhere) the way a client does: with a Get, which
-    /// waits for it. Whatever the Get answers is ignored (the volume may not exist).
+    /// Waits for the unmount a last Unmount of `name` leaves for after its reply, the way a
+    /// client does: with a Get, which waits for it (not for the look for copies that follows;
+    /// a Mount or Remove waits for that). Whatever the Get answers is ignored.
     pub fn settle(&self, name: &str) {
         let _ = self.call("/VolumeDriver.Get", Some(json!({ "Name": name })));
     }
