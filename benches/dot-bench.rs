@@ -273,6 +273,7 @@ fn small_volume(dir: &Path, base: &Path) -> OverlaySpec {
         upper: dir.join("upper"),
         work: dir.join("workdir"),
         target: dir.join("mountpoint"),
+        work_dev: None,
     }
 }
 

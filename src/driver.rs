@@ -58,6 +58,7 @@ use crate::options::{AllowedBases, OptionsError, VolumeOptions};
 use crate::store::{self, Client, Metadata, MountRecord, Root, VolumeDir};
 use crate::sys::{Holder, OverlaySpec, RealSys, Sys, SysError};
 
+mod cache;
 mod locked;
 mod verify;
 pub use locked::{LockedVolume, UnmountedVolume};
@@ -195,6 +196,8 @@ pub struct Driver<S: Sys = RealSys> {
     verifier: OnceLock<Option<verify::Verifier>>,
     /// Files made ahead of time to become mount records (refilled by the janitor).
     spares: Arc<store::Spares>,
+    /// `metadata.json` of the volumes asked about, checked by one statx instead of read.
+    metadata: cache::MetadataCache,
     allowed_bases: AllowedBases,
 }
 
@@ -202,13 +205,10 @@ impl Driver<RealSys> {
     /// Opens (creating if needed) the state root. Does no work proportional to the number of
     /// volumes: the service may be socket-activated for every request.
     pub fn open(config: DriverConfig) -> Result<Self, DriverError> {
-        Ok(Self::with_sys(
-            &config.root,
-            RealSys {
-                legacy_only: config.legacy_mount_api,
-            },
-        )?
-        .with_allowed_bases(config.allowed_bases))
+        Ok(
+            Self::with_sys(&config.root, RealSys::new(config.legacy_mount_api))?
+                .with_allowed_bases(config.allowed_bases),
+        )
     }
 }
 
@@ -231,6 +231,7 @@ impl<S: Sys> Driver<S> {
             janitor: OnceLock::new(),
             verifier: OnceLock::new(),
             spares: Arc::default(),
+            metadata: cache::MetadataCache::default(),
             allowed_bases: AllowedBases::anywhere(),
         })
     }
@@ -373,12 +374,15 @@ impl<S: Sys> Driver<S> {
         }
     }
 
+    /// `metadata.json`, from memory while it is unchanged (`driver/cache.rs`).
     fn read_metadata(&self, name: &VolumeName, vol: &VolumeDir) -> Result<Metadata, DriverError> {
-        vol.read_metadata().map_err(|source| DriverError::Io {
-            name: name.clone(),
-            action: "reading metadata.json",
-            source,
-        })
+        self.metadata
+            .read(name, vol)
+            .map_err(|source| DriverError::Io {
+                name: name.clone(),
+                action: "reading metadata.json",
+                source,
+            })
     }
 
     // ----- Mount ------------------------------------------------------------------------
@@ -412,7 +416,7 @@ impl<S: Sys> Driver<S> {
         id: &MountId,
         client: Option<Client>,
     ) -> Result<PathBuf, DriverError> {
-        let (vol, _lock) = self.lock(name)?;
+        let (vol, lock) = self.lock(name)?;
         let meta = self.read_metadata(name, &vol)?;
         let (mut records, strays) =
             vol.read_records_and_strays()
@@ -467,7 +471,7 @@ impl<S: Sys> Driver<S> {
             if meta.volatile {
                 discarded = self.prepare_layers(name, &vol, &meta)?;
             }
-            let spec = self.overlay_spec(name, &vol, &meta);
+            let spec = self.overlay_spec(name, &vol, &meta, &lock);
             let mounted = match self.sys.mount_overlay(&spec) {
                 Err(e) if !meta.volatile && e.is_not_found() => {
                     self.prepare_layers(name, &vol, &meta)?;
@@ -667,13 +671,21 @@ impl<S: Sys> Driver<S> {
         Ok(discarded)
     }
 
-    fn overlay_spec(&self, name: &VolumeName, vol: &VolumeDir, meta: &Metadata) -> OverlaySpec {
+    fn overlay_spec(
+        &self,
+        name: &VolumeName,
+        vol: &VolumeDir,
+        meta: &Metadata,
+        lock: &store::VolumeLock,
+    ) -> OverlaySpec {
         OverlaySpec {
             source: format!("docker-on-top:{name}"),
             lower: meta.base.clone(),
             upper: vol.upper(),
             work: vol.work(),
             target: vol.mountpoint(),
+            // Learnt by the lock's stat: the sys layer need not ask for it.
+            work_dev: Some(lock.dev()),
         }
     }
 
@@ -777,6 +789,8 @@ impl<S: Sys> Driver<S> {
 
     pub fn remove(&self, name: &VolumeName) -> Result<(), DriverError> {
         let Some((vol, _lock)) = self.try_lock(name)? else {
+            // No such volume (any more): nothing of it is to be kept either.
+            self.metadata.forget(name);
             return Ok(());
         };
         let mountpoint = vol.mountpoint();
@@ -800,6 +814,7 @@ impl<S: Sys> Driver<S> {
                 source,
             }
         })?;
+        self.metadata.forget(name);
         log::info!("removed volume {name}");
         failpoint!("remove.renamed");
         self.kick_janitor();
@@ -827,8 +842,9 @@ impl<S: Sys> Driver<S> {
             errors.push(crate::error_chain(&e));
             false
         });
-        let meta = vol
-            .read_metadata()
+        let meta = self
+            .metadata
+            .read(name, &vol)
             .map_err(|e| errors.push(format!("cannot read metadata.json: {e}")))
             .ok();
         let active_mounts = if mounted {
@@ -1465,6 +1481,28 @@ mod tests {
             f.driver.get(&name("v")),
             Err(DriverError::NoSuchVolume(_))
         ));
+    }
+
+    #[test]
+    fn metadata_is_kept_until_the_volume_is_removed() {
+        let f = fixture();
+        f.create("v", false);
+        f.driver.get(&name("v")).unwrap();
+        assert!(f.driver.metadata.holds(&name("v")));
+        f.driver.mount(&name("v"), &id("a"), None).unwrap();
+        // The mount is told the device of the volume's file system, learnt by its lock.
+        let dev = std::fs::metadata(&f.vol("v").path).unwrap().dev();
+        let work_dev = f.driver.sys().state.lock().unwrap().mounted[0].work_dev;
+        assert_eq!(work_dev, Some(dev));
+        f.unmount(&name("v"), &id("a")).unwrap();
+        f.driver.remove(&name("v")).unwrap();
+        assert!(!f.driver.metadata.holds(&name("v")), "kept after Remove");
+        // A volume made again under the name is read afresh.
+        f.create("v", true);
+        assert_eq!(f.driver.get(&name("v")).unwrap().volatile, Some(true));
+        assert!(f.driver.metadata.holds(&name("v")));
+        f.driver.remove(&name("v")).unwrap();
+        assert!(!f.driver.metadata.holds(&name("v")));
     }
 
     #[test]

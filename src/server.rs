@@ -42,6 +42,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::driver::Driver;
+use crate::logging;
 use crate::wire::{self, Call, Reply, WireError};
 
 /// Largest request body read; larger ones are answered 413. dockerd's largest, a Create with
@@ -537,6 +538,10 @@ async fn handle(
     inline: bool,
 ) -> Response<Full<Bytes>> {
     let _in_flight = shared.activity.begin();
+    // On the connection's own thread, the request's log lines are written once it is
+    // answered: by a task of this thread's runtime, which runs when the connection waits for
+    // its next request, after hyper wrote the answer. (Only this connection runs here.)
+    let held = inline.then(logging::Held::begin);
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -582,6 +587,12 @@ async fn handle(
     match reply.error_message() {
         Some(err) => log!(level, "{what}: {} in {elapsed:.1?}: {err}", reply.status),
         None => log!(level, "{what}: {} in {elapsed:.1?}", reply.status),
+    }
+    if let Some(held) = held {
+        let lines = held.release();
+        if !lines.is_empty() {
+            tokio::spawn(async move { logging::write_lines(&lines) });
+        }
     }
     to_response(reply)
 }

@@ -6,8 +6,8 @@
 //! ROOT/
 //!   .trash/               entries being deleted in the background (discarded uppers,
 //!                         removed volumes); anything here is garbage
-//!   .spare/               empty files made in the background, each to become a mount
-//!                         record (see [`Spares`]); anything here at start is garbage
+//!   .spare/               files made in the background, each to become a mount record
+//!                         (see [`Spares`]); anything here at start is garbage
 //!   .new-NAME-NONCE/      a volume being created; renamed to NAME when complete
 //!   NAME/                 one volume
 //!     metadata.json       {"BaseDirPath": "/abs", "Volatile": false, "CreatedAt": "RFC 3339"}
@@ -160,45 +160,98 @@ pub fn open_noatime<Fd: std::os::fd::AsFd>(
 }
 
 /// A small file's contents: `std::fs::read` without its stat for the size (one syscall fewer
-/// on every request) and without updating its access time.
-fn read_small(path: &Path) -> io::Result<Vec<u8>> {
-    read_small_at(rustix::fs::CWD, path)
+/// on every request) and without updating its access time. `size` is the file's size as a
+/// stat made just before told it, if the caller has one: a short read that reaches it is
+/// taken as the end of the file, without a second read to see the end. (A file that grew
+/// since then gives a short read only at its new end, or a full one; and it no longer
+/// matches the stat, which is how the caller knows it changed.)
+fn read_small(path: &Path, size: Option<u64>) -> io::Result<Vec<u8>> {
+    read_small_at(rustix::fs::CWD, path, size)
 }
 
-fn read_small_at<Fd: std::os::fd::AsFd>(dir: Fd, path: &Path) -> io::Result<Vec<u8>> {
+fn read_small_at<Fd: std::os::fd::AsFd>(
+    dir: Fd,
+    path: &Path,
+    size: Option<u64>,
+) -> io::Result<Vec<u8>> {
     let file = open_noatime(dir, path, rustix::fs::OFlags::empty())?;
     let mut bytes = Vec::new();
     let mut buf = [0u8; 1024];
     loop {
         match rustix::io::read(&file, &mut buf) {
             Ok(0) => return Ok(bytes),
-            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+            Ok(n) => {
+                bytes.extend_from_slice(&buf[..n]);
+                if n < buf.len() && size.is_some_and(|size| bytes.len() as u64 >= size) {
+                    return Ok(bytes);
+                }
+            }
             Err(rustix::io::Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }
     }
 }
 
-/// Empty files in `ROOT/.spare/`, made ahead of time (by the janitor, in the background), each
-/// to become a mount record by one write and one rename.
+/// What one statx tells of a file's identity and of its last change: its device and inode,
+/// size, and modification and change times with their nanoseconds. A file replaced by rename
+/// has another inode; one written in place has other times (and mostly another size). Equal
+/// stamps of one path therefore mean the same contents, as far as the kernel can tell (see
+/// `driver/cache.rs` for where that falls short).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    dev: (u32, u32),
+    ino: u64,
+    pub size: u64,
+    mtime: (i64, u32),
+    ctime: (i64, u32),
+}
+
+impl FileStamp {
+    /// The stamp of `path` (symlinks followed, as an open does). `None` when the file system
+    /// does not report all of it: then no two stamps could be told apart.
+    pub fn of(path: &Path) -> io::Result<Option<Self>> {
+        use rustix::fs::{AtFlags, StatxFlags};
+        let wanted = StatxFlags::INO | StatxFlags::SIZE | StatxFlags::MTIME | StatxFlags::CTIME;
+        let st = rustix::fs::statx(rustix::fs::CWD, path, AtFlags::empty(), wanted)?;
+        if !StatxFlags::from_bits_retain(st.stx_mask).contains(wanted) {
+            return Ok(None);
+        }
+        Ok(Some(Self {
+            dev: (st.stx_dev_major, st.stx_dev_minor),
+            ino: st.stx_ino,
+            size: st.stx_size,
+            mtime: (st.stx_mtime.tv_sec, st.stx_mtime.tv_nsec),
+            ctime: (st.stx_ctime.tv_sec, st.stx_ctime.tv_nsec),
+        }))
+    }
+}
+
+/// Files in `ROOT/.spare/`, made ahead of time (by the janitor, in the background), each to
+/// become a mount record by a rename.
 ///
 /// Creating a file is the dearest step of writing a record: on ext4 some 45 µs of a 60 µs
 /// write (a new inode, its directory entry), against 20 µs for the rename that follows; a
-/// Mount spends a fifth of its own time on it. A spare moves that off the request. A crash
-/// between the write and the rename leaves a spare with content: garbage, deleted by the next
-/// process's first [`Spares::refill`], like every other leftover there.
+/// Mount spends a fifth of its own time on it. A spare moves that off the request. Spares are
+/// made holding the record the next Mount most likely writes, the last first-use record
+/// written (one use, this boot, the same client: dockerd's pid changes only when it
+/// restarts), so that such a Mount only renames it; another record is written over the spare
+/// first. A spare is not a record until it is renamed into `activemounts/`: what a crash
+/// leaves in `.spare/` is garbage, deleted by the next process's first [`Spares::refill`].
 #[derive(Debug, Default)]
 pub struct Spares {
     ready: std::sync::Mutex<Vec<Spare>>,
+    /// What the spares made next hold (empty: nothing).
+    expected: std::sync::Mutex<Vec<u8>>,
     /// Whether this process has cleared what earlier ones left in `.spare/`.
     cleared: std::sync::atomic::AtomicBool,
 }
 
-/// One empty spare file. Not kept open: a file open for writing would keep the state
-/// directory's file system from being remounted read-only.
+/// One spare file and what it holds. Not kept open: a file open for writing would keep the
+/// state directory's file system from being remounted read-only.
 #[derive(Debug)]
 pub struct Spare {
     path: PathBuf,
+    content: Vec<u8>,
 }
 
 impl Spares {
@@ -211,8 +264,24 @@ impl Spares {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn take(&self) -> Option<Spare> {
-        self.lock().pop()
+    /// A spare, one that holds `content` if there is one.
+    fn take_for(&self, content: &[u8]) -> Option<Spare> {
+        let mut ready = self.lock();
+        match ready.iter().position(|spare| spare.content == content) {
+            Some(i) => Some(ready.swap_remove(i)),
+            None => ready.pop(),
+        }
+    }
+
+    /// Spares made from now on hold `record`, a first-use record just written.
+    fn expect(&self, record: &[u8]) {
+        let mut expected = self
+            .expected
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *expected != record {
+            *expected = record.to_vec();
+        }
     }
 
     /// How many are ready.
@@ -239,13 +308,23 @@ impl Spares {
             }
         }
         while self.ready() < Self::TARGET {
+            let content = self
+                .expected
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
             let path = dir.join(format!("record-{}", nonce()));
-            File::options()
+            let mut file = File::options()
                 .write(true)
                 .create_new(true)
                 .mode(0o644)
                 .open(&path)?;
-            self.lock().push(Spare { path });
+            if let Err(e) = file.write_all(&content) {
+                drop(file);
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+            self.lock().push(Spare { path, content });
         }
         Ok(())
     }
@@ -336,7 +415,13 @@ impl VolumeDir {
     }
 
     pub fn read_metadata(&self) -> io::Result<Metadata> {
-        let bytes = read_small(&self.metadata())?;
+        self.read_metadata_sized(None)
+    }
+
+    /// [`VolumeDir::read_metadata`] of a `metadata.json` that a stat made just before found
+    /// `size` bytes long: one read fewer (see [`read_small`]).
+    pub fn read_metadata_sized(&self, size: Option<u64>) -> io::Result<Metadata> {
+        let bytes = read_small(&self.metadata(), size)?;
         serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
@@ -377,7 +462,7 @@ impl VolumeDir {
                 strays = true;
                 continue;
             };
-            let record = read_small_at(entries.fd()?, Path::new(id.as_str()))
+            let record = read_small_at(entries.fd()?, Path::new(id.as_str()), None)
                 .ok()
                 .and_then(|b| serde_json::from_slice::<MountRecord>(&b).ok())
                 .unwrap_or_else(|| {
@@ -411,23 +496,38 @@ impl VolumeDir {
     }
 
     /// [`VolumeDir::write_record`], turning one of `spares` into the record if there is one:
-    /// it is written (it is empty) and renamed into place.
+    /// renamed into place, after writing the record over it unless it already holds it.
     pub fn write_record_using(
         &self,
         id: &MountId,
         record: &MountRecord,
         spares: &Spares,
     ) -> io::Result<()> {
-        if let Some(spare) = spares.take() {
-            let json = serde_json::to_vec(record).map_err(io::Error::other)?;
-            let installed = File::options()
-                .write(true)
-                .open(&spare.path)
-                .and_then(|mut file| file.write_all(&json))
-                .and_then(|()| {
-                    failpoint!("store.temp-written");
-                    std::fs::rename(&spare.path, self.record(id))
-                });
+        let json = serde_json::to_vec(record).map_err(io::Error::other)?;
+        if record.usage_count == 1 {
+            spares.expect(&json);
+        }
+        if let Some(spare) = spares.take_for(&json) {
+            let written = if spare.content == json {
+                Ok(())
+            } else {
+                // Written over what the spare holds, padded with spaces (JSON allows them
+                // after the value) rather than truncated: ext4 starts writing back a file
+                // truncated to zero when it is closed, which made the close, and a later
+                // unlink of the record, wait for the disk.
+                let mut bytes = json.clone();
+                if bytes.len() < spare.content.len() {
+                    bytes.resize(spare.content.len(), b' ');
+                }
+                File::options()
+                    .write(true)
+                    .open(&spare.path)
+                    .and_then(|mut file| file.write_all(&bytes))
+            };
+            let installed = written.and_then(|()| {
+                failpoint!("store.temp-written");
+                std::fs::rename(&spare.path, self.record(id))
+            });
             match installed {
                 Ok(()) => return Ok(()),
                 // `activemounts/` missing, on another file system, ...: the usual way.
@@ -486,6 +586,16 @@ impl VolumeDir {
 #[derive(Debug)]
 pub struct VolumeLock {
     _dir: File,
+    /// The device number of the locked directory (`st_dev`), learnt while locking.
+    dev: u64,
+}
+
+impl VolumeLock {
+    /// The device number of the volume's directory: that of its file system, which holds its
+    /// upper and work directories too (Create makes them inside it).
+    pub fn dev(&self) -> u64 {
+        self.dev
+    }
 }
 
 /// Locks the volume directory at `dir`. `Ok(None)` when there is no such volume. Retries
@@ -502,7 +612,10 @@ pub fn lock_volume(dir: &Path) -> io::Result<Option<VolumeLock>> {
         let locked = file.metadata()?;
         match std::fs::symlink_metadata(dir) {
             Ok(now) if now.dev() == locked.dev() && now.ino() == locked.ino() => {
-                return Ok(Some(VolumeLock { _dir: file }));
+                return Ok(Some(VolumeLock {
+                    _dir: file,
+                    dev: locked.dev(),
+                }));
             }
             Ok(_) => continue,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -557,8 +670,60 @@ mod tests {
             client: None,
         };
         vol.write_record_using(&id, &once, &spares).unwrap();
-        assert_eq!(vol.read_records().unwrap(), vec![(id, once)]);
+        assert_eq!(vol.read_records().unwrap(), vec![(id, once.clone())]);
         assert_eq!(on_disk(), Spares::TARGET - 3);
+
+        // Spares made after a first-use record hold it; the same record for another mount
+        // ID becomes just a rename, a different one is written over a spare.
+        spares.refill(&root).unwrap();
+        let json = serde_json::to_vec(&once).unwrap();
+        let holding = || {
+            std::fs::read_dir(root.spare_dir())
+                .unwrap()
+                .filter(|e| std::fs::read(e.as_ref().unwrap().path()).unwrap() == json)
+                .count()
+        };
+        assert_eq!(holding(), 3, "the three new spares hold the record");
+        let c = MountId::parse("c").unwrap();
+        vol.write_record_using(&c, &once, &spares).unwrap();
+        assert_eq!(holding(), 2);
+        let d = MountId::parse("d").unwrap();
+        let twice = MountRecord {
+            usage_count: 2,
+            boot_id: None,
+            client: None,
+        };
+        vol.write_record_using(&d, &twice, &spares).unwrap();
+        let mut records = vol.read_records().unwrap();
+        records.sort_by_key(|(id, _)| id.to_string());
+        assert_eq!(
+            records,
+            vec![
+                (MountId::parse("a").unwrap(), once.clone()),
+                (c, once.clone()),
+                (d, twice)
+            ]
+        );
+        assert_eq!(on_disk(), Spares::TARGET - 2);
+
+        // A shorter record written over a spare holding a longer one reads back as itself.
+        let long = MountRecord {
+            usage_count: 1,
+            boot_id: Some("a boot id longer than none".into()),
+            client: None,
+        };
+        let longer = Spares::default();
+        longer.expect(&serde_json::to_vec(&long).unwrap());
+        longer.refill(&root).unwrap();
+        let f = MountId::parse("f").unwrap();
+        vol.write_record_using(&f, &once, &longer).unwrap();
+        assert_eq!(
+            longer.ready(),
+            Spares::TARGET - 1,
+            "a spare became the record"
+        );
+        let read = vol.read_records().unwrap();
+        assert!(read.contains(&(f, once.clone())), "{read:?}");
 
         // Without spares, the usual way.
         let none = Spares::default();
@@ -569,7 +734,7 @@ mod tests {
             client: None,
         };
         vol.write_record_using(&other, &rec, &none).unwrap();
-        assert_eq!(vol.read_records().unwrap().len(), 2);
+        assert_eq!(vol.read_records().unwrap().len(), 5);
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! Everything here is a thin wrapper over a syscall or a `/proc` read, behind the [`Sys`] trait
 //! so that the driver's state machine can be unit-tested with [`RecordingSys`]. This module
-//! holds no state of its own and makes no decisions: whether to mount, and what a failure
-//! means for the volume, is the driver's business.
+//! makes no decisions: whether to mount, and what a failure means for the volume, is the
+//! driver's business. The only state it keeps is which file systems were found to have
+//! `trusted.*` xattrs ([`RealSys`]).
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -11,7 +12,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 
 use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags};
 use thiserror::Error;
@@ -36,6 +37,10 @@ pub struct OverlaySpec {
     pub upper: PathBuf,
     pub work: PathBuf,
     pub target: PathBuf,
+    /// The device number (`st_dev`) of the file system `work` is on, when the caller has it
+    /// at hand (the driver, from the stat that locks the volume): file systems found to have
+    /// `trusted.*` xattrs are remembered by it and not probed again. `None`: probed each time.
+    pub work_dev: Option<u64>,
 }
 
 /// A process that still holds an overlay in another mount namespace.
@@ -104,11 +109,52 @@ pub trait Sys: Send + Sync + 'static {
 pub struct RealSys {
     /// Skip the new mount API and use `mount(2)` with an escaped option string.
     pub legacy_only: bool,
+    /// Device numbers of the file systems whose probe found `trusted.*` xattrs: one that has
+    /// them always will, so the probe is made once per file system, not at every mount. Only
+    /// the positive answer is kept: a refusal is probed again, so that it is given again.
+    xattr_devs: Mutex<HashSet<u64>>,
+}
+
+/// Device numbers kept in [`RealSys`] before it starts again from none: state directories
+/// are on one file system, or a few.
+const MAX_XATTR_DEVS: usize = 64;
+
+impl RealSys {
+    pub fn new(legacy_only: bool) -> Self {
+        Self {
+            legacy_only,
+            xattr_devs: Mutex::default(),
+        }
+    }
+
+    /// [`check_upper_xattrs`], once per file system where the device is known. A device number
+    /// passes to another file system only once this one is unmounted: a state directory whose
+    /// file system is swapped under a running daemon is not provided for.
+    fn check_upper_xattrs(&self, spec: &OverlaySpec) -> Result<(), SysError> {
+        let devs = || {
+            self.xattr_devs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        };
+        if spec.work_dev.is_some_and(|dev| devs().contains(&dev)) {
+            return Ok(());
+        }
+        if check_upper_xattrs(&spec.work)?
+            && let Some(dev) = spec.work_dev
+        {
+            let mut devs = devs();
+            if devs.len() >= MAX_XATTR_DEVS {
+                devs.clear();
+            }
+            devs.insert(dev);
+        }
+        Ok(())
+    }
 }
 
 impl Sys for RealSys {
     fn mount_overlay(&self, spec: &OverlaySpec) -> Result<(), SysError> {
-        check_upper_xattrs(&spec.work)?;
+        self.check_upper_xattrs(spec)?;
         if !self.legacy_only {
             match mount_with_fd_api(spec) {
                 Ok(()) => return Ok(()),
@@ -246,11 +292,13 @@ impl Sys for RealSys {
 ///
 /// The probe reads an attribute nobody sets: a file system with `trusted.*` answers that it
 /// has no such attribute, one without answers EOPNOTSUPP, as it would to a write, and a read
-/// leaves nothing for the journal to commit.
-fn check_upper_xattrs(work: &Path) -> Result<(), SysError> {
+/// leaves nothing for the journal to commit. `Ok(true)` when the answer says the file system
+/// has them, `Ok(false)` when the probe itself failed.
+fn check_upper_xattrs(work: &Path) -> Result<bool, SysError> {
     const PROBE: &str = "trusted.docker-on-top.probe";
     match rustix::fs::getxattr(work, PROBE, &mut [0u8; 16]) {
-        Ok(_) => Ok(()),
+        // There, absent, or longer than the buffer: all answers of a file system that has them.
+        Ok(_) | Err(rustix::io::Errno::NODATA | rustix::io::Errno::RANGE) => Ok(true),
         Err(errno @ rustix::io::Errno::NOTSUP) => {
             let dir = work.parent().unwrap_or(work);
             Err(SysError::Mount {
@@ -261,7 +309,7 @@ fn check_upper_xattrs(work: &Path) -> Result<(), SysError> {
                 source: errno.into(),
             })
         }
-        Err(_) => Ok(()),
+        Err(_) => Ok(false),
     }
 }
 
@@ -580,11 +628,43 @@ mod tests {
             upper: "/u:2".into(),
             work: "/w".into(),
             target: "/t".into(),
+            work_dev: None,
         };
         assert_eq!(
             String::from_utf8(legacy_options(&spec)).unwrap(),
             "lowerdir=/l\\,1,upperdir=/u\\:2,workdir=/w,index=off,metacopy=off,redirect_dir=off"
         );
+    }
+
+    #[test]
+    fn a_file_system_with_xattrs_is_remembered_by_its_device() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dev = std::fs::metadata(tmp.path()).unwrap().dev();
+        let spec = |work_dev| OverlaySpec {
+            source: "s".into(),
+            lower: "/l".into(),
+            upper: "/u".into(),
+            work: tmp.path().to_owned(),
+            target: "/t".into(),
+            work_dev,
+        };
+        let sys = RealSys::default();
+        let kept = || sys.xattr_devs.lock().unwrap().clone();
+        if !matches!(check_upper_xattrs(tmp.path()), Ok(true)) {
+            // The test directory's own file system has none: refusals are never kept.
+            assert!(sys.check_upper_xattrs(&spec(Some(dev))).is_err());
+            assert!(kept().is_empty());
+            return;
+        }
+        sys.check_upper_xattrs(&spec(None)).unwrap();
+        assert!(kept().is_empty(), "kept with no device to key it");
+        sys.check_upper_xattrs(&spec(Some(dev))).unwrap();
+        assert_eq!(kept(), HashSet::from([dev]));
+        // A probe that fails (no such directory) says nothing of the file system.
+        let mut gone = spec(Some(dev + 1));
+        gone.work = tmp.path().join("missing");
+        sys.check_upper_xattrs(&gone).unwrap();
+        assert_eq!(kept(), HashSet::from([dev]));
     }
 
     #[test]

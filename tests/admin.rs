@@ -898,6 +898,7 @@ fn go_volumes_are_read_and_reset() {
         upper: vol.join("upper"),
         work: vol.join("workdir"),
         target: vol.join("mountpoint"),
+        work_dev: None,
     };
     let sys = RealSys::default();
     sys.mount_overlay(&spec).unwrap();

@@ -375,9 +375,24 @@ fn check_reports(env: &Env, name: &str) -> Option<bool> {
     Some(mounted)
 }
 
+/// A spare file the running daemon made (its name carries its maker's pid): empty, or
+/// holding a first-use mount record. What a crashed daemon left is a stray.
+fn is_current_spare(path: &Path) -> bool {
+    let name = path.file_name().unwrap().to_string_lossy();
+    let Some(maker) = (name.strip_prefix("record-")).and_then(|rest| rest.split('-').next()) else {
+        return false;
+    };
+    if !Path::new("/proc").join(maker).exists() {
+        return false;
+    }
+    let content = std::fs::read(path).unwrap_or_default();
+    content.is_empty()
+        || serde_json::from_slice::<Value>(&content).is_ok_and(|r| r["UsageCount"] == json!(1))
+}
+
 /// What is left in the state root that should not be: every entry that is not an empty
-/// `.trash`, a `.spare` of a few empty spare files (those of the running daemon) or a complete
-/// volume directory, and anything else in a volume directory.
+/// `.trash`, a `.spare` of a few spare files of the running daemon or a complete volume
+/// directory, and anything else in a volume directory.
 fn strays(env: &Env) -> Vec<String> {
     let mut out = Vec::new();
     for name in names(&env.root) {
@@ -398,11 +413,8 @@ fn strays(env: &Env) -> Vec<String> {
             out.extend(
                 spares
                     .into_iter()
-                    .filter(|n| {
-                        !n.starts_with("record-")
-                            || std::fs::metadata(path.join(n)).map_or(true, |m| m.len() != 0)
-                    })
-                    .map(|n| format!(".spare/{n} (not an empty spare)")),
+                    .filter(|n| !is_current_spare(&path.join(n)))
+                    .map(|n| format!(".spare/{n} (not a spare of the running daemon)")),
             );
             continue;
         }

@@ -17,6 +17,7 @@ fn layout(dir: &Path) -> OverlaySpec {
         upper: dir.join("upper"),
         work: dir.join("work"),
         target: dir.join("mnt"),
+        work_dev: None,
     }
 }
 
@@ -62,7 +63,7 @@ fn fd_api_mounts_paths_with_separators() {
 
 #[test]
 fn legacy_api_mounts_paths_with_separators() {
-    mount_roundtrip(&RealSys { legacy_only: true }, "a b,c:d\\e");
+    mount_roundtrip(&RealSys::new(true), "a b,c:d\\e");
 }
 
 #[test]
