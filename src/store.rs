@@ -6,8 +6,8 @@
 //! ROOT/
 //!   .trash/               entries being deleted in the background (discarded uppers,
 //!                         removed volumes); anything here is garbage
-//!   .spare/               files made in the background, each to become a mount record
-//!                         (see [`Spares`]); anything here at start is garbage
+//!   .spare/               empty files made in the background, each to become a mount
+//!                         record (see [`Spares`]); anything here at start is garbage
 //!   .new-NAME-NONCE/      a volume being created; renamed to NAME when complete
 //!   NAME/                 one volume
 //!     metadata.json       {"BaseDirPath": "/abs", "Volatile": false, "CreatedAt": "RFC 3339"}
@@ -226,32 +226,26 @@ impl FileStamp {
     }
 }
 
-/// Files in `ROOT/.spare/`, made ahead of time (by the janitor, in the background), each to
-/// become a mount record by a rename.
+/// Empty files in `ROOT/.spare/`, made ahead of time (by the janitor, in the background), each
+/// to become a mount record by one write and one rename.
 ///
 /// Creating a file is the dearest step of writing a record: on ext4 some 45 µs of a 60 µs
 /// write (a new inode, its directory entry), against 20 µs for the rename that follows; a
-/// Mount spends a fifth of its own time on it. A spare moves that off the request. Spares are
-/// made holding the record the next Mount most likely writes, the last first-use record
-/// written (one use, this boot, the same client: dockerd's pid changes only when it
-/// restarts), so that such a Mount only renames it; another record is written over the spare
-/// first. A spare is not a record until it is renamed into `activemounts/`: what a crash
-/// leaves in `.spare/` is garbage, deleted by the next process's first [`Spares::refill`].
+/// Mount spends a fifth of its own time on it. A spare moves that off the request. A crash
+/// between the write and the rename leaves a spare with content: garbage, deleted by the next
+/// process's first [`Spares::refill`], like every other leftover there.
 #[derive(Debug, Default)]
 pub struct Spares {
     ready: std::sync::Mutex<Vec<Spare>>,
-    /// What the spares made next hold (empty: nothing).
-    expected: std::sync::Mutex<Vec<u8>>,
     /// Whether this process has cleared what earlier ones left in `.spare/`.
     cleared: std::sync::atomic::AtomicBool,
 }
 
-/// One spare file and what it holds. Not kept open: a file open for writing would keep the
-/// state directory's file system from being remounted read-only.
+/// One empty spare file. Not kept open: a file open for writing would keep the state
+/// directory's file system from being remounted read-only.
 #[derive(Debug)]
 pub struct Spare {
     path: PathBuf,
-    content: Vec<u8>,
 }
 
 impl Spares {
@@ -264,24 +258,8 @@ impl Spares {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// A spare, one that holds `content` if there is one.
-    fn take_for(&self, content: &[u8]) -> Option<Spare> {
-        let mut ready = self.lock();
-        match ready.iter().position(|spare| spare.content == content) {
-            Some(i) => Some(ready.swap_remove(i)),
-            None => ready.pop(),
-        }
-    }
-
-    /// Spares made from now on hold `record`, a first-use record just written.
-    fn expect(&self, record: &[u8]) {
-        let mut expected = self
-            .expected
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *expected != record {
-            *expected = record.to_vec();
-        }
+    pub fn take(&self) -> Option<Spare> {
+        self.lock().pop()
     }
 
     /// How many are ready.
@@ -308,23 +286,13 @@ impl Spares {
             }
         }
         while self.ready() < Self::TARGET {
-            let content = self
-                .expected
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone();
             let path = dir.join(format!("record-{}", nonce()));
-            let mut file = File::options()
+            File::options()
                 .write(true)
                 .create_new(true)
                 .mode(0o644)
                 .open(&path)?;
-            if let Err(e) = file.write_all(&content) {
-                drop(file);
-                let _ = std::fs::remove_file(&path);
-                return Err(e);
-            }
-            self.lock().push(Spare { path, content });
+            self.lock().push(Spare { path });
         }
         Ok(())
     }
@@ -496,38 +464,23 @@ impl VolumeDir {
     }
 
     /// [`VolumeDir::write_record`], turning one of `spares` into the record if there is one:
-    /// renamed into place, after writing the record over it unless it already holds it.
+    /// it is written (it is empty) and renamed into place.
     pub fn write_record_using(
         &self,
         id: &MountId,
         record: &MountRecord,
         spares: &Spares,
     ) -> io::Result<()> {
-        let json = serde_json::to_vec(record).map_err(io::Error::other)?;
-        if record.usage_count == 1 {
-            spares.expect(&json);
-        }
-        if let Some(spare) = spares.take_for(&json) {
-            let written = if spare.content == json {
-                Ok(())
-            } else {
-                // Written over what the spare holds, padded with spaces (JSON allows them
-                // after the value) rather than truncated: ext4 starts writing back a file
-                // truncated to zero when it is closed, which made the close, and a later
-                // unlink of the record, wait for the disk.
-                let mut bytes = json.clone();
-                if bytes.len() < spare.content.len() {
-                    bytes.resize(spare.content.len(), b' ');
-                }
-                File::options()
-                    .write(true)
-                    .open(&spare.path)
-                    .and_then(|mut file| file.write_all(&bytes))
-            };
-            let installed = written.and_then(|()| {
-                failpoint!("store.temp-written");
-                std::fs::rename(&spare.path, self.record(id))
-            });
+        if let Some(spare) = spares.take() {
+            let json = serde_json::to_vec(record).map_err(io::Error::other)?;
+            let installed = File::options()
+                .write(true)
+                .open(&spare.path)
+                .and_then(|mut file| file.write_all(&json))
+                .and_then(|()| {
+                    failpoint!("store.temp-written");
+                    std::fs::rename(&spare.path, self.record(id))
+                });
             match installed {
                 Ok(()) => return Ok(()),
                 // `activemounts/` missing, on another file system, ...: the usual way.
@@ -670,60 +623,8 @@ mod tests {
             client: None,
         };
         vol.write_record_using(&id, &once, &spares).unwrap();
-        assert_eq!(vol.read_records().unwrap(), vec![(id, once.clone())]);
+        assert_eq!(vol.read_records().unwrap(), vec![(id, once)]);
         assert_eq!(on_disk(), Spares::TARGET - 3);
-
-        // Spares made after a first-use record hold it; the same record for another mount
-        // ID becomes just a rename, a different one is written over a spare.
-        spares.refill(&root).unwrap();
-        let json = serde_json::to_vec(&once).unwrap();
-        let holding = || {
-            std::fs::read_dir(root.spare_dir())
-                .unwrap()
-                .filter(|e| std::fs::read(e.as_ref().unwrap().path()).unwrap() == json)
-                .count()
-        };
-        assert_eq!(holding(), 3, "the three new spares hold the record");
-        let c = MountId::parse("c").unwrap();
-        vol.write_record_using(&c, &once, &spares).unwrap();
-        assert_eq!(holding(), 2);
-        let d = MountId::parse("d").unwrap();
-        let twice = MountRecord {
-            usage_count: 2,
-            boot_id: None,
-            client: None,
-        };
-        vol.write_record_using(&d, &twice, &spares).unwrap();
-        let mut records = vol.read_records().unwrap();
-        records.sort_by_key(|(id, _)| id.to_string());
-        assert_eq!(
-            records,
-            vec![
-                (MountId::parse("a").unwrap(), once.clone()),
-                (c, once.clone()),
-                (d, twice)
-            ]
-        );
-        assert_eq!(on_disk(), Spares::TARGET - 2);
-
-        // A shorter record written over a spare holding a longer one reads back as itself.
-        let long = MountRecord {
-            usage_count: 1,
-            boot_id: Some("a boot id longer than none".into()),
-            client: None,
-        };
-        let longer = Spares::default();
-        longer.expect(&serde_json::to_vec(&long).unwrap());
-        longer.refill(&root).unwrap();
-        let f = MountId::parse("f").unwrap();
-        vol.write_record_using(&f, &once, &longer).unwrap();
-        assert_eq!(
-            longer.ready(),
-            Spares::TARGET - 1,
-            "a spare became the record"
-        );
-        let read = vol.read_records().unwrap();
-        assert!(read.contains(&(f, once.clone())), "{read:?}");
 
         // Without spares, the usual way.
         let none = Spares::default();
@@ -734,7 +635,7 @@ mod tests {
             client: None,
         };
         vol.write_record_using(&other, &rec, &none).unwrap();
-        assert_eq!(vol.read_records().unwrap().len(), 5);
+        assert_eq!(vol.read_records().unwrap().len(), 2);
     }
 
     #[test]

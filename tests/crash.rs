@@ -375,8 +375,8 @@ fn check_reports(env: &Env, name: &str) -> Option<bool> {
     Some(mounted)
 }
 
-/// A spare file the running daemon made (its name carries its maker's pid): empty, or
-/// holding a first-use mount record. What a crashed daemon left is a stray.
+/// An empty spare file the running daemon made (its name carries its maker's pid). What a
+/// crashed daemon left is a stray.
 fn is_current_spare(path: &Path) -> bool {
     let name = path.file_name().unwrap().to_string_lossy();
     let Some(maker) = (name.strip_prefix("record-")).and_then(|rest| rest.split('-').next()) else {
@@ -385,9 +385,7 @@ fn is_current_spare(path: &Path) -> bool {
     if !Path::new("/proc").join(maker).exists() {
         return false;
     }
-    let content = std::fs::read(path).unwrap_or_default();
-    content.is_empty()
-        || serde_json::from_slice::<Value>(&content).is_ok_and(|r| r["UsageCount"] == json!(1))
+    std::fs::metadata(path).is_ok_and(|m| m.len() == 0)
 }
 
 /// What is left in the state root that should not be: every entry that is not an empty
@@ -414,7 +412,7 @@ fn strays(env: &Env) -> Vec<String> {
                 spares
                     .into_iter()
                     .filter(|n| !is_current_spare(&path.join(n)))
-                    .map(|n| format!(".spare/{n} (not a spare of the running daemon)")),
+                    .map(|n| format!(".spare/{n} (not an empty spare of the running daemon)")),
             );
             continue;
         }
