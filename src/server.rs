@@ -538,14 +538,16 @@ async fn handle(
     inline: bool,
 ) -> Response<Full<Bytes>> {
     let _in_flight = shared.activity.begin();
-    // On the connection's own thread, the request's log lines are written once it is
-    // answered: by a task of this thread's runtime, which runs when the connection waits for
-    // its next request, after hyper wrote the answer. (Only this connection runs here.)
-    let held = inline.then(logging::Held::begin);
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
-    let (what, reply) = match read_call(request, shared.body_timeout).await {
+    let call = read_call(request, shared.body_timeout).await;
+    // On the connection's own thread, the request's log lines are written once it is
+    // answered: by a task of this thread's runtime, which runs when the connection waits for
+    // its next request, after hyper wrote the answer. Held only from here on, where nothing
+    // awaits: lines of the connection's other branches are never held back.
+    let held = inline.then(logging::Held::begin);
+    let (what, reply) = match call {
         Ok(call) => {
             let what = call.to_string();
             let driver = shared.driver.clone();
