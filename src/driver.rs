@@ -26,7 +26,10 @@
 //!
 //! Mount mounts *before* writing its record; the last Unmount deletes its record and leaves
 //! the unmount for after its reply (below). A crash between the two steps of either always
-//! leaves one of the rows above. A volatile volume's changes are discarded at the first Mount
+//! leaves one of the rows above. A new mount ID's record is placed empty (one use) before the
+//! reply, and its details (boot, client) are written after it, the volume locked until then
+//! (`crate::after_answer`): a crash in between leaves a record that is true, only less
+//! precise (a client not known is never released as gone). A volatile volume's changes are discarded at the first Mount
 //! after the last Unmount, never at Unmount, so they can be recovered in between; the discard renames the upper into the trash in
 //! constant time and the [`Janitor`] deletes it.
 //!
@@ -52,6 +55,7 @@ use std::time::SystemTime;
 
 use thiserror::Error;
 
+use crate::after_answer;
 use crate::janitor::Janitor;
 use crate::names::{MountId, VolumeName};
 use crate::options::{AllowedBases, OptionsError, VolumeOptions};
@@ -198,6 +202,8 @@ pub struct Driver<S: Sys = RealSys> {
     spares: Arc<store::Spares>,
     /// `metadata.json` of the volumes asked about, checked by one statx instead of read.
     metadata: cache::MetadataCache,
+    /// Volumes whose `activemounts/` is known empty, checked by one statx instead of read.
+    no_records: Arc<cache::NoRecords>,
     allowed_bases: AllowedBases,
 }
 
@@ -232,6 +238,7 @@ impl<S: Sys> Driver<S> {
             verifier: OnceLock::new(),
             spares: Arc::default(),
             metadata: cache::MetadataCache::default(),
+            no_records: Arc::default(),
             allowed_bases: AllowedBases::anywhere(),
         })
     }
@@ -265,9 +272,12 @@ impl<S: Sys> Driver<S> {
         }
     }
 
+    /// Asks the janitor for a pass, once the answer is out (`after_answer`): the wake-up of
+    /// a thread on another CPU costs the waker tens of µs.
     fn kick_janitor(&self) {
         if let Some(j) = self.janitor.get() {
-            j.kick();
+            let j = j.clone();
+            after_answer::defer(move || j.kick());
         }
     }
 
@@ -316,6 +326,8 @@ impl<S: Sys> Driver<S> {
             ] {
                 std::fs::create_dir(dir)?;
             }
+            // Made just now: empty (the rename below keeps its stamp).
+            let no_records = store::FileStamp::of(&staging.active_mounts())?;
             staging.install_fresh_upper(&base_meta)?;
             failpoint!("create.upper-installed");
             staging.write_metadata(&Metadata {
@@ -328,6 +340,10 @@ impl<S: Sys> Driver<S> {
             failpoint!("create.before-rename");
             std::fs::rename(&staging.path, &vol.path)?;
             failpoint!("create.renamed");
+            // Still locked: a Mount cannot have added a record yet.
+            if let Some(stamp) = no_records {
+                self.no_records.note(name, stamp);
+            }
             std::fs::File::open(self.root.path())?.sync_all()
         })();
         match built {
@@ -418,15 +434,18 @@ impl<S: Sys> Driver<S> {
     ) -> Result<PathBuf, DriverError> {
         let (vol, lock) = self.lock(name)?;
         let meta = self.read_metadata(name, &vol)?;
-        let (mut records, strays) =
+        let mountpoint = vol.mountpoint();
+        let mut mounted = self.is_mounted(name, &mountpoint)?;
+        let (mut records, strays) = if !mounted && self.no_records.still_empty(name, &vol) {
+            (Vec::new(), false)
+        } else {
             vol.read_records_and_strays()
                 .map_err(|source| DriverError::Io {
                     name: name.clone(),
                     action: "reading mount records",
                     source,
-                })?;
-        let mountpoint = vol.mountpoint();
-        let mut mounted = self.is_mounted(name, &mountpoint)?;
+                })?
+        };
 
         if !mounted {
             // Also without records: the last Unmount here leaves any copy of the overlay in
@@ -448,6 +467,7 @@ impl<S: Sys> Driver<S> {
         }
         let fresh = !mounted;
         let previous = records.iter().find(|(rid, _)| rid == id).map(|(_, r)| r);
+        let new_id = previous.is_none();
         let uses = previous.map_or(0, |r| r.usage_count) + 1;
         let record = MountRecord {
             usage_count: uses,
@@ -463,7 +483,8 @@ impl<S: Sys> Driver<S> {
         // done, not while it runs (deleting a large upper competes for the disk's journal).
         let mut discarded = false;
         let recorded = if mounted {
-            self.write_record(&vol, id, &record).map_err(record_err)
+            self.record_mount(name, &vol, &lock, id, &record, new_id)
+                .map_err(record_err)
         } else {
             // A volatile volume's upper is looked at first (its changes go now). Otherwise
             // the directories are made only when the mount misses one (a damaged or Go-made
@@ -490,7 +511,8 @@ impl<S: Sys> Driver<S> {
             }
             log::info!("mounted volume {name} at {mountpoint:?}");
             failpoint!("mount.overlay-mounted");
-            self.write_record(&vol, id, &record).map_err(record_err)
+            self.record_mount(name, &vol, &lock, id, &record, new_id)
+                .map_err(record_err)
         };
         if let Err(err) = recorded {
             // The state directory is full or read-only. dockerd gets the error and will never
@@ -510,19 +532,64 @@ impl<S: Sys> Driver<S> {
         if discarded {
             self.kick_janitor();
         }
+        if new_id {
+            // The record says one use already; which boot and client it is can wait for the
+            // answer to be out, but not for the lock to be free.
+            let (name, id) = (name.clone(), id.clone());
+            after_answer::defer(move || {
+                if let Err(e) = vol.write_record_details(&id, &record) {
+                    log::warn!("volume {name}: cannot complete the record of mount ID {id}: {e}");
+                }
+                drop(lock);
+            });
+        }
         Ok(mountpoint)
+    }
+
+    /// Records the mount `id` now used as `record` says: a new mount ID as an empty record
+    /// (one use; the caller writes its details), a known one by replacing its record.
+    fn record_mount(
+        &self,
+        name: &VolumeName,
+        vol: &VolumeDir,
+        lock: &store::VolumeLock,
+        id: &MountId,
+        record: &MountRecord,
+        new_id: bool,
+    ) -> io::Result<()> {
+        if !new_id {
+            return self.write_record(name, vol, id, record);
+        }
+        self.no_records.forget(name);
+        lock.ensure_space()?;
+        let result = vol.place_empty_record(id, &self.spares);
+        self.want_spares_if_low();
+        result
     }
 
     /// Writes a mount record, from a spare file if one is ready (`store::Spares`); asks the
     /// janitor for more when they run low.
-    fn write_record(&self, vol: &VolumeDir, id: &MountId, record: &MountRecord) -> io::Result<()> {
+    fn write_record(
+        &self,
+        name: &VolumeName,
+        vol: &VolumeDir,
+        id: &MountId,
+        record: &MountRecord,
+    ) -> io::Result<()> {
+        self.no_records.forget(name);
         let result = vol.write_record_using(id, record, &self.spares);
+        self.want_spares_if_low();
+        result
+    }
+
+    /// Asks the janitor for spares (once the answer is out) when half of them are used.
+    fn want_spares_if_low(&self) {
         if self.spares.ready() <= store::Spares::TARGET / 2
             && let Some(j) = self.janitor.get()
         {
-            j.want_spares();
+            let j = j.clone();
+            after_answer::defer(move || j.want_spares());
         }
-        result
     }
 
     /// Releases the records whose client process is gone, provided no other mount namespace
@@ -710,6 +777,7 @@ impl<S: Sys> Driver<S> {
         if record.usage_count > 1 {
             let left = record.usage_count - 1;
             self.write_record(
+                name,
                 &vol,
                 id,
                 &MountRecord {
@@ -752,6 +820,7 @@ impl<S: Sys> Driver<S> {
             vol,
             lock,
             trashed,
+            no_records: self.no_records.clone(),
         });
         result
     }
@@ -791,6 +860,7 @@ impl<S: Sys> Driver<S> {
         let Some((vol, _lock)) = self.try_lock(name)? else {
             // No such volume (any more): nothing of it is to be kept either.
             self.metadata.forget(name);
+            self.no_records.forget(name);
             return Ok(());
         };
         let mountpoint = vol.mountpoint();
@@ -815,6 +885,7 @@ impl<S: Sys> Driver<S> {
             }
         })?;
         self.metadata.forget(name);
+        self.no_records.forget(name);
         log::info!("removed volume {name}");
         failpoint!("remove.renamed");
         self.kick_janitor();
@@ -1126,6 +1197,60 @@ mod tests {
         assert_eq!(f.driver.path(&name("v")).unwrap(), None);
         let err = f.unmount(&name("v"), &id("b")).unwrap_err();
         assert_eq!(err.to_string(), "volume v has no mount with ID b");
+    }
+
+    #[test]
+    fn a_new_mount_ids_details_follow_the_answer_under_the_lock() {
+        let f = fixture();
+        f.create("v", false);
+        let deferral = crate::after_answer::Deferral::begin();
+        // A live client, whose record is not released as an orphan's.
+        f.driver.sys().state.lock().unwrap().processes.insert(7, 9);
+        let client = f.driver.client(Some(7));
+        f.driver.mount_as(&name("v"), &id("a"), client).unwrap();
+        assert!(deferral.end(), "nothing left for after the answer");
+        let record = std::fs::read(f.vol("v").record(&id("a"))).unwrap();
+        assert_eq!(record, b"", "details written before the answer");
+        assert_eq!(f.count("v", "a"), Some(1), "an empty record is one use");
+        let other = std::fs::File::open(f.vol("v").path.clone()).unwrap();
+        assert!(
+            other.try_lock().is_err(),
+            "the volume was unlocked before the record was complete"
+        );
+        crate::after_answer::run_pending();
+        other.try_lock().unwrap();
+        drop(other);
+        let records = f.vol("v").read_records().unwrap();
+        assert_eq!(records[0].1.client, client);
+        assert_eq!(records[0].1.boot_id.as_deref(), Some(&*f.driver.boot_id));
+
+        // A known mount ID: its count is written before the answer.
+        let deferral = crate::after_answer::Deferral::begin();
+        f.driver.mount_as(&name("v"), &id("a"), client).unwrap();
+        deferral.end();
+        assert_eq!(f.count("v", "a"), Some(2));
+        crate::after_answer::run_pending();
+    }
+
+    #[test]
+    fn records_are_read_unless_known_empty_and_unchanged() {
+        let f = fixture();
+        f.create("v", false);
+        let v = name("v");
+        assert!(f.driver.no_records.still_empty(&v, &f.vol("v")), "Create");
+        // A record the overlay outlived (a daemon killed, the overlay unmounted by hand),
+        // made by another process: the stamp changes, the Mount reads and voids it.
+        let vol = f.vol("v");
+        std::fs::write(vol.record(&id("stale")), r#"{"UsageCount":3}"#).unwrap();
+        f.driver.mount(&v, &id("a"), None).unwrap();
+        assert_eq!(f.count("v", "stale"), None, "a stale record was kept");
+        assert_eq!(f.count("v", "a"), Some(1));
+        assert!(!f.driver.no_records.still_empty(&v, &vol), "records now");
+        // The last Unmount, once its look found no copy, notes the directory empty again.
+        f.unmount(&v, &id("a")).unwrap();
+        assert!(f.driver.no_records.still_empty(&v, &vol), "last Unmount");
+        f.driver.remove(&v).unwrap();
+        assert!(!f.driver.no_records.still_empty(&v, &vol), "Remove");
     }
 
     #[test]

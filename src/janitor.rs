@@ -18,8 +18,9 @@ use crate::store::{self, Root, STAGING_PREFIX, Spares};
 /// How long a pass waits after the kick that asked for it.
 const KICK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
 
-/// Handle to the janitor thread; dropping it lets the thread finish its current pass and end.
-#[derive(Debug)]
+/// Handle to the janitor thread; dropping it (and its clones) lets the thread finish its
+/// current pass and end.
+#[derive(Debug, Clone)]
 pub struct Janitor {
     /// `true`: a pass over the trash; `false`: only spares wanted.
     kick: mpsc::Sender<bool>,

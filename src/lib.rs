@@ -11,6 +11,7 @@
 pub mod failpoint;
 
 pub mod admin;
+pub mod after_answer;
 pub mod driver;
 pub mod janitor;
 pub mod logging;

@@ -15,7 +15,8 @@
 //!     workdir/            overlay work directory; its `work/`, made by every mount, is
 //!                         removed once nothing can hold a copy of the unmounted overlay
 //!     mountpoint/         where the overlay is mounted
-//!     activemounts/ID     {"UsageCount": n, "BootId": "..."}: one file per mount ID
+//!     activemounts/ID     {"UsageCount": n, "BootId": "..."}: one file per mount ID;
+//!                         empty: one use, whose details are not written yet
 //! ```
 //!
 //! # Invariants
@@ -28,7 +29,10 @@
 //! - Whether a volume is mounted is never stored: the kernel is asked. `activemounts/` holds
 //!   reference counts per mount ID that are valid only while the overlay is mounted; records
 //!   written in an earlier boot are void. Records are written without fsync: a reboot voids
-//!   them anyway, and they survive a process crash as written.
+//!   them anyway, and they survive a process crash as written. A new mount ID's record is
+//!   placed empty (an empty record is one use of unknown boot and client: what a crash
+//!   before its details are written leaves is still true), then filled in place under the
+//!   same lock.
 //! - Every change to a volume happens under an exclusive flock on its directory.
 //! - What a crash leaves half-made is garbage, and found as such: a `.new-*` staging directory
 //!   once nobody holds its lock and its creator (whose pid its name carries) is dead, or a
@@ -74,6 +78,25 @@ pub struct MountRecord {
     /// The process (dockerd, podman) that asked for the mount, as seen on the socket.
     #[serde(rename = "Client", default, skip_serializing_if = "Option::is_none")]
     pub client: Option<Client>,
+}
+
+impl MountRecord {
+    /// What an empty record file means: one use whose boot and client were not written (yet).
+    pub const ONE_USE: MountRecord = MountRecord {
+        usage_count: 1,
+        boot_id: None,
+        client: None,
+    };
+
+    /// A record file's contents; `None` when they are not a record. An empty file is
+    /// [`MountRecord::ONE_USE`]: a new mount ID's record is placed empty and its details are
+    /// written after the answer (`Driver::mount`).
+    pub fn parse(bytes: &[u8]) -> Option<MountRecord> {
+        if bytes.is_empty() {
+            return Some(Self::ONE_USE);
+        }
+        serde_json::from_slice(bytes).ok()
+    }
 }
 
 /// A process, identified across pid reuse by its start time (clock ticks after boot, field 22
@@ -227,7 +250,8 @@ impl FileStamp {
 }
 
 /// Empty files in `ROOT/.spare/`, made ahead of time (by the janitor, in the background), each
-/// to become a mount record by one write and one rename.
+/// to become a mount record: renamed into place empty (a new mount ID, one use), or written
+/// and renamed (a count that changes).
 ///
 /// Creating a file is the dearest step of writing a record: on ext4 some 45 µs of a 60 µs
 /// write (a new inode, its directory entry), against 20 µs for the rename that follows; a
@@ -432,17 +456,13 @@ impl VolumeDir {
             };
             let record = read_small_at(entries.fd()?, Path::new(id.as_str()), None)
                 .ok()
-                .and_then(|b| serde_json::from_slice::<MountRecord>(&b).ok())
+                .and_then(|b| MountRecord::parse(&b))
                 .unwrap_or_else(|| {
                     log::warn!(
                         "mount record {:?} is unreadable; counting it as one use",
                         dir.join(&id)
                     );
-                    MountRecord {
-                        usage_count: 1,
-                        boot_id: None,
-                        client: None,
-                    }
+                    MountRecord::ONE_USE
                 });
             out.push((id, record));
         }
@@ -461,6 +481,41 @@ impl VolumeDir {
             }
             result => result,
         }
+    }
+
+    /// Records one use of the new mount ID `id` with an empty file (see [`MountRecord::parse`]):
+    /// one of `spares` renamed into place if there is one (no inode to make), else a new file.
+    /// [`VolumeDir::write_record_details`] fills it in.
+    pub fn place_empty_record(&self, id: &MountId, spares: &Spares) -> io::Result<()> {
+        if let Some(spare) = spares.take() {
+            match std::fs::rename(&spare.path, self.record(id)) {
+                Ok(()) => return Ok(()),
+                // `activemounts/` missing, on another file system, ...: the usual way.
+                Err(e) => {
+                    log::debug!("cannot use {:?} as a mount record: {e}", spare.path);
+                    let _ = std::fs::remove_file(&spare.path);
+                }
+            }
+        }
+        let create = || File::create(self.record(id)).map(drop);
+        match create() {
+            // `activemounts/` is missing (a damaged volume): made only then.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir_all(self.active_mounts())?;
+                create()
+            }
+            result => result,
+        }
+    }
+
+    /// Writes `record` into the empty record [`VolumeDir::place_empty_record`] placed for `id`,
+    /// in place: until the write is whole the file reads as one use, which `record` is too.
+    pub fn write_record_details(&self, id: &MountId, record: &MountRecord) -> io::Result<()> {
+        debug_assert_eq!(record.usage_count, 1, "an empty record is one use");
+        let json = serde_json::to_vec(record).map_err(io::Error::other)?;
+        let mut file = File::options().write(true).open(self.record(id))?;
+        failpoint!("store.record-details");
+        file.write_all(&json)
     }
 
     /// [`VolumeDir::write_record`], turning one of `spares` into the record if there is one:
@@ -549,6 +604,17 @@ impl VolumeLock {
     pub fn dev(&self) -> u64 {
         self.dev
     }
+
+    /// Fails as a write would (ENOSPC) when the volume's file system has no free block left:
+    /// for what is recorded without writing data (an empty record), so that a full state
+    /// directory refuses a Mount as clearly as any other change.
+    pub fn ensure_space(&self) -> io::Result<()> {
+        let fs = rustix::fs::fstatfs(&self._dir)?;
+        if fs.f_bfree == 0 {
+            return Err(rustix::io::Errno::NOSPC.into());
+        }
+        Ok(())
+    }
 }
 
 /// Locks the volume directory at `dir`. `Ok(None)` when there is no such volume. Retries
@@ -636,6 +702,50 @@ mod tests {
         };
         vol.write_record_using(&other, &rec, &none).unwrap();
         assert_eq!(vol.read_records().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_new_record_is_placed_empty_as_one_use_then_filled_in() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = Root::open(&tmp.path().join("root")).unwrap();
+        let vol = VolumeDir::at(root.path().join("v"));
+        std::fs::create_dir_all(vol.active_mounts()).unwrap();
+        let spares = Spares::default();
+        spares.refill(&root).unwrap();
+        let (a, b) = (MountId::parse("a").unwrap(), MountId::parse("b").unwrap());
+
+        vol.place_empty_record(&a, &spares).unwrap();
+        assert_eq!(
+            spares.ready(),
+            Spares::TARGET - 1,
+            "a spare became the record"
+        );
+        assert_eq!(std::fs::read(vol.record(&a)).unwrap(), b"");
+        assert_eq!(
+            vol.read_records_and_strays().unwrap(),
+            (vec![(a.clone(), MountRecord::ONE_USE)], false),
+            "an empty record is one use, not an unreadable one or a stray"
+        );
+        let details = MountRecord {
+            usage_count: 1,
+            boot_id: Some("boot".into()),
+            client: Some(Client {
+                pid: 7,
+                start_time: 9,
+            }),
+        };
+        vol.write_record_details(&a, &details).unwrap();
+        assert_eq!(vol.read_records().unwrap(), vec![(a.clone(), details)]);
+
+        // Without spares and without `activemounts/` (a damaged volume): made.
+        std::fs::remove_dir_all(vol.active_mounts()).unwrap();
+        vol.place_empty_record(&b, &Spares::default()).unwrap();
+        assert_eq!(vol.read_records().unwrap(), vec![(b, MountRecord::ONE_USE)]);
+        assert_eq!(
+            MountRecord::parse(b"{"),
+            None,
+            "a torn record is not a record"
+        );
     }
 
     #[test]

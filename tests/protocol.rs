@@ -757,12 +757,19 @@ fn restart_after_a_reboot_voids_old_mount_records() {
     env.create_ok("v", &base, false);
     let mp = env.mount_ok("v", &id(1));
     env.mount_ok("v", &id(2));
+    // A new mount ID's record is one use at once; its details (BootId) follow the answer.
+    let active = env.volume_dir("v").join("activemounts");
+    let detailed = || {
+        names(&active)
+            .iter()
+            .all(|n| !std::fs::read(active.join(n)).unwrap().is_empty())
+    };
+    wait_until(Duration::from_secs(10), "the records' details", detailed);
     env.kill9();
 
     // The reboot: the overlay is gone and the records name another boot.
     env.anchor.run(&["umount", s(&mp)]);
     env.assert_not_mounted("v");
-    let active = env.volume_dir("v").join("activemounts");
     for name in names(&active) {
         let path = active.join(&name);
         let mut record: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();

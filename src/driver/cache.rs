@@ -107,6 +107,68 @@ impl MetadataCache {
     }
 }
 
+/// Volumes whose `activemounts/` is known to hold nothing, with the stamp it had then.
+///
+/// A Mount of an unmounted volume voids whatever records are left in `activemounts/`, so it
+/// must know whether there are any: reading the directory costs four calls (open, two
+/// getdents, close), checking a stamp one statx. Entries are made only under the volume's
+/// lock, where the directory is known to be empty: by Create (the directory is new) and by the
+/// thread that finishes a last Unmount (the stamp taken before the read that found it empty).
+/// Records are added only by a Mount, which drops the entry under the same lock before it
+/// adds one; anything another process adds gives the directory another stamp (multigrain
+/// timestamps, see above; on older kernels an addition by a second daemon on the same state
+/// directory within a clock tick would go unseen: the records of an unmounted overlay it
+/// left would then be voided only at a later Mount, which reads them).
+#[derive(Debug, Default)]
+pub(super) struct NoRecords {
+    entries: Mutex<HashMap<VolumeName, FileStamp>>,
+}
+
+impl NoRecords {
+    fn entries(&self) -> MutexGuard<'_, HashMap<VolumeName, FileStamp>> {
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `vol`'s `activemounts/` is as it was when it was found empty (one statx; none
+    /// when nothing is known). Called with the volume locked.
+    pub(super) fn still_empty(&self, name: &VolumeName, vol: &VolumeDir) -> bool {
+        let Some(kept) = self.entries().get(name).copied() else {
+            return false;
+        };
+        let same = matches!(FileStamp::of(&vol.active_mounts()), Ok(Some(now)) if now == kept);
+        if !same {
+            self.forget(name);
+        }
+        same
+    }
+
+    /// Notes that `activemounts/` had stamp `stamp` while it held nothing. Called with the
+    /// volume locked.
+    pub(super) fn note(&self, name: &VolumeName, stamp: FileStamp) {
+        let mut entries = self.entries();
+        if entries.len() >= MAX_ENTRIES && !entries.contains_key(name) {
+            entries.clear();
+        }
+        entries.insert(name.clone(), stamp);
+    }
+
+    /// Reads `vol`'s `activemounts/` and notes it if it holds nothing (a stamp taken before
+    /// the read: what changes during it gives another). Called with the volume locked.
+    pub(super) fn look(&self, name: &VolumeName, vol: &VolumeDir) {
+        if let Ok(Some(stamp)) = FileStamp::of(&vol.active_mounts())
+            && let Ok((records, false)) = vol.read_records_and_strays()
+            && records.is_empty()
+        {
+            self.note(name, stamp);
+        }
+    }
+
+    /// Drops what is known of `name`: a record is about to be added, or the volume is gone.
+    pub(super) fn forget(&self, name: &VolumeName) {
+        self.entries().remove(name);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,6 +53,9 @@ pub(super) struct Job {
     pub lock: store::VolumeLock,
     /// Its last mount record, renamed into the trash: deleted here.
     pub trashed: Option<PathBuf>,
+    /// Told that the volume's `activemounts/` is empty once its overlay is unmounted and no
+    /// copy is held, so that the next Mount need not read it.
+    pub no_records: Arc<super::cache::NoRecords>,
 }
 
 /// Volumes whose overlay is still to be unmounted by a job, and the signal that some were.
@@ -242,7 +245,7 @@ fn look<S: Sys + ?Sized>(sys: &S, unmounted: Vec<Job>) -> Vec<store::VolumeLock>
                         // Left by a mount cut short, say: the next Mount looks itself.
                         log::debug!("volume {name}: keeping {:?}: {e}", job.vol.overlay_work())
                     }
-                    _ => {}
+                    _ => job.no_records.look(name, &job.vol),
                 },
                 Some(holder) => log::warn!(
                     "volume {name}: {holder} in another mount namespace still holds a copy of \
