@@ -509,7 +509,9 @@ impl<S: Sys> Driver<S> {
                     source,
                 });
             }
-            log::info!("mounted volume {name} at {mountpoint:?}");
+            // Formatting a line costs a request some µs: done after the answer.
+            let (vol_name, at) = (name.clone(), mountpoint.clone());
+            after_answer::defer(move || log::info!("mounted volume {vol_name} at {at:?}"));
             failpoint!("mount.overlay-mounted");
             self.record_mount(name, &vol, &lock, id, &record, new_id)
                 .map_err(record_err)
