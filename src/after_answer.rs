@@ -71,7 +71,11 @@ pub fn run_pending() {
             return;
         }
         for work in pending {
-            work();
+            // A panic fails this piece of work alone (what it held, a lock, is dropped), not
+            // the connection whose request comes next.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).is_err() {
+                log::error!("work left for after an answer panicked");
+            }
         }
     }
 }
@@ -121,6 +125,17 @@ mod tests {
         assert!(log.borrow().is_empty());
         run_pending();
         assert_eq!(*log.borrow(), ["kept"]);
+    }
+
+    #[test]
+    fn a_panic_fails_its_own_work_only() {
+        let log = Rc::new(RefCell::new(Vec::new()));
+        let deferral = Deferral::begin();
+        defer(|| panic!("deferred work panics"));
+        defer(log_to(&log, "next"));
+        deferral.end();
+        run_pending();
+        assert_eq!(*log.borrow(), ["next"]);
     }
 
     #[test]
