@@ -1089,6 +1089,11 @@ fn main() {
             .as_ref()
             .is_none_or(|o| o.iter().any(|p| p == phase))
     };
+    // `cargo bench` has usually just built the binaries: hundreds of MB that the kernel would
+    // otherwise write back during the first measurements (the requests), slowing the plugin's
+    // many small file-system calls more than the one bare mount they are compared with.
+    rustix::fs::sync();
+    std::thread::sleep(Duration::from_secs(2));
     let d = Daemon::start(&work, "main", &work.join("root-main"));
     eprintln!("dot-bench: daemon pid {}", d.pid());
     std::thread::sleep(Duration::from_millis(300));
