@@ -29,9 +29,10 @@
 //! leaves one of the rows above. A new mount ID's record is placed empty (one use) before the
 //! reply, and its details (boot, client) are written after it, the volume locked until then
 //! (`crate::after_answer`): a crash in between leaves a record that is true, only less
-//! precise (a client not known is never released as gone). A volatile volume's changes are discarded at the first Mount
-//! after the last Unmount, never at Unmount, so they can be recovered in between; the discard renames the upper into the trash in
-//! constant time and the [`Janitor`] deletes it.
+//! precise (a client not known is never released as gone). A volatile volume's changes are
+//! discarded at the first Mount after the last Unmount, never at Unmount, so they can be
+//! recovered in between; the discard renames the upper into the trash in constant time and
+//! the [`Janitor`] deletes it.
 //!
 //! A copy of the overlay can outlive the last Unmount in another mount namespace, and that
 //! upper must never get a second overlay. Looking for copies reads every mount namespace's
@@ -509,9 +510,6 @@ impl<S: Sys> Driver<S> {
                     source,
                 });
             }
-            // Formatting a line costs a request some µs: done after the answer.
-            let (vol_name, at) = (name.clone(), mountpoint.clone());
-            after_answer::defer(move || log::info!("mounted volume {vol_name} at {at:?}"));
             failpoint!("mount.overlay-mounted");
             self.record_mount(name, &vol, &lock, id, &record, new_id)
                 .map_err(record_err)
@@ -528,6 +526,11 @@ impl<S: Sys> Driver<S> {
                 }
             }
             return Err(err);
+        }
+        if fresh {
+            // Formatting a line costs a request some µs: done after the answer.
+            let (vol_name, at) = (name.clone(), mountpoint.clone());
+            after_answer::defer(move || log::info!("mounted volume {vol_name} at {at:?}"));
         }
         log::debug!("volume {name}: mount ID {id} now used {uses} times");
         failpoint!("mount.recorded");

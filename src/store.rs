@@ -593,7 +593,7 @@ impl VolumeDir {
 /// remove and every admin command on that volume, across threads and processes.
 #[derive(Debug)]
 pub struct VolumeLock {
-    _dir: File,
+    dir: File,
     /// The device number of the locked directory (`st_dev`), learnt while locking.
     dev: u64,
 }
@@ -609,7 +609,7 @@ impl VolumeLock {
     /// for what is recorded without writing data (an empty record), so that a full state
     /// directory refuses a Mount as clearly as any other change.
     pub fn ensure_space(&self) -> io::Result<()> {
-        let fs = rustix::fs::fstatfs(&self._dir)?;
+        let fs = rustix::fs::fstatfs(&self.dir)?;
         if fs.f_bfree == 0 {
             return Err(rustix::io::Errno::NOSPC.into());
         }
@@ -632,7 +632,7 @@ pub fn lock_volume(dir: &Path) -> io::Result<Option<VolumeLock>> {
         match std::fs::symlink_metadata(dir) {
             Ok(now) if now.dev() == locked.dev() && now.ino() == locked.ino() => {
                 return Ok(Some(VolumeLock {
-                    _dir: file,
+                    dir: file,
                     dev: locked.dev(),
                 }));
             }
