@@ -527,16 +527,9 @@ impl<S: Sys> Driver<S> {
             }
             return Err(err);
         }
-        if fresh {
-            // Formatting a line costs a request some µs: done after the answer.
-            let (vol_name, at) = (name.clone(), mountpoint.clone());
-            after_answer::defer(move || log::info!("mounted volume {vol_name} at {at:?}"));
-        }
         log::debug!("volume {name}: mount ID {id} now used {uses} times");
         failpoint!("mount.recorded");
-        if discarded {
-            self.kick_janitor();
-        }
+        // Deferred work runs in this order: the unlock first, the wake-up and the line after.
         if new_id {
             // The record says one use already; which boot and client it is can wait for the
             // answer to be out, but not for the lock to be free.
@@ -547,6 +540,14 @@ impl<S: Sys> Driver<S> {
                 }
                 drop(lock);
             });
+        }
+        if discarded {
+            self.kick_janitor();
+        }
+        if fresh {
+            // Formatting a line costs a request some µs: done after the answer.
+            let (vol_name, at) = (name.clone(), mountpoint.clone());
+            after_answer::defer(move || log::info!("mounted volume {vol_name} at {at:?}"));
         }
         Ok(mountpoint)
     }

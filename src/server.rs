@@ -596,15 +596,14 @@ async fn handle(
         Some(err) => log!(level, "{what}: {} in {elapsed:.1?}: {err}", reply.status),
         None => log!(level, "{what}: {} in {elapsed:.1?}", reply.status),
     }
-    let work = deferral.is_some_and(after_answer::Deferral::end);
     if let Some(held) = held {
         let lines = held.release();
-        if work || !lines.is_empty() {
-            tokio::spawn(async move {
-                after_answer::run_pending();
-                logging::write_lines(&lines);
-            });
+        if !lines.is_empty() {
+            after_answer::defer(move || logging::write_lines(&lines));
         }
+    }
+    if deferral.is_some_and(after_answer::Deferral::end) {
+        tokio::spawn(async { after_answer::run_pending() });
     }
     to_response(reply)
 }

@@ -32,12 +32,42 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use crate::names::VolumeName;
 use crate::store::{FileStamp, Metadata, VolumeDir};
 
-/// Entries at which the cache starts again from empty: far more volumes than a host has.
+/// Entries at which a map starts again from empty: far more volumes than a host has.
 const MAX_ENTRIES: usize = 65536;
+
+/// What is known of each volume, emptied when it reaches [`MAX_ENTRIES`].
+#[derive(Debug)]
+struct PerVolume<V>(Mutex<HashMap<VolumeName, V>>);
+
+impl<V> Default for PerVolume<V> {
+    fn default() -> Self {
+        Self(Mutex::default())
+    }
+}
+
+impl<V> PerVolume<V> {
+    /// Held only to look up or store, never across file I/O. A panic while it was held (which
+    /// nothing here can cause) leaves a map that is still consistent.
+    fn lock(&self) -> MutexGuard<'_, HashMap<VolumeName, V>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn insert(&self, name: &VolumeName, value: V) {
+        let mut entries = self.lock();
+        if entries.len() >= MAX_ENTRIES && !entries.contains_key(name) {
+            entries.clear();
+        }
+        entries.insert(name.clone(), value);
+    }
+
+    fn remove(&self, name: &VolumeName) {
+        self.lock().remove(name);
+    }
+}
 
 #[derive(Debug, Default)]
 pub(super) struct MetadataCache {
-    entries: Mutex<HashMap<VolumeName, Entry>>,
+    entries: PerVolume<Entry>,
 }
 
 #[derive(Debug)]
@@ -48,10 +78,8 @@ struct Entry {
 }
 
 impl MetadataCache {
-    /// Held only to look up or store, never across file I/O. A panic while it was held (which
-    /// nothing here can cause) leaves a map that is still consistent.
     fn entries(&self) -> MutexGuard<'_, HashMap<VolumeName, Entry>> {
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+        self.entries.lock()
     }
 
     /// The metadata of volume `name` at `vol`: from memory when `metadata.json` has not changed
@@ -75,30 +103,22 @@ impl MetadataCache {
             return Ok(entry.metadata.clone());
         }
         let read = vol.read_metadata_sized(Some(stamp.size));
-        let mut entries = self.entries();
         match &read {
-            Ok(metadata) => {
-                if entries.len() >= MAX_ENTRIES && !entries.contains_key(name) {
-                    entries.clear();
-                }
-                entries.insert(
-                    name.clone(),
-                    Entry {
-                        stamp,
-                        metadata: metadata.clone(),
-                    },
-                );
-            }
-            Err(_) => {
-                entries.remove(name);
-            }
+            Ok(metadata) => self.entries.insert(
+                name,
+                Entry {
+                    stamp,
+                    metadata: metadata.clone(),
+                },
+            ),
+            Err(_) => self.forget(name),
         }
         read
     }
 
     /// Drops what is kept of `name` (it was removed).
     pub(super) fn forget(&self, name: &VolumeName) {
-        self.entries().remove(name);
+        self.entries.remove(name);
     }
 
     #[cfg(test)]
@@ -121,18 +141,14 @@ impl MetadataCache {
 /// left would then be voided only at a later Mount, which reads them).
 #[derive(Debug, Default)]
 pub(super) struct NoRecords {
-    entries: Mutex<HashMap<VolumeName, FileStamp>>,
+    entries: PerVolume<FileStamp>,
 }
 
 impl NoRecords {
-    fn entries(&self) -> MutexGuard<'_, HashMap<VolumeName, FileStamp>> {
-        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Whether `vol`'s `activemounts/` is as it was when it was found empty (one statx; none
     /// when nothing is known). Called with the volume locked.
     pub(super) fn still_empty(&self, name: &VolumeName, vol: &VolumeDir) -> bool {
-        let Some(kept) = self.entries().get(name).copied() else {
+        let Some(kept) = self.entries.lock().get(name).copied() else {
             return false;
         };
         let same = matches!(FileStamp::of(&vol.active_mounts()), Ok(Some(now)) if now == kept);
@@ -145,11 +161,7 @@ impl NoRecords {
     /// Notes that `activemounts/` had stamp `stamp` while it held nothing. Called with the
     /// volume locked.
     pub(super) fn note(&self, name: &VolumeName, stamp: FileStamp) {
-        let mut entries = self.entries();
-        if entries.len() >= MAX_ENTRIES && !entries.contains_key(name) {
-            entries.clear();
-        }
-        entries.insert(name.clone(), stamp);
+        self.entries.insert(name, stamp);
     }
 
     /// Reads `vol`'s `activemounts/` and notes it if it holds nothing (a stamp taken before
@@ -165,7 +177,7 @@ impl NoRecords {
 
     /// Drops what is known of `name`: a record is about to be added, or the volume is gone.
     pub(super) fn forget(&self, name: &VolumeName) {
-        self.entries().remove(name);
+        self.entries.remove(name);
     }
 }
 
