@@ -160,10 +160,7 @@ fn main() -> ExitCode {
     }
 }
 
-/// The admin commands: the library does the work, this prints it. Kept out of `main` (cold,
-/// never inlined): the service's start-up code stays small and together (see build.rs).
-#[cold]
-#[inline(never)]
+/// The admin commands: the library does the work, this prints it.
 fn admin(root: &Path, command: Command) -> Result<()> {
     let admin = Admin::open(root)?;
     let name = |n: &str| VolumeName::parse(n).context("invalid volume name");
