@@ -273,7 +273,6 @@ fn small_volume(dir: &Path, base: &Path) -> OverlaySpec {
         upper: dir.join("upper"),
         work: dir.join("workdir"),
         target: dir.join("mountpoint"),
-        work_dev: None,
     }
 }
 

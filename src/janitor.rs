@@ -1,75 +1,57 @@
 //! Background deletion of the trash: discarded uppers of volatile volumes, removed volumes and
-//! abandoned staging directories; and the making of spare files for mount records
-//! ([`Spares`]).
+//! abandoned staging directories.
 //!
 //! Deleting an upper costs time proportional to its size (about 1 s per 100,000 files), so
 //! requests only *rename* things into `ROOT/.trash` (constant time) and this thread deletes
 //! them later. A deletion interrupted by a crash or a stop is simply finished by the next
-//! process. This module must never touch anything outside the trash, except that it moves an
-//! abandoned `.new-*` staging directory (one whose creator no longer holds its lock) into it,
-//! and it makes (and at its first pass clears) the spare files in `ROOT/.spare/`.
+//! process. This is the only work any request leaves for after its answer. This module must
+//! never touch anything outside the trash, except that it moves an abandoned `.new-*` staging
+//! directory (one whose creator no longer holds its lock) into it, and the `.spare/` directory
+//! that docker-on-top 0.2.0 made, which nothing uses any more.
 
 use std::fs::{File, TryLockError};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
+use std::sync::mpsc;
 
-use crate::store::{self, Root, STAGING_PREFIX, Spares};
+use crate::store::{self, Root, STAGING_PREFIX};
 
-/// How long a pass waits after the kick that asked for it.
-const KICK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+/// Left in the state root by docker-on-top 0.2.0 (files made ahead to become mount records).
+const OLD_SPARE_DIR: &str = ".spare";
 
 /// Handle to the janitor thread; dropping it (and its clones) lets the thread finish its
 /// current pass and end.
 #[derive(Debug, Clone)]
 pub struct Janitor {
-    /// `true`: a pass over the trash; `false`: only spares wanted.
-    kick: mpsc::Sender<bool>,
+    kick: mpsc::Sender<()>,
 }
 
 impl Janitor {
-    /// Starts the thread; it makes one pass at once (finishing earlier processes' deletions,
-    /// making `spares` ready).
-    pub fn start(root: Root, spares: Arc<Spares>) -> std::io::Result<Self> {
-        let (kick, wake) = mpsc::channel::<bool>();
+    /// Starts the thread; it makes one pass at once (finishing earlier processes' deletions).
+    pub fn start(root: Root) -> std::io::Result<Self> {
+        let (kick, wake) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("janitor".into())
             .spawn(move || {
                 // Background work: the lowest CPU priority (nice 19, this thread only), so
                 // that requests never wait for a CPU while it deletes a large upper.
                 let _ = rustix::process::setpriority_process(Some(rustix::thread::gettid()), 19);
+                let old_spares = root.path().join(OLD_SPARE_DIR);
+                if old_spares.exists() {
+                    let _ = std::fs::rename(&old_spares, root.trash_slot("spare"));
+                }
                 sweep(&root);
-                refill(&root, &spares);
-                while let Ok(mut trash) = wake.recv() {
-                    // The request that kicked is still answering: a deletion in the kernel
-                    // is not preempted for it whatever the priority, so start a moment later.
-                    std::thread::sleep(KICK_DELAY);
+                while wake.recv().is_ok() {
                     // Several kicks while we were busy need only one more pass.
-                    while let Ok(more) = wake.try_recv() {
-                        trash |= more;
-                    }
-                    if trash {
-                        sweep(&root);
-                    }
-                    refill(&root, &spares);
+                    while wake.try_recv().is_ok() {}
+                    sweep(&root);
                 }
             })?;
         Ok(Self { kick })
     }
 
-    /// Asks for a pass over the trash soon.
+    /// Asks for a pass over the trash.
     pub fn kick(&self) {
-        let _ = self.kick.send(true);
-    }
-
-    /// Asks for spares soon.
-    pub fn want_spares(&self) {
-        let _ = self.kick.send(false);
-    }
-}
-
-fn refill(root: &Root, spares: &Spares) {
-    if let Err(e) = spares.refill(root) {
-        log::debug!("cannot make spare files for mount records: {e}");
+        let _ = self.kick.send(());
     }
 }
 

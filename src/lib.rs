@@ -11,7 +11,6 @@
 pub mod failpoint;
 
 pub mod admin;
-pub mod after_answer;
 pub mod driver;
 pub mod janitor;
 pub mod logging;

@@ -42,8 +42,8 @@ use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::driver::Driver;
+use crate::logging;
 use crate::wire::{self, Call, Reply, WireError};
-use crate::{after_answer, logging};
 
 /// Largest request body read; larger ones are answered 413. dockerd's largest, a Create with
 /// a base path of `PATH_MAX` bytes, is a few KiB.
@@ -402,8 +402,6 @@ fn serve_on_this_thread(stream: std::os::unix::net::UnixStream, conn: Connection
             Err(err) => warn!("cannot serve a connection: {err}"),
         }
     });
-    // What the last answer left, if the connection ended before its task ran.
-    after_answer::run_pending();
 }
 
 /// Serves one connection: on a thread of its own (`inline`: the driver's calls run on it) or
@@ -540,8 +538,6 @@ async fn handle(
     inline: bool,
 ) -> Response<Full<Bytes>> {
     let _in_flight = shared.activity.begin();
-    // What the connection's previous answer left (it may hold the lock this request wants).
-    after_answer::run_pending();
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -552,7 +548,6 @@ async fn handle(
     // hyper wrote the answer. Held only from here on, where nothing awaits: lines of the
     // connection's other branches are never held back.
     let held = inline.then(logging::Held::begin);
-    let deferral = inline.then(after_answer::Deferral::begin);
     let (what, reply) = match call {
         Ok(call) => {
             let what = call.to_string();
@@ -599,11 +594,8 @@ async fn handle(
     if let Some(held) = held {
         let lines = held.release();
         if !lines.is_empty() {
-            after_answer::defer(move || logging::write_lines(&lines));
+            logging::write_lines(&lines);
         }
-    }
-    if deferral.is_some_and(after_answer::Deferral::end) {
-        tokio::spawn(async { after_answer::run_pending() });
     }
     to_response(reply)
 }

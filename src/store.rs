@@ -6,8 +6,6 @@
 //! ROOT/
 //!   .trash/               entries being deleted in the background (discarded uppers,
 //!                         removed volumes); anything here is garbage
-//!   .spare/               empty files made in the background, each to become a mount
-//!                         record (see [`Spares`]); anything here at start is garbage
 //!   .new-NAME-NONCE/      a volume being created; renamed to NAME when complete
 //!   NAME/                 one volume
 //!     metadata.json       {"BaseDirPath": "/abs", "Volatile": false, "CreatedAt": "RFC 3339"}
@@ -15,8 +13,8 @@
 //!     workdir/            overlay work directory; its `work/`, made by every mount, is
 //!                         removed once nothing can hold a copy of the unmounted overlay
 //!     mountpoint/         where the overlay is mounted
-//!     activemounts/ID     {"UsageCount": n, "BootId": "..."}: one file per mount ID;
-//!                         empty: one use, whose details are not written yet
+//!     activemounts/ID     {"UsageCount": n, "BootId": "...", "Client": {...}}: one file
+//!                         per mount ID; empty or cut short: one use
 //! ```
 //!
 //! # Invariants
@@ -30,9 +28,9 @@
 //!   reference counts per mount ID that are valid only while the overlay is mounted; records
 //!   written in an earlier boot are void. Records are written without fsync: a reboot voids
 //!   them anyway, and they survive a process crash as written. A new mount ID's record is
-//!   placed empty (an empty record is one use of unknown boot and client: what a crash
-//!   before its details are written leaves is still true), then filled in place under the
-//!   same lock.
+//!   created and written in place: a file that is empty or cut short reads as one use of
+//!   unknown boot and client, which is what a crash while writing it leaves, and true. A
+//!   known ID's record is replaced atomically (temporary + rename).
 //! - Every change to a volume happens under an exclusive flock on its directory.
 //! - What a crash leaves half-made is garbage, and found as such: a `.new-*` staging directory
 //!   once nobody holds its lock and its creator (whose pid its name carries) is dead, or a
@@ -43,7 +41,7 @@
 //! This module knows paths and file formats; it makes no decision about mounting.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -54,7 +52,6 @@ use serde::{Deserialize, Serialize};
 use crate::names::{MountId, VolumeName};
 
 pub const TRASH_DIR: &str = ".trash";
-pub const SPARE_DIR: &str = ".spare";
 pub const STAGING_PREFIX: &str = ".new-";
 
 /// `metadata.json`. Field names are the Go version's; `CreatedAt` is new and optional.
@@ -89,8 +86,8 @@ impl MountRecord {
     };
 
     /// A record file's contents; `None` when they are not a record. An empty file is
-    /// [`MountRecord::ONE_USE`]: a new mount ID's record is placed empty and its details are
-    /// written after the answer (`Driver::mount`).
+    /// [`MountRecord::ONE_USE`]: what a crash leaves of a new mount ID's record before its
+    /// first byte is written.
     pub fn parse(bytes: &[u8]) -> Option<MountRecord> {
         if bytes.is_empty() {
             return Some(Self::ONE_USE);
@@ -182,144 +179,16 @@ pub fn open_noatime<Fd: std::os::fd::AsFd>(
     .map_err(Into::into)
 }
 
-/// A small file's contents: `std::fs::read` without its stat for the size (one syscall fewer
-/// on every request) and without updating its access time. `size` is the file's size as a
-/// stat made just before told it, if the caller has one: a short read that reaches it is
-/// taken as the end of the file, without a second read to see the end. (A file that grew
-/// since then gives a short read only at its new end, or a full one; and it no longer
-/// matches the stat, which is how the caller knows it changed.)
-fn read_small(path: &Path, size: Option<u64>) -> io::Result<Vec<u8>> {
-    read_small_at(rustix::fs::CWD, path, size)
+/// A small file's contents, read without updating its access time.
+fn read_small(path: &Path) -> io::Result<Vec<u8>> {
+    read_small_at(rustix::fs::CWD, path)
 }
 
-fn read_small_at<Fd: std::os::fd::AsFd>(
-    dir: Fd,
-    path: &Path,
-    size: Option<u64>,
-) -> io::Result<Vec<u8>> {
+fn read_small_at<Fd: std::os::fd::AsFd>(dir: Fd, path: &Path) -> io::Result<Vec<u8>> {
     let file = open_noatime(dir, path, rustix::fs::OFlags::empty())?;
     let mut bytes = Vec::new();
-    let mut buf = [0u8; 1024];
-    loop {
-        match rustix::io::read(&file, &mut buf) {
-            Ok(0) => return Ok(bytes),
-            Ok(n) => {
-                bytes.extend_from_slice(&buf[..n]);
-                if n < buf.len() && size.is_some_and(|size| bytes.len() as u64 >= size) {
-                    return Ok(bytes);
-                }
-            }
-            Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-/// What one statx tells of a file's identity and of its last change: its device and inode,
-/// size, and modification and change times with their nanoseconds. A file replaced by rename
-/// has another inode; one written in place has other times (and mostly another size). Equal
-/// stamps of one path therefore mean the same contents, as far as the kernel can tell (see
-/// `driver/cache.rs` for where that falls short).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileStamp {
-    dev: (u32, u32),
-    ino: u64,
-    pub size: u64,
-    mtime: (i64, u32),
-    ctime: (i64, u32),
-}
-
-impl FileStamp {
-    /// The stamp of `path` (symlinks followed, as an open does). `None` when the file system
-    /// does not report all of it: then no two stamps could be told apart.
-    pub fn of(path: &Path) -> io::Result<Option<Self>> {
-        use rustix::fs::{AtFlags, StatxFlags};
-        let wanted = StatxFlags::INO | StatxFlags::SIZE | StatxFlags::MTIME | StatxFlags::CTIME;
-        let st = rustix::fs::statx(rustix::fs::CWD, path, AtFlags::empty(), wanted)?;
-        if !StatxFlags::from_bits_retain(st.stx_mask).contains(wanted) {
-            return Ok(None);
-        }
-        Ok(Some(Self {
-            dev: (st.stx_dev_major, st.stx_dev_minor),
-            ino: st.stx_ino,
-            size: st.stx_size,
-            mtime: (st.stx_mtime.tv_sec, st.stx_mtime.tv_nsec),
-            ctime: (st.stx_ctime.tv_sec, st.stx_ctime.tv_nsec),
-        }))
-    }
-}
-
-/// Empty files in `ROOT/.spare/`, made ahead of time (by the janitor, in the background), each
-/// to become a mount record: renamed into place empty (a new mount ID, one use), or written
-/// and renamed (a count that changes).
-///
-/// Creating a file is the dearest step of writing a record: on ext4 some 45 µs of a 60 µs
-/// write (a new inode, its directory entry), against 20 µs for the rename that follows; a
-/// Mount spends a fifth of its own time on it. A spare moves that off the request. A crash
-/// between the write and the rename leaves a spare with content: garbage, deleted by the next
-/// process's first [`Spares::refill`], like every other leftover there.
-#[derive(Debug, Default)]
-pub struct Spares {
-    ready: std::sync::Mutex<Vec<Spare>>,
-    /// Whether this process has cleared what earlier ones left in `.spare/`.
-    cleared: std::sync::atomic::AtomicBool,
-}
-
-/// One empty spare file. Not kept open: a file open for writing would keep the state
-/// directory's file system from being remounted read-only.
-#[derive(Debug)]
-pub struct Spare {
-    path: PathBuf,
-}
-
-impl Spares {
-    /// How many are kept ready.
-    pub const TARGET: usize = 4;
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Spare>> {
-        self.ready
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    pub fn take(&self) -> Option<Spare> {
-        self.lock().pop()
-    }
-
-    /// How many are ready.
-    pub fn ready(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Makes spares in `root`'s `.spare/` until [`Spares::TARGET`] are ready; the first call
-    /// in a process deletes what earlier processes left there.
-    pub fn refill(&self, root: &Root) -> io::Result<()> {
-        let dir = root.spare_dir();
-        if !self.cleared.swap(true, Ordering::SeqCst) {
-            match std::fs::read_dir(&dir) {
-                Ok(entries) => {
-                    for entry in entries {
-                        std::fs::remove_file(entry?.path())?;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                    std::fs::create_dir(&dir)?;
-                    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        while self.ready() < Self::TARGET {
-            let path = dir.join(format!("record-{}", nonce()));
-            File::options()
-                .write(true)
-                .create_new(true)
-                .mode(0o644)
-                .open(&path)?;
-            self.lock().push(Spare { path });
-        }
-        Ok(())
-    }
+    std::fs::File::from(file).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// The state root.
@@ -354,10 +223,6 @@ impl Root {
         VolumeDir {
             path: self.path.join(name),
         }
-    }
-
-    pub fn spare_dir(&self) -> PathBuf {
-        self.path.join(SPARE_DIR)
     }
 
     /// A fresh path in the trash for something that used to be `what`.
@@ -407,13 +272,7 @@ impl VolumeDir {
     }
 
     pub fn read_metadata(&self) -> io::Result<Metadata> {
-        self.read_metadata_sized(None)
-    }
-
-    /// [`VolumeDir::read_metadata`] of a `metadata.json` that a stat made just before found
-    /// `size` bytes long: one read fewer (see [`read_small`]).
-    pub fn read_metadata_sized(&self, size: Option<u64>) -> io::Result<Metadata> {
-        let bytes = read_small(&self.metadata(), size)?;
+        let bytes = read_small(&self.metadata())?;
         serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
@@ -454,7 +313,7 @@ impl VolumeDir {
                 strays = true;
                 continue;
             };
-            let record = read_small_at(entries.fd()?, Path::new(id.as_str()), None)
+            let record = read_small_at(entries.fd()?, Path::new(id.as_str()))
                 .ok()
                 .and_then(|b| MountRecord::parse(&b))
                 .unwrap_or_else(|| {
@@ -483,21 +342,23 @@ impl VolumeDir {
         }
     }
 
-    /// Records one use of the new mount ID `id` with an empty file (see [`MountRecord::parse`]):
-    /// one of `spares` renamed into place if there is one (no inode to make), else a new file.
-    /// [`VolumeDir::write_record_details`] fills it in.
-    pub fn place_empty_record(&self, id: &MountId, spares: &Spares) -> io::Result<()> {
-        if let Some(spare) = spares.take() {
-            match std::fs::rename(&spare.path, self.record(id)) {
-                Ok(()) => return Ok(()),
-                // `activemounts/` missing, on another file system, ...: the usual way.
-                Err(e) => {
-                    log::debug!("cannot use {:?} as a mount record: {e}", spare.path);
-                    let _ = std::fs::remove_file(&spare.path);
-                }
-            }
-        }
-        let create = || File::create(self.record(id)).map(drop);
+    /// Records the first use of the new mount ID `id`: the file is created and written in
+    /// place, since until the write is whole it reads as one use, which `record` is too.
+    pub fn create_record(&self, id: &MountId, record: &MountRecord) -> io::Result<()> {
+        debug_assert_eq!(record.usage_count, 1, "a new mount ID is used once");
+        let json = serde_json::to_vec(record).map_err(io::Error::other)?;
+        let create = || {
+            let mut file = File::options()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(self.record(id))?;
+            failpoint!("store.record-created");
+            file.write_all(&json).inspect_err(|_| {
+                // A full state directory: the Mount is refused, and leaves no record.
+                let _ = std::fs::remove_file(self.record(id));
+            })
+        };
         match create() {
             // `activemounts/` is missing (a damaged volume): made only then.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -506,46 +367,6 @@ impl VolumeDir {
             }
             result => result,
         }
-    }
-
-    /// Writes `record` into the empty record [`VolumeDir::place_empty_record`] placed for `id`,
-    /// in place: until the write is whole the file reads as one use, which `record` is too.
-    pub fn write_record_details(&self, id: &MountId, record: &MountRecord) -> io::Result<()> {
-        debug_assert_eq!(record.usage_count, 1, "an empty record is one use");
-        let json = serde_json::to_vec(record).map_err(io::Error::other)?;
-        let mut file = File::options().write(true).open(self.record(id))?;
-        failpoint!("store.record-details");
-        file.write_all(&json)
-    }
-
-    /// [`VolumeDir::write_record`], turning one of `spares` into the record if there is one:
-    /// it is written (it is empty) and renamed into place.
-    pub fn write_record_using(
-        &self,
-        id: &MountId,
-        record: &MountRecord,
-        spares: &Spares,
-    ) -> io::Result<()> {
-        if let Some(spare) = spares.take() {
-            let json = serde_json::to_vec(record).map_err(io::Error::other)?;
-            let installed = File::options()
-                .write(true)
-                .open(&spare.path)
-                .and_then(|mut file| file.write_all(&json))
-                .and_then(|()| {
-                    failpoint!("store.temp-written");
-                    std::fs::rename(&spare.path, self.record(id))
-                });
-            match installed {
-                Ok(()) => return Ok(()),
-                // `activemounts/` missing, on another file system, ...: the usual way.
-                Err(e) => {
-                    log::debug!("cannot use {:?} as a mount record: {e}", spare.path);
-                    let _ = std::fs::remove_file(&spare.path);
-                }
-            }
-        }
-        self.write_record(id, record)
     }
 
     pub fn delete_record(&self, id: &MountId) -> io::Result<()> {
@@ -593,28 +414,7 @@ impl VolumeDir {
 /// remove and every admin command on that volume, across threads and processes.
 #[derive(Debug)]
 pub struct VolumeLock {
-    dir: File,
-    /// The device number of the locked directory (`st_dev`), learnt while locking.
-    dev: u64,
-}
-
-impl VolumeLock {
-    /// The device number of the volume's directory: that of its file system, which holds its
-    /// upper and work directories too (Create makes them inside it).
-    pub fn dev(&self) -> u64 {
-        self.dev
-    }
-
-    /// Fails as a write would (ENOSPC) when the volume's file system has no free block left:
-    /// for what is recorded without writing data (an empty record), so that a full state
-    /// directory refuses a Mount as clearly as any other change.
-    pub fn ensure_space(&self) -> io::Result<()> {
-        let fs = rustix::fs::fstatfs(&self.dir)?;
-        if fs.f_bfree == 0 {
-            return Err(rustix::io::Errno::NOSPC.into());
-        }
-        Ok(())
-    }
+    _dir: File,
 }
 
 /// Locks the volume directory at `dir`. `Ok(None)` when there is no such volume. Retries
@@ -631,10 +431,7 @@ pub fn lock_volume(dir: &Path) -> io::Result<Option<VolumeLock>> {
         let locked = file.metadata()?;
         match std::fs::symlink_metadata(dir) {
             Ok(now) if now.dev() == locked.dev() && now.ino() == locked.ino() => {
-                return Ok(Some(VolumeLock {
-                    dir: file,
-                    dev: locked.dev(),
-                }));
+                return Ok(Some(VolumeLock { _dir: file }));
             }
             Ok(_) => continue,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -646,107 +443,6 @@ pub fn lock_volume(dir: &Path) -> io::Result<Option<VolumeLock>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn spares_become_records_and_leftovers_go_at_the_first_refill() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = Root::open(&tmp.path().join("root")).unwrap();
-        std::fs::create_dir(root.spare_dir()).unwrap();
-        std::fs::write(root.spare_dir().join("record-old"), "left by a crash").unwrap();
-        let vol = VolumeDir::at(root.path().join("v"));
-        std::fs::create_dir_all(vol.active_mounts()).unwrap();
-        let spares = Spares::default();
-        spares.refill(&root).unwrap();
-        assert_eq!(spares.ready(), Spares::TARGET);
-        let on_disk = || std::fs::read_dir(root.spare_dir()).unwrap().count();
-        assert_eq!(on_disk(), Spares::TARGET, "the leftover is gone");
-
-        let id = MountId::parse("a").unwrap();
-        let record = MountRecord {
-            usage_count: 1,
-            boot_id: Some("b".into()),
-            client: None,
-        };
-        vol.write_record_using(&id, &record, &spares).unwrap();
-        assert_eq!(spares.ready(), Spares::TARGET - 1);
-        assert_eq!(on_disk(), Spares::TARGET - 1, "the spare became the record");
-        assert_eq!(vol.read_records().unwrap(), vec![(id.clone(), record)]);
-
-        // Replacing a record (a count going down) works the same way.
-        let fewer = MountRecord {
-            usage_count: 2,
-            boot_id: Some("b".into()),
-            client: None,
-        };
-        vol.write_record_using(&id, &fewer, &spares).unwrap();
-        assert_eq!(vol.read_records().unwrap(), vec![(id.clone(), fewer)]);
-
-        // No `activemounts/`: the spare is dropped and the record written the usual way.
-        std::fs::remove_dir_all(vol.active_mounts()).unwrap();
-        let once = MountRecord {
-            usage_count: 1,
-            boot_id: None,
-            client: None,
-        };
-        vol.write_record_using(&id, &once, &spares).unwrap();
-        assert_eq!(vol.read_records().unwrap(), vec![(id, once)]);
-        assert_eq!(on_disk(), Spares::TARGET - 3);
-
-        // Without spares, the usual way.
-        let none = Spares::default();
-        let other = MountId::parse("b").unwrap();
-        let rec = MountRecord {
-            usage_count: 1,
-            boot_id: None,
-            client: None,
-        };
-        vol.write_record_using(&other, &rec, &none).unwrap();
-        assert_eq!(vol.read_records().unwrap().len(), 2);
-    }
-
-    #[test]
-    fn a_new_record_is_placed_empty_as_one_use_then_filled_in() {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = Root::open(&tmp.path().join("root")).unwrap();
-        let vol = VolumeDir::at(root.path().join("v"));
-        std::fs::create_dir_all(vol.active_mounts()).unwrap();
-        let spares = Spares::default();
-        spares.refill(&root).unwrap();
-        let (a, b) = (MountId::parse("a").unwrap(), MountId::parse("b").unwrap());
-
-        vol.place_empty_record(&a, &spares).unwrap();
-        assert_eq!(
-            spares.ready(),
-            Spares::TARGET - 1,
-            "a spare became the record"
-        );
-        assert_eq!(std::fs::read(vol.record(&a)).unwrap(), b"");
-        assert_eq!(
-            vol.read_records_and_strays().unwrap(),
-            (vec![(a.clone(), MountRecord::ONE_USE)], false),
-            "an empty record is one use, not an unreadable one or a stray"
-        );
-        let details = MountRecord {
-            usage_count: 1,
-            boot_id: Some("boot".into()),
-            client: Some(Client {
-                pid: 7,
-                start_time: 9,
-            }),
-        };
-        vol.write_record_details(&a, &details).unwrap();
-        assert_eq!(vol.read_records().unwrap(), vec![(a.clone(), details)]);
-
-        // Without spares and without `activemounts/` (a damaged volume): made.
-        std::fs::remove_dir_all(vol.active_mounts()).unwrap();
-        vol.place_empty_record(&b, &Spares::default()).unwrap();
-        assert_eq!(vol.read_records().unwrap(), vec![(b, MountRecord::ONE_USE)]);
-        assert_eq!(
-            MountRecord::parse(b"{"),
-            None,
-            "a torn record is not a record"
-        );
-    }
 
     #[test]
     fn metadata_reads_go_format() {

@@ -3,8 +3,7 @@
 //! Everything here is a thin wrapper over a syscall or a `/proc` read, behind the [`Sys`] trait
 //! so that the driver's state machine can be unit-tested with [`RecordingSys`]. This module
 //! makes no decisions: whether to mount, and what a failure means for the volume, is the
-//! driver's business. The only state it keeps is which file systems were found to have
-//! `trusted.*` xattrs ([`RealSys`]).
+//! driver's business. It keeps no state.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -12,7 +11,7 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
 
 use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags};
 use thiserror::Error;
@@ -37,10 +36,15 @@ pub struct OverlaySpec {
     pub upper: PathBuf,
     pub work: PathBuf,
     pub target: PathBuf,
-    /// The device number (`st_dev`) of the file system `work` is on, when the caller has it
-    /// at hand (the driver, from the stat that locks the volume): file systems found to have
-    /// `trusted.*` xattrs are remembered by it and not probed again. `None`: probed each time.
-    pub work_dev: Option<u64>,
+}
+
+/// What an unmount left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unmounted {
+    /// The kernel reported the overlay's superblock shut down (inotify's `IN_UNMOUNT` on its
+    /// root): no copy of the overlay is left in any mount namespace, nor held by any open
+    /// file. `false` when a copy lives on, or when the kernel could not be asked.
+    pub no_copy_left: bool,
 }
 
 /// A process that still holds an overlay in another mount namespace.
@@ -89,7 +93,7 @@ pub trait Sys: Send + Sync + 'static {
     /// Mounts an overlay as described. The caller guarantees nothing is mounted on the target.
     fn mount_overlay(&self, spec: &OverlaySpec) -> Result<(), SysError>;
     /// Unmounts `target` (not lazily): [`SysError::Busy`] when something still uses it.
-    fn unmount(&self, target: &Path) -> Result<(), SysError>;
+    fn unmount(&self, target: &Path) -> Result<Unmounted, SysError>;
     /// Whether an overlay is mounted exactly at `target` in this mount namespace.
     fn is_overlay_mounted(&self, target: &Path) -> Result<bool, SysError>;
     /// Processes in *other* mount namespaces that still have an overlay with this upper
@@ -102,6 +106,9 @@ pub trait Sys: Send + Sync + 'static {
     /// When process `pid` started (clock ticks after boot), `None` if there is no such
     /// process. A pid with the same start time is the same process.
     fn process_start_time(&self, pid: u32) -> Option<u64>;
+    /// This boot's id (`/proc/sys/kernel/random/boot_id`): mount records of another boot
+    /// are void.
+    fn boot_id(&self) -> io::Result<String>;
 }
 
 /// The real kernel.
@@ -109,52 +116,17 @@ pub trait Sys: Send + Sync + 'static {
 pub struct RealSys {
     /// Skip the new mount API and use `mount(2)` with an escaped option string.
     pub legacy_only: bool,
-    /// Device numbers of the file systems whose probe found `trusted.*` xattrs: one that has
-    /// them always will, so the probe is made once per file system, not at every mount. Only
-    /// the positive answer is kept: a refusal is probed again, so that it is given again.
-    xattr_devs: Mutex<HashSet<u64>>,
 }
-
-/// Device numbers kept in [`RealSys`] before it starts again from none: state directories
-/// are on one file system, or a few.
-const MAX_XATTR_DEVS: usize = 64;
 
 impl RealSys {
     pub fn new(legacy_only: bool) -> Self {
-        Self {
-            legacy_only,
-            xattr_devs: Mutex::default(),
-        }
-    }
-
-    /// [`check_upper_xattrs`], once per file system where the device is known. A device number
-    /// passes to another file system only once this one is unmounted: a state directory whose
-    /// file system is swapped under a running daemon is not provided for.
-    fn check_upper_xattrs(&self, spec: &OverlaySpec) -> Result<(), SysError> {
-        let devs = || {
-            self.xattr_devs
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-        };
-        if spec.work_dev.is_some_and(|dev| devs().contains(&dev)) {
-            return Ok(());
-        }
-        if check_upper_xattrs(&spec.work)?
-            && let Some(dev) = spec.work_dev
-        {
-            let mut devs = devs();
-            if devs.len() >= MAX_XATTR_DEVS {
-                devs.clear();
-            }
-            devs.insert(dev);
-        }
-        Ok(())
+        Self { legacy_only }
     }
 }
 
 impl Sys for RealSys {
     fn mount_overlay(&self, spec: &OverlaySpec) -> Result<(), SysError> {
-        self.check_upper_xattrs(spec)?;
+        check_upper_xattrs(&spec.work)?;
         if !self.legacy_only {
             match mount_with_fd_api(spec) {
                 Ok(()) => return Ok(()),
@@ -167,12 +139,31 @@ impl Sys for RealSys {
         mount_legacy(spec)
     }
 
-    fn unmount(&self, target: &Path) -> Result<(), SysError> {
+    fn unmount(&self, target: &Path) -> Result<Unmounted, SysError> {
+        // The superblock's shutdown, when this unmount drops its last user, runs before
+        // umount2 returns (the final mntput is task work done on the way back to user
+        // space), and it tells every inotify watch on its inodes IN_UNMOUNT. A watch holds
+        // no reference that would keep the superblock alive.
+        use rustix::fs::inotify;
+        let watch = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)
+            .and_then(|fd| {
+                let flags = inotify::WatchFlags::DELETE_SELF
+                    | inotify::WatchFlags::ONLYDIR
+                    | inotify::WatchFlags::DONT_FOLLOW;
+                inotify::add_watch(&fd, target, flags).map(|_| fd)
+            });
         match rustix::mount::unmount(target, UnmountFlags::NOFOLLOW) {
-            Ok(()) => Ok(()),
-            Err(rustix::io::Errno::BUSY) => Err(SysError::Busy),
-            Err(e) => Err(SysError::Unmount(e.into())),
+            Ok(()) => {}
+            Err(rustix::io::Errno::BUSY) => return Err(SysError::Busy),
+            Err(e) => return Err(SysError::Unmount(e.into())),
         }
+        let no_copy_left = watch.is_ok_and(|fd| {
+            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 256];
+            let mut events = inotify::Reader::new(&fd, &mut buf);
+            std::iter::from_fn(|| events.next().ok().map(|e| e.events()))
+                .any(|flags| flags.contains(inotify::ReadFlags::UNMOUNT))
+        });
+        Ok(Unmounted { no_copy_left })
     }
 
     fn is_overlay_mounted(&self, target: &Path) -> Result<bool, SysError> {
@@ -264,6 +255,12 @@ impl Sys for RealSys {
             }
         }
         Ok(holders)
+    }
+
+    fn boot_id(&self) -> io::Result<String> {
+        Ok(std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?
+            .trim()
+            .to_owned())
     }
 
     fn process_start_time(&self, pid: u32) -> Option<u64> {
@@ -544,6 +541,8 @@ pub struct RecordingState {
     pub processes: std::collections::HashMap<u32, u64>,
     /// How many times holders were looked for (`overlay_holders`, per upper).
     pub looks: usize,
+    /// What [`Sys::boot_id`] answers.
+    pub boot_id: String,
 }
 
 impl Sys for RecordingSys {
@@ -570,18 +569,19 @@ impl Sys for RecordingSys {
         Ok(())
     }
 
-    fn unmount(&self, target: &Path) -> Result<(), SysError> {
+    fn unmount(&self, target: &Path) -> Result<Unmounted, SysError> {
         let mut s = self.state.lock().unwrap();
         s.calls.push(format!("unmount {}", target.display()));
         if s.busy.contains(target) {
             return Err(SysError::Busy);
         }
-        let before = s.mounted.len();
-        s.mounted.retain(|m| m.target != target);
-        if s.mounted.len() == before {
+        let Some(at) = s.mounted.iter().position(|m| m.target == target) else {
             return Err(SysError::Unmount(rustix::io::Errno::INVAL.into()));
-        }
-        Ok(())
+        };
+        let spec = s.mounted.remove(at);
+        Ok(Unmounted {
+            no_copy_left: !s.held.contains(&spec.upper),
+        })
     }
 
     fn is_overlay_mounted(&self, target: &Path) -> Result<bool, SysError> {
@@ -610,6 +610,10 @@ impl Sys for RecordingSys {
     fn process_start_time(&self, pid: u32) -> Option<u64> {
         self.state.lock().unwrap().processes.get(&pid).copied()
     }
+
+    fn boot_id(&self) -> io::Result<String> {
+        Ok(self.state.lock().unwrap().boot_id.clone())
+    }
 }
 
 #[cfg(test)]
@@ -628,43 +632,11 @@ mod tests {
             upper: "/u:2".into(),
             work: "/w".into(),
             target: "/t".into(),
-            work_dev: None,
         };
         assert_eq!(
             String::from_utf8(legacy_options(&spec)).unwrap(),
             "lowerdir=/l\\,1,upperdir=/u\\:2,workdir=/w,index=off,metacopy=off,redirect_dir=off"
         );
-    }
-
-    #[test]
-    fn a_file_system_with_xattrs_is_remembered_by_its_device() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dev = std::fs::metadata(tmp.path()).unwrap().dev();
-        let spec = |work_dev| OverlaySpec {
-            source: "s".into(),
-            lower: "/l".into(),
-            upper: "/u".into(),
-            work: tmp.path().to_owned(),
-            target: "/t".into(),
-            work_dev,
-        };
-        let sys = RealSys::default();
-        let kept = || sys.xattr_devs.lock().unwrap().clone();
-        if !matches!(check_upper_xattrs(tmp.path()), Ok(true)) {
-            // The test directory's own file system has none: refusals are never kept.
-            assert!(sys.check_upper_xattrs(&spec(Some(dev))).is_err());
-            assert!(kept().is_empty());
-            return;
-        }
-        sys.check_upper_xattrs(&spec(None)).unwrap();
-        assert!(kept().is_empty(), "kept with no device to key it");
-        sys.check_upper_xattrs(&spec(Some(dev))).unwrap();
-        assert_eq!(kept(), HashSet::from([dev]));
-        // A probe that fails (no such directory) says nothing of the file system.
-        let mut gone = spec(Some(dev + 1));
-        gone.work = tmp.path().join("missing");
-        sys.check_upper_xattrs(&gone).unwrap();
-        assert_eq!(kept(), HashSet::from([dev]));
     }
 
     #[test]

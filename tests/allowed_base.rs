@@ -77,7 +77,7 @@ fn create_refuses_bases_outside_the_allowed_directories() {
     }
     assert_eq!(
         names(&env.root),
-        [".spare", ".trash", "sub", "tools", "via-link", "whole"]
+        [".trash", "sub", "tools", "via-link", "whole"]
     );
     // Validation order is unchanged: a missing base is reported as missing.
     let err = env

@@ -380,22 +380,8 @@ fn check_reports(env: &Env, name: &str) -> Option<bool> {
     Some(mounted)
 }
 
-/// An empty spare file the running daemon made (its name carries its maker's pid). What a
-/// crashed daemon left is a stray.
-fn is_current_spare(path: &Path) -> bool {
-    let name = path.file_name().unwrap().to_string_lossy();
-    let Some(maker) = (name.strip_prefix("record-")).and_then(|rest| rest.split('-').next()) else {
-        return false;
-    };
-    if !Path::new("/proc").join(maker).exists() {
-        return false;
-    }
-    std::fs::metadata(path).is_ok_and(|m| m.len() == 0)
-}
-
 /// What is left in the state root that should not be: every entry that is not an empty
-/// `.trash`, a `.spare` of a few spare files of the running daemon or a complete volume
-/// directory, and anything else in a volume directory.
+/// `.trash` or a complete volume directory, and anything else in a volume directory.
 fn strays(env: &Env) -> Vec<String> {
     let mut out = Vec::new();
     for name in names(&env.root) {
@@ -405,19 +391,6 @@ fn strays(env: &Env) -> Vec<String> {
                 names(&path)
                     .into_iter()
                     .map(|n| format!(".trash/{n} (not deleted)")),
-            );
-            continue;
-        }
-        if name == ".spare" {
-            let spares = names(&path);
-            if spares.len() > docker_on_top::store::Spares::TARGET {
-                out.push(format!(".spare ({} files)", spares.len()));
-            }
-            out.extend(
-                spares
-                    .into_iter()
-                    .filter(|n| !is_current_spare(&path.join(n)))
-                    .map(|n| format!(".spare/{n} (not an empty spare of the running daemon)")),
             );
             continue;
         }
@@ -561,7 +534,6 @@ fn case_named(test: &str) -> Case {
         "create_staging_made" => case("create.staging-made", false, Absent, Create),
         "create_upper_installed" => case("create.upper-installed", false, Absent, Create),
         "create_upper_staged" => case("store.upper-staged", false, Absent, Create),
-        "create_metadata_temp_written" => case("store.temp-written", false, Absent, Create),
         "create_metadata_written" => case("create.metadata-written", true, Absent, Create),
         "create_before_rename" => case("create.before-rename", false, Absent, Create),
         "create_renamed" => case("create.renamed", true, Absent, Create),
@@ -572,7 +544,7 @@ fn case_named(test: &str) -> Case {
         }
         "mount_overlay_mounted" => case("mount.overlay-mounted", false, Idle, Mount("a")),
         "mount_overlay_mounted_volatile" => case("mount.overlay-mounted", true, Idle, Mount("a")),
-        "mount_record_details" => case("store.record-details", false, Idle, Mount("a")),
+        "mount_record_created" => case("store.record-created", false, Idle, Mount("a")),
         "mount_recorded" => case("mount.recorded", false, Idle, Mount("a")),
         "mount_recorded_again" => case("mount.recorded", false, Mounted(ONE), Mount("a")),
         "mount_recorded_volatile" => case("mount.recorded", true, Idle, Mount("a")),
@@ -614,10 +586,10 @@ macro_rules! crash_tests {
 }
 
 crash_tests! {
-    create_staging_made create_upper_installed create_upper_staged create_metadata_temp_written
+    create_staging_made create_upper_installed create_upper_staged
     create_metadata_written create_before_rename create_renamed
     mount_voided mount_voided_volatile mount_stale_unmounted_volatile mount_overlay_mounted
-    mount_overlay_mounted_volatile mount_record_details mount_recorded mount_recorded_again
+    mount_overlay_mounted_volatile mount_record_created mount_recorded mount_recorded_again
     mount_recorded_volatile
     discard_upper_trashed discard_upper_staged discard_fresh_upper
     unmount_decremented unmount_record_temp_written unmount_unmounted unmount_unmounted_volatile
@@ -648,7 +620,6 @@ fn set_up(env: &mut Env, case: &Case, base: &Path) {
             }
             env.unmount_ok(VOL, &id("setup"));
             // Unmounted for real before the daemon is killed.
-            env.settle(VOL);
         }
         Setup::Mounted(ids) => {
             create(env);
@@ -675,7 +646,6 @@ fn set_up(env: &mut Env, case: &Case, base: &Path) {
             });
             // Answered OK: the unmount comes after the reply, and fails (busy).
             env.unmount_ok(VOL, &id("a"));
-            env.settle(VOL);
             let logs = env.logs();
             assert!(
                 logs.lines()
@@ -695,7 +665,6 @@ fn set_up(env: &mut Env, case: &Case, base: &Path) {
                 write_through(env, name, BEFORE);
                 env.unmount_ok(name, &id("setup"));
                 // Unmounted for real before the daemon is killed.
-                env.settle(name);
                 assert_eq!(overlays(env, name), 0);
             }
             // The last Unmount's record goes through the trash after the reply.
@@ -787,16 +756,9 @@ fn run(case: Case) {
         if let Some((endpoint, args)) = request {
             let reply = send(&env.socket, endpoint, Some(&args))
                 .unwrap_or_else(|e| panic!("cannot reach the armed daemon: {e}"));
-            // `unmount.unmounted` and `store.record-details` fire in work done after the reply
-            // (a last Unmount's unmount, a new mount ID's record details): the reply and the
-            // kill race. An error is never right.
-            let after_reply = matches!(
-                point(case.failpoint),
-                "unmount.unmounted" | "store.record-details"
-            );
+            // Every step is done before the answer: the kill always comes first.
             assert!(
-                matches!(reply, Reply::Dropped)
-                    || (after_reply && matches!(reply, Reply::Answer(Ok(_)))),
+                matches!(reply, Reply::Dropped),
                 "{endpoint} with {} armed was answered: {reply:?}",
                 case.failpoint
             );
@@ -899,7 +861,6 @@ fn run(case: Case) {
     env.unmount_ok(VOL, &id("c1"));
     assert_eq!(overlays(&env, VOL), 1);
     env.unmount_ok(VOL, &id("c2"));
-    env.settle(VOL);
     assert_eq!(overlays(&env, VOL), usize::from(!leftovers.is_empty()));
     for (left, n) in &leftovers {
         for _ in 0..*n {
@@ -907,7 +868,6 @@ fn run(case: Case) {
             env.unmount_ok(VOL, left);
         }
     }
-    env.settle(VOL);
     assert_eq!(overlays(&env, VOL), 0, "mounted after every Unmount");
     check_reports(&env, VOL);
     env.mount_ok(VOL, &id("c3"));
@@ -928,12 +888,10 @@ fn run(case: Case) {
     }
     check_reports(&env, VOL);
     env.unmount_ok(VOL, &id("c3"));
-    env.settle(VOL);
     assert_eq!(overlays(&env, VOL), 0);
     if matches!(case.setup, Setup::TrashTwo) {
         env.mount_ok("w", &id("c1"));
         env.unmount_ok("w", &id("c1"));
-        env.settle("w");
         assert_eq!(overlays(&env, "w"), 0);
     }
     assert_no_strays(&env);
@@ -1006,7 +964,6 @@ fn sigkill_from_outside_while_the_janitor_deletes_a_large_upper() {
     write_through(&env, VOL, BEFORE);
     env.unmount_ok(VOL, &id("a"));
     // Unmounted for real before the upper is written to directly.
-    env.settle(VOL);
     assert_eq!(overlays(&env, VOL), 0);
     // A large volatile upper (what a container left), written directly while unmounted: 50,000
     // hard links of one file (a new inode each would take minutes on a slow disk; deleting a
@@ -1076,7 +1033,6 @@ fn sigkill_from_outside_while_the_janitor_deletes_a_large_upper() {
         || !item.exists(),
     );
     env.unmount_ok(VOL, &id("b"));
-    env.settle(VOL);
     assert_eq!(overlays(&env, VOL), 0);
     assert_no_strays(&env);
 }

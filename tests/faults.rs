@@ -70,16 +70,11 @@ fn set(items: &[&str]) -> BTreeSet<String> {
 
 /// Checks what the state directory holds, as the daemon sees it: exactly `volumes` and the
 /// trash (emptied by the janitor), each volume complete with no temporaries and no records,
-/// and nothing mounted (once a Get has waited for the unmount after a last Unmount's reply).
+/// and nothing mounted.
 fn assert_clean_state(env: &Env, volumes: &[&str]) {
-    for v in volumes {
-        env.settle(v);
-    }
     let root = env.seen(&env.root);
     let mut expected = set(volumes);
     expected.insert(".trash".into());
-    // Made by the janitor at the daemon's start: empty files, each to become a record.
-    expected.insert(".spare".into());
     assert_eq!(names(&root), expected, "the state directory");
     let trash = root.join(".trash");
     wait_until(Duration::from_secs(10), "the trash to be emptied", || {
@@ -126,7 +121,6 @@ fn read_only_state_directory_refuses_changes_clearly_and_recovers() {
     std::fs::write(env.seen(&mp).join("scratch"), "x").unwrap();
     env.unmount_ok("t", "a");
     // Unmounted for real before the directory turns read-only.
-    env.settle("t");
     env.assert_not_mounted("t");
     // A volume in use while the directory turns read-only.
     let mp_m = env.mount_ok("m", "m1");
@@ -166,7 +160,6 @@ fn read_only_state_directory_refuses_changes_clearly_and_recovers() {
     println!("read-only: Unmount m: {err}");
     assert_mentions("Unmount m", &err, &["m", "state directory", "read-only"]);
     // The overlay goes after the answer, as after any last Unmount: a Get waits for that.
-    env.settle("m");
     env.assert_not_mounted("m");
     assert_eq!(get_status(&env, "m")["Mounted"], false);
     assert!(
@@ -178,7 +171,7 @@ fn read_only_state_directory_refuses_changes_clearly_and_recovers() {
         .run(&["mount", "-o", "remount,bind,rw", s(&env.root)]);
     // Nothing half-done: no staging directory of the refused Create, no temporaries.
     let root = env.seen(&env.root);
-    assert_eq!(names(&root), set(&[".spare", ".trash", "m", "p", "t"]));
+    assert_eq!(names(&root), set(&[".trash", "m", "p", "t"]));
     for v in ["m", "p", "t"] {
         let entries = names(&root.join(v));
         assert!(
@@ -248,7 +241,6 @@ fn full_state_directory_refuses_changes_clearly_and_recovers() {
     std::fs::write(env.seen(&mp_p).join("kept"), "kept").unwrap();
     env.unmount_ok("p", "a");
     // Unmounted for real before the directory is filled.
-    env.settle("p");
     env.assert_not_mounted("p");
 
     let root = env.seen(&env.root);

@@ -17,7 +17,6 @@ fn layout(dir: &Path) -> OverlaySpec {
         upper: dir.join("upper"),
         work: dir.join("work"),
         target: dir.join("mnt"),
-        work_dev: None,
     }
 }
 
@@ -52,7 +51,8 @@ fn mount_roundtrip(sys: &RealSys, parent: &str) {
     std::fs::remove_file(spec.target.join("base.txt")).unwrap();
     assert!(spec.lower.join("base.txt").exists(), "lower changed");
     assert!(spec.upper.join("new.txt").exists());
-    sys.unmount(&spec.target).unwrap();
+    let unmounted = sys.unmount(&spec.target).unwrap();
+    assert!(unmounted.no_copy_left, "a lone overlay leaves no copy");
     assert!(!sys.is_overlay_mounted(&spec.target).unwrap());
 }
 
@@ -81,4 +81,44 @@ fn busy_unmount_is_reported_not_forced() {
     assert!(sys.is_overlay_mounted(&spec.target).unwrap());
     drop(open);
     sys.unmount(&spec.target).unwrap();
+}
+
+/// The unmount tells a copy of the overlay left in another mount namespace (a process that
+/// unshared while it was mounted) from none: the driver's only way to know, short of reading
+/// every namespace's mount table.
+#[test]
+fn unmount_tells_whether_a_copy_lives_on_elsewhere() {
+    common::private_mount_namespace();
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = layout(tmp.path());
+    let sys = RealSys::default();
+    sys.mount_overlay(&spec).unwrap();
+    // A child of this thread starts in its mount namespace and copies it, overlay included.
+    let mut holder = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sleep", "60"])
+        .spawn()
+        .expect("cannot run unshare (util-linux)");
+    let ns = |of: &str| std::fs::read_link(format!("/proc/{of}/ns/mnt")).ok();
+    let own = ns("thread-self");
+    // Once the child is in a namespace of its own, it holds a copy of ours.
+    let copied = (0..500).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        ns(&holder.id().to_string()).is_some_and(|theirs| Some(theirs) != own)
+    });
+    assert!(
+        copied,
+        "the holder never entered a mount namespace of its own"
+    );
+    let unmounted = sys.unmount(&spec.target).unwrap();
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    assert!(
+        !unmounted.no_copy_left,
+        "the copy in the holder's namespace went unseen"
+    );
+    assert!(!sys.is_overlay_mounted(&spec.target).unwrap());
+
+    // Mounted again with the holder gone: the unmount now drops the last user.
+    sys.mount_overlay(&spec).unwrap();
+    assert!(sys.unmount(&spec.target).unwrap().no_copy_left);
 }

@@ -116,10 +116,7 @@ impl<S: Sys> Driver<S> {
         // Always looked for, records or not: the caller is about to replace the upper or
         // change the base under any copy of the overlay that lives on.
         self.refuse_if_held(name, &vol.dir)?;
-        let records = self.read_records(name, &vol.dir)?;
-        if !records.is_empty() {
-            self.void_records_unless_held(name, &vol.dir, &records, true)?;
-        }
+        self.clear_records(name, &vol.dir)?;
         Ok(UnmountedVolume(vol))
     }
 

@@ -756,8 +756,7 @@ impl Env {
         PathBuf::from(mp)
     }
 
-    /// An Unmount. The last one of a volume answers before its overlay is unmounted: see
-    /// [`Env::settle`].
+    /// An Unmount. The last one of a volume has unmounted its overlay when it answers.
     pub fn unmount(&self, name: &str, id: &str) -> Result<(), String> {
         self.call(
             "/VolumeDriver.Unmount",
@@ -789,13 +788,6 @@ impl Env {
 
     pub fn get_ok(&self, name: &str) -> Value {
         self.get(name).unwrap_or_else(|e| panic!("Get {name}: {e}"))
-    }
-
-    /// Waits for the unmount a last Unmount of `name` leaves for after its reply, the way a
-    /// client does: with a Get, which waits for it (not for the look for copies that follows;
-    /// a Mount or Remove waits for that). Whatever the Get answers is ignored.
-    pub fn settle(&self, name: &str) {
-        let _ = self.call("/VolumeDriver.Get", Some(json!({ "Name": name })));
     }
 
     /// The Mountpoint of a Path reply; `None` when absent or empty.

@@ -1,0 +1,564 @@
+//! Unit tests of the driver with the recording test double ([`crate::sys::RecordingSys`]).
+
+use super::mounting::holds_entries;
+use super::*;
+use crate::sys::RecordingSys;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    base: PathBuf,
+    driver: Driver<RecordingSys>,
+}
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    std::fs::create_dir(&base).unwrap();
+    std::fs::write(base.join("f"), "base").unwrap();
+    let driver = Driver::with_sys(&tmp.path().join("root"), RecordingSys::default()).unwrap();
+    Fixture {
+        _tmp: tmp,
+        base,
+        driver,
+    }
+}
+
+fn name(s: &str) -> VolumeName {
+    VolumeName::parse(s).unwrap()
+}
+fn id(s: &str) -> MountId {
+    MountId::parse(s).unwrap()
+}
+
+impl Fixture {
+    fn create(&self, vol: &str, volatile: bool) {
+        let mut o = BTreeMap::new();
+        o.insert("base".to_string(), self.base.to_str().unwrap().to_string());
+        o.insert("volatile".to_string(), volatile.to_string());
+        self.driver.create(&name(vol), &o).unwrap();
+    }
+    fn unmount(&self, vol: &VolumeName, mount: &MountId) -> Result<(), DriverError> {
+        self.driver.unmount(vol, mount)
+    }
+    fn calls(&self) -> Vec<String> {
+        let s = self.driver.sys().state.lock().unwrap();
+        s.calls
+            .iter()
+            .map(|c| c.split(' ').next().unwrap().to_string())
+            .collect()
+    }
+    /// Makes another mount namespace hold a copy of `vol`'s overlay.
+    fn hold(&self, vol: &str) {
+        let upper = self.vol(vol).upper();
+        self.driver.sys().state.lock().unwrap().held.insert(upper);
+    }
+    fn vol(&self, vol: &str) -> VolumeDir {
+        self.driver.root().volume(&name(vol))
+    }
+    fn count(&self, vol: &str, mount: &str) -> Option<u64> {
+        self.vol(vol)
+            .read_records()
+            .unwrap()
+            .into_iter()
+            .find(|(i, _)| i.as_str() == mount)
+            .map(|(_, r)| r.usage_count)
+    }
+}
+
+#[test]
+fn create_is_idempotent_and_refuses_other_options() {
+    let f = fixture();
+    f.create("v", false);
+    f.create("v", false);
+    let mut o = BTreeMap::new();
+    o.insert("base".into(), f.base.to_str().unwrap().into());
+    o.insert("volatile".into(), "yes".into());
+    let err = f.driver.create(&name("v"), &o).unwrap_err();
+    assert!(matches!(err, DriverError::Conflict { .. }), "{err}");
+    assert_eq!(f.driver.list().unwrap(), vec![name("v")]);
+    let meta = f.vol("v").read_metadata().unwrap();
+    assert_eq!(meta.base, std::fs::canonicalize(&f.base).unwrap());
+    assert!(meta.created_at.is_some());
+}
+
+#[test]
+fn bad_options_leave_nothing_on_disk() {
+    let f = fixture();
+    let mut o = BTreeMap::new();
+    o.insert("base".into(), "relative".into());
+    assert!(matches!(
+        f.driver.create(&name("v"), &o),
+        Err(DriverError::Options { .. })
+    ));
+    let entries: Vec<_> = std::fs::read_dir(f.driver.root().path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, vec![std::ffi::OsString::from(".trash")]);
+}
+
+#[test]
+fn counts_per_id_and_mounts_once() {
+    let f = fixture();
+    f.create("v", false);
+    let mp = f.driver.mount(&name("v"), &id("a"), None).unwrap();
+    assert_eq!(mp, f.vol("v").mountpoint());
+    f.driver.mount(&name("v"), &id("a"), None).unwrap(); // docker cp: same ID again
+    f.driver.mount(&name("v"), &id("b"), None).unwrap();
+    assert_eq!(f.count("v", "a"), Some(2));
+    assert_eq!(f.calls(), vec!["mount"]);
+    assert_eq!(f.driver.get(&name("v")).unwrap().active_mounts, 3);
+
+    f.unmount(&name("v"), &id("a")).unwrap();
+    f.unmount(&name("v"), &id("a")).unwrap();
+    assert_eq!(f.count("v", "a"), None);
+    assert_eq!(f.calls(), vec!["mount"], "unmounted while b uses it");
+    assert!(f.driver.path(&name("v")).unwrap().is_some());
+    f.unmount(&name("v"), &id("b")).unwrap();
+    assert_eq!(f.calls(), vec!["mount", "unmount"]);
+    assert_eq!(f.driver.path(&name("v")).unwrap(), None);
+    let err = f.unmount(&name("v"), &id("b")).unwrap_err();
+    assert_eq!(err.to_string(), "volume v has no mount with ID b");
+}
+
+#[test]
+fn a_mount_record_is_complete_when_mount_answers() {
+    let f = fixture();
+    f.create("v", false);
+    // A live client, whose record is not released as an orphan's.
+    f.driver.sys().state.lock().unwrap().processes.insert(7, 9);
+    let client = f.driver.client(Some(7));
+    f.driver.mount_as(&name("v"), &id("a"), client).unwrap();
+    let records = f.vol("v").read_records().unwrap();
+    assert_eq!(records.len(), 1);
+    let record = &records[0].1;
+    assert_eq!(record.usage_count, 1);
+    assert_eq!(record.client, client);
+    assert_eq!(record.boot_id.as_deref(), Some(&*f.driver.boot_id));
+    // Nothing holds the volume once Mount has answered.
+    std::fs::File::open(&f.vol("v").path)
+        .unwrap()
+        .try_lock()
+        .unwrap();
+    f.driver.mount_as(&name("v"), &id("a"), client).unwrap();
+    assert_eq!(f.count("v", "a"), Some(2));
+}
+
+#[test]
+fn an_upper_holds_entries_as_its_stat_or_its_first_entry_says() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("upper");
+    std::fs::create_dir(&dir).unwrap();
+    assert!(!holds_entries(&dir).unwrap(), "empty");
+    std::fs::write(dir.join("f"), "").unwrap();
+    assert!(holds_entries(&dir).unwrap(), "a file (read)");
+    std::fs::remove_file(dir.join("f")).unwrap();
+    std::fs::create_dir(dir.join("d")).unwrap();
+    assert!(holds_entries(&dir).unwrap(), "a subdirectory (link count)");
+    std::fs::remove_dir(dir.join("d")).unwrap();
+    for i in 0..500 {
+        std::fs::write(dir.join(format!("file-with-a-longer-name-{i}")), "").unwrap();
+    }
+    assert!(holds_entries(&dir).unwrap(), "many files");
+}
+
+#[test]
+fn unknown_volume_errors() {
+    let f = fixture();
+    for err in [
+        f.driver.mount(&name("nope"), &id("a"), None).unwrap_err(),
+        f.unmount(&name("nope"), &id("a")).unwrap_err(),
+        f.driver.path(&name("nope")).unwrap_err(),
+        f.driver.get(&name("nope")).unwrap_err(),
+    ] {
+        assert_eq!(err.to_string(), "volume nope does not exist");
+    }
+    f.driver.remove(&name("nope")).unwrap();
+}
+
+#[test]
+fn volatile_changes_survive_unmount_and_go_at_next_mount() {
+    let f = fixture();
+    f.create("v", true);
+    f.driver.mount(&name("v"), &id("a"), None).unwrap();
+    std::fs::write(f.vol("v").upper().join("scratch"), "x").unwrap();
+    f.unmount(&name("v"), &id("a")).unwrap();
+    assert!(
+        f.vol("v").upper().join("scratch").exists(),
+        "discarded at unmount"
+    );
+    f.driver.mount(&name("v"), &id("b"), None).unwrap();
+    assert!(
+        !f.vol("v").upper().join("scratch").exists(),
+        "not discarded"
+    );
+    let trash: Vec<_> = std::fs::read_dir(f.driver.root().trash())
+        .unwrap()
+        .collect();
+    assert_eq!(trash.len(), 1, "old upper moved to the trash");
+    crate::janitor::sweep(f.driver.root());
+    assert_eq!(
+        std::fs::read_dir(f.driver.root().trash()).unwrap().count(),
+        0
+    );
+}
+
+#[test]
+fn persistent_changes_stay() {
+    let f = fixture();
+    f.create("v", false);
+    f.driver.mount(&name("v"), &id("a"), None).unwrap();
+    std::fs::write(f.vol("v").upper().join("kept"), "x").unwrap();
+    f.unmount(&name("v"), &id("a")).unwrap();
+    f.driver.mount(&name("v"), &id("b"), None).unwrap();
+    assert!(f.vol("v").upper().join("kept").exists());
+}
+
+#[test]
+fn upper_root_takes_the_base_owner_and_mode_also_after_discard() {
+    let f = fixture();
+    std::os::unix::fs::chown(&f.base, Some(1000), Some(1001)).unwrap();
+    std::fs::set_permissions(&f.base, std::fs::Permissions::from_mode(0o2770)).unwrap();
+    f.create("v", true);
+    let check = || {
+        let m = std::fs::metadata(f.vol("v").upper()).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (1000, 1001, 0o2770));
+    };
+    check();
+    f.driver.mount(&name("v"), &id("a"), None).unwrap();
+    std::fs::write(f.vol("v").upper().join("x"), "x").unwrap();
+    f.unmount(&name("v"), &id("a")).unwrap();
+    f.driver.mount(&name("v"), &id("a"), None).unwrap();
+    check();
+}
+
+#[test]
+fn records_of_an_earlier_boot_are_void() {
+    let f = fixture();
+    f.create("v", true);
+    std::fs::write(f.vol("v").upper().join("old"), "x").unwrap();
+    f.vol("v")
+        .write_record(
+            &id("old"),
+            &MountRecord {
+                usage_count: 1,
+                boot_id: Some("other".into()),
+                client: None,
+            },
+        )
+        .unwrap();
+    // Held elsewhere would refuse; an earlier boot's records need no look.
+    f.hold("v");
+    f.driver.mount(&name("v"), &id("new"), None).unwrap();
+    assert_eq!(f.count("v", "old"), None);
+    assert_eq!(f.count("v", "new"), Some(1));
+    assert!(
+        !f.vol("v").upper().join("old").exists(),
+        "volatile not discarded"
+    );
+}
+
+#[test]
+fn records_of_this_boot_without_a_mount_are_checked_for_holders() {
+    let f = fixture();
+    f.create("v", false);
+    f.driver.mount(&name("v"), &id("a"), None).unwrap();
+    // Someone unmounted it here while a container elsewhere still holds it.
+    f.driver.sys().state.lock().unwrap().mounted.clear();
+    f.hold("v");
+    let err = f.driver.mount(&name("v"), &id("b"), None).unwrap_err();
+    assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
+    assert_eq!(f.calls(), vec!["mount"], "second overlay on one upper");
+    let err = f.driver.remove(&name("v")).unwrap_err();
+    assert!(err.to_string().contains("pid 4242"), "{err}");
+    assert!(f.vol("v").path.exists());
+    // Once the holder is gone, the records are void.
+    f.driver.sys().state.lock().unwrap().held.clear();
+    f.driver.mount(&name("v"), &id("b"), None).unwrap();
+    assert_eq!(f.count("v", "a"), None);
+}
+
+#[test]
+fn a_copy_held_elsewhere_after_the_last_unmount_refuses_mount_and_remove() {
+    let f = fixture();
+    f.create("v", true);
+    f.driver.mount(&name("v"), &id("a"), None).unwrap();
+    std::fs::write(f.vol("v").upper().join("in-use"), "x").unwrap();
+    // The last Unmount here leaves a copy of the overlay in another mount namespace (made
+    // while it was mounted: once no namespace has it, none can copy it).
+    f.hold("v");
+    f.unmount(&name("v"), &id("a")).unwrap();
+    let err = f.driver.mount(&name("v"), &id("b"), None).unwrap_err();
+    assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
+    let err = f.driver.remove(&name("v")).unwrap_err();
+    assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
+    assert_eq!(
+        f.calls(),
+        vec!["mount", "unmount"],
+        "second overlay on one upper"
+    );
+    assert!(
+        f.vol("v").upper().join("in-use").exists(),
+        "held upper discarded"
+    );
+
+    // A volatile overlay left with no records is not discarded while held either.
+    f.driver.sys().state.lock().unwrap().held.clear();
+    f.driver.mount(&name("v"), &id("c"), None).unwrap();
+    f.vol("v").clear_records().unwrap();
+    std::fs::write(f.vol("v").upper().join("in-use"), "x").unwrap();
+    f.hold("v");
+    let err = f.driver.mount(&name("v"), &id("d"), None).unwrap_err();
+    assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
+    assert!(
+        f.vol("v").upper().join("in-use").exists(),
+        "held upper discarded"
+    );
+    assert_eq!(f.calls(), vec!["mount", "unmount", "mount"]);
+
+    f.driver.sys().state.lock().unwrap().held.clear();
+    f.driver.remove(&name("v")).unwrap();
+    assert!(!f.vol("v").path.exists());
+}
+
+#[test]
+fn the_last_unmount_learns_from_the_kernel_whether_a_copy_is_left() {
+    let f = fixture();
+    f.create("v", false);
+    let looks = || f.driver.sys().state.lock().unwrap().looks;
+    f.driver.mount(&name("v"), &id("a"), None).unwrap();
+    assert!(f.vol("v").overlay_work().exists());
+    f.unmount(&name("v"), &id("a")).unwrap();
+    assert!(
+        !f.vol("v").overlay_work().exists(),
+        "mark left although no copy is"
+    );
+    f.driver.mount(&name("v"), &id("b"), None).unwrap();
+    f.unmount(&name("v"), &id("b")).unwrap();
+    f.driver.remove(&name("v")).unwrap();
+    assert_eq!(looks(), 0, "a Mount or Remove read the mount tables");
+
+    // A copy lives on: the mark stays, and the next Mount and Remove look.
+    f.create("w", false);
+    f.driver.mount(&name("w"), &id("a"), None).unwrap();
+    f.hold("w");
+    f.unmount(&name("w"), &id("a")).unwrap();
+    assert!(f.vol("w").overlay_work().exists());
+    let err = f.driver.mount(&name("w"), &id("a"), None).unwrap_err();
+    assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
+    let err = f.driver.remove(&name("w")).unwrap_err();
+    assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
+    assert_eq!(looks(), 2);
+    f.driver.sys().state.lock().unwrap().held.clear();
+    f.driver.mount(&name("w"), &id("a"), None).unwrap();
+    assert_eq!(
+        f.calls(),
+        vec![
+            "mount", "unmount", "mount", "unmount", "mount", "unmount", "mount"
+        ]
+    );
+}
+
+#[test]
+fn busy_last_unmount_keeps_the_overlay_and_the_next_mount_copes() {
+    let f = fixture();
+    f.create("p", false);
+    f.create("t", true);
+    for v in ["p", "t"] {
+        f.driver.mount(&name(v), &id("a"), None).unwrap();
+        let mp = f.vol(v).mountpoint();
+        f.driver.sys().state.lock().unwrap().busy.insert(mp);
+        // The mount is released; the overlay stays, with a warning in the log.
+        f.unmount(&name(v), &id("a")).unwrap();
+        assert_eq!(f.count(v, "a"), None);
+        assert!(f.driver.get(&name(v)).unwrap().mounted);
+    }
+    // Persistent: reuse the overlay as it is.
+    f.driver.mount(&name("p"), &id("b"), None).unwrap();
+    // Volatile: its changes cannot be discarded while busy.
+    let err = f.driver.mount(&name("t"), &id("b"), None).unwrap_err();
+    assert!(matches!(err, DriverError::Busy { .. }), "{err}");
+    f.driver.sys().state.lock().unwrap().busy.clear();
+    f.driver.mount(&name("t"), &id("b"), None).unwrap();
+    assert_eq!(
+        f.calls(),
+        vec![
+            "mount", "unmount", "mount", "unmount", "unmount", "unmount", "mount"
+        ]
+    );
+}
+
+#[test]
+fn mounts_of_a_gone_client_are_released_once_nothing_holds_the_overlay() {
+    let f = fixture();
+    f.create("v", true);
+    let upper = f.vol("v").upper();
+    f.driver
+        .sys()
+        .state
+        .lock()
+        .unwrap()
+        .processes
+        .insert(100, 1);
+    f.driver.mount(&name("v"), &id("a"), Some(100)).unwrap();
+    std::fs::write(upper.join("scratch"), "x").unwrap();
+    let rec = f.vol("v").read_records().unwrap()[0].1.clone();
+    assert_eq!(
+        rec.client,
+        Some(Client {
+            pid: 100,
+            start_time: 1
+        })
+    );
+
+    // dockerd (pid 100) dies and restarts as pid 200, with live-restore: the container
+    // still holds the overlay, so its mount stays.
+    {
+        let mut s = f.driver.sys().state.lock().unwrap();
+        s.processes.clear();
+        s.processes.insert(200, 5);
+        s.held.insert(upper.clone());
+    }
+    f.driver.mount(&name("v"), &id("b"), Some(200)).unwrap();
+    assert_eq!(f.count("v", "a"), Some(1));
+    assert!(upper.join("scratch").exists());
+    f.unmount(&name("v"), &id("b")).unwrap();
+
+    // The container is gone too: its mount is released, and the volatile volume starts
+    // afresh instead of showing a dead container's scratch file.
+    f.driver.sys().state.lock().unwrap().held.clear();
+    f.driver.mount(&name("v"), &id("c"), Some(200)).unwrap();
+    assert_eq!(f.count("v", "a"), None);
+    assert!(
+        !upper.join("scratch").exists(),
+        "dead container's changes shown"
+    );
+    assert_eq!(f.calls(), vec!["mount", "unmount", "mount"]);
+}
+
+#[test]
+fn a_reused_pid_is_not_the_same_client() {
+    let f = fixture();
+    f.create("v", false);
+    f.driver
+        .sys()
+        .state
+        .lock()
+        .unwrap()
+        .processes
+        .insert(100, 1);
+    f.driver.mount(&name("v"), &id("a"), Some(100)).unwrap();
+    // A live client keeps its mounts whatever holds the overlay.
+    f.driver.mount(&name("v"), &id("b"), Some(100)).unwrap();
+    assert_eq!(f.count("v", "a"), Some(1));
+    // Same pid, another process.
+    f.driver
+        .sys()
+        .state
+        .lock()
+        .unwrap()
+        .processes
+        .insert(100, 2);
+    f.driver.mount(&name("v"), &id("c"), Some(100)).unwrap();
+    assert_eq!((f.count("v", "a"), f.count("v", "b")), (None, None));
+    assert_eq!(f.count("v", "c"), Some(1));
+    // Records with no client (Go version, unknown peer) are never released this way.
+    f.driver.mount(&name("v"), &id("d"), None).unwrap();
+    f.driver.sys().state.lock().unwrap().processes.clear();
+    f.driver.mount(&name("v"), &id("e"), None).unwrap();
+    assert_eq!(f.count("v", "d"), Some(1));
+    assert_eq!(f.count("v", "c"), None);
+}
+
+#[test]
+fn a_record_temporary_left_by_a_crash_goes_at_the_next_mount() {
+    let f = fixture();
+    f.create("v", false);
+    f.driver.mount(&name("v"), &id("a"), None).unwrap();
+    // A crash in the middle of a record write (tests/crash.rs kills the daemon there).
+    let tmp = f.vol("v").active_mounts().join(".a.tmp-1-2-3");
+    std::fs::write(&tmp, "{").unwrap();
+    f.unmount(&name("v"), &id("a")).unwrap();
+    f.driver.mount(&name("v"), &id("b"), None).unwrap();
+    assert!(!tmp.exists(), "temporary kept");
+    assert_eq!(f.count("v", "b"), Some(1));
+}
+
+#[test]
+fn overlay_left_by_a_crash_after_mount_is_reused() {
+    let f = fixture();
+    f.create("v", false);
+    f.driver.mount(&name("v"), &id("a"), None).unwrap();
+    f.vol("v").clear_records().unwrap(); // crash before the record was written
+    f.driver.mount(&name("v"), &id("a"), None).unwrap();
+    assert_eq!(f.calls(), vec!["mount"]);
+    assert_eq!(f.count("v", "a"), Some(1));
+}
+
+#[test]
+fn remove_cleans_leftovers_and_refuses_busy() {
+    let f = fixture();
+    f.create("v", false);
+    f.driver.mount(&name("v"), &id("a"), None).unwrap();
+    let mp = f.vol("v").mountpoint();
+    f.driver.sys().state.lock().unwrap().busy.insert(mp.clone());
+    assert!(matches!(
+        f.driver.remove(&name("v")),
+        Err(DriverError::Busy { .. })
+    ));
+    assert!(f.vol("v").path.exists());
+    f.driver.sys().state.lock().unwrap().busy.clear();
+    f.driver.remove(&name("v")).unwrap();
+    assert!(!f.vol("v").path.exists());
+    assert!(f.driver.sys().state.lock().unwrap().mounted.is_empty());
+    assert!(f.driver.list().unwrap().is_empty());
+    assert!(matches!(
+        f.driver.get(&name("v")),
+        Err(DriverError::NoSuchVolume(_))
+    ));
+}
+
+#[test]
+fn a_volume_made_again_under_a_name_is_read_afresh() {
+    let f = fixture();
+    f.create("v", false);
+    assert_eq!(f.driver.get(&name("v")).unwrap().volatile, Some(false));
+    f.driver.remove(&name("v")).unwrap();
+    f.create("v", true);
+    assert_eq!(f.driver.get(&name("v")).unwrap().volatile, Some(true));
+}
+
+#[test]
+fn get_reports_damaged_metadata_instead_of_failing() {
+    let f = fixture();
+    f.create("v", false);
+    std::fs::write(f.vol("v").metadata(), "{oops").unwrap();
+    let info = f.driver.get(&name("v")).unwrap();
+    assert!(info.error.unwrap().contains("metadata.json"));
+    assert!(f.driver.mount(&name("v"), &id("a"), None).is_err());
+}
+
+#[test]
+fn go_version_volumes_work() {
+    let f = fixture();
+    let vol = f.vol("legacy");
+    std::fs::create_dir_all(vol.upper()).unwrap();
+    std::fs::create_dir_all(vol.work()).unwrap();
+    std::fs::create_dir_all(vol.mountpoint()).unwrap();
+    std::fs::create_dir_all(vol.active_mounts()).unwrap();
+    std::fs::write(vol.upper().join("kept"), "x").unwrap();
+    std::fs::write(
+        vol.metadata(),
+        format!(
+            r#"{{"BaseDirPath":"{}","Volatile":false}}"#,
+            f.base.display()
+        ),
+    )
+    .unwrap();
+    let info = f.driver.get(&name("legacy")).unwrap();
+    assert!(!info.mounted);
+    f.driver.mount(&name("legacy"), &id("a"), None).unwrap();
+    assert!(vol.upper().join("kept").exists());
+    f.create("legacy", false); // same options: accepted
+}
