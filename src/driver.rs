@@ -63,7 +63,7 @@ use thiserror::Error;
 
 use crate::janitor::Janitor;
 use crate::names::{MountId, VolumeName};
-use crate::options::{AllowedBases, OptionsError, VolumeOptions};
+use crate::options::{AllowedBases, OpenedBase, OptionsError, VolumeOptions};
 use crate::store::{self, Client, Metadata, MountRecord, Root, VolumeDir};
 use crate::sys::{Holder, OverlaySpec, RealSys, Sys, SysError};
 
@@ -131,6 +131,12 @@ pub enum DriverError {
         name: VolumeName,
         #[source]
         source: SysError,
+    },
+    #[error("volume {name} cannot be used from its base directory")]
+    BaseRefused {
+        name: VolumeName,
+        #[source]
+        source: OptionsError,
     },
     #[error("the base directory of volume {name} is unusable: {base:?}")]
     BaseGone {
@@ -376,6 +382,29 @@ impl<S: Sys> Driver<S> {
                 name: name.clone(),
                 source,
             })
+    }
+
+    /// The volume's base, opened and checked against `--allowed-base` for one use (see
+    /// [`OpenedBase`]); `strict`: never through a symlink, also with no `--allowed-base` (the
+    /// admin commands that write into the base).
+    pub fn open_base(
+        &self,
+        name: &VolumeName,
+        meta: &Metadata,
+        strict: bool,
+    ) -> Result<OpenedBase, DriverError> {
+        let allowed = &self.allowed_bases;
+        OpenedBase::open(&meta.base, allowed, strict || allowed.restricts()).map_err(|e| match e {
+            OptionsError::BaseUnusable { source, .. } => DriverError::BaseGone {
+                name: name.clone(),
+                base: meta.base.clone(),
+                source,
+            },
+            source => DriverError::BaseRefused {
+                name: name.clone(),
+                source,
+            },
+        })
     }
 
     /// Processes of other mount namespaces that hold a copy of the volume's overlay.

@@ -5,8 +5,18 @@
 //! not be, contain, or lie inside the daemon's state root (an overlay whose lower holds its own
 //! upper is undefined, and a volume must never expose the daemon's state). With
 //! `--allowed-base`, it must also lie inside one of the configured directories
-//! ([`AllowedBases`]). This module reads
-//! metadata of the base directory only; it must not create or change anything.
+//! ([`AllowedBases`]).
+//!
+//! A base is checked again each time it is used ([`OpenedBase`]): a directory inside an allowed
+//! one can be renamed away and replaced by a symlink to anywhere after Create. So a Mount, and
+//! an admin command that reads or writes the base, open it by its stored (canonical) path
+//! without following any symlink, check the opened directory's real path, and then use that
+//! very directory through its file descriptor. A base that was a symlink when the volume was
+//! created was resolved then: the volume is bound to the directory it led to, and a symlink
+//! found on that path later is refused, never followed.
+//!
+//! This module reads metadata of the base directory only; it must not create or change
+//! anything.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -36,6 +46,10 @@ pub enum OptionsError {
     BaseNotDirectory { path: PathBuf },
     #[error("base {path:?} overlaps the state directory {root:?}")]
     BaseOverlapsRoot { path: PathBuf, root: PathBuf },
+    #[error(
+        "base {path:?} has a symbolic link on its path now; a base is never reached through one (if it was moved on purpose, create the volume again with the directory's real path)"
+    )]
+    BaseSymlinked { path: PathBuf },
     #[error("volatile must be true, false, yes or no, not {value:?}")]
     BadVolatile { value: String },
     #[error(
@@ -100,6 +114,11 @@ impl AllowedBases {
         Ok(Self(out))
     }
 
+    /// Whether any base is refused.
+    pub fn restricts(&self) -> bool {
+        !self.0.is_empty()
+    }
+
     /// The canonical directories; empty when any base is allowed.
     pub fn dirs(&self) -> &[PathBuf] {
         &self.0
@@ -162,6 +181,77 @@ impl BaseDir {
 
     pub fn path(&self) -> &Path {
         &self.0
+    }
+}
+
+/// A volume's base directory, opened for one use and checked: while this lives, [`Self::fd_path`]
+/// leads to exactly the directory that was checked, whatever is renamed meanwhile.
+#[derive(Debug)]
+pub struct OpenedBase {
+    dir: std::os::fd::OwnedFd,
+    real: PathBuf,
+}
+
+impl OpenedBase {
+    /// Opens the base stored as `stored`. With `strict` (set whenever `allowed` restricts
+    /// anything, and for the admin commands), no symlink on the path is followed; without it
+    /// (no `--allowed-base`: the behaviour of earlier versions) the path is opened as it is.
+    /// Either way the opened directory's real path must be one that `allowed` permits.
+    pub fn open(stored: &Path, allowed: &AllowedBases, strict: bool) -> Result<Self, OptionsError> {
+        use rustix::fs::{OFlags, ResolveFlags};
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let unusable = |source: rustix::io::Errno| OptionsError::BaseUnusable {
+            path: stored.display().to_string(),
+            source: source.into(),
+        };
+        let opened = if strict {
+            let resolve = ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+            rustix::fs::openat2(
+                rustix::fs::CWD,
+                stored,
+                flags,
+                rustix::fs::Mode::empty(),
+                resolve,
+            )
+        } else {
+            rustix::fs::open(stored, flags, rustix::fs::Mode::empty())
+        };
+        let dir = match opened {
+            Ok(dir) => dir,
+            Err(rustix::io::Errno::LOOP) if strict => {
+                return Err(OptionsError::BaseSymlinked {
+                    path: stored.to_owned(),
+                });
+            }
+            Err(rustix::io::Errno::NOTDIR) => {
+                return Err(OptionsError::BaseNotDirectory {
+                    path: stored.to_owned(),
+                });
+            }
+            Err(e) => return Err(unusable(e)),
+        };
+        use std::os::fd::AsRawFd;
+        let real =
+            std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).map_err(|source| {
+                OptionsError::BaseUnusable {
+                    path: stored.display().to_string(),
+                    source,
+                }
+            })?;
+        allowed.check(&BaseDir(real.clone()))?;
+        Ok(Self { dir, real })
+    }
+
+    /// `/proc/self/fd/N`: a path that leads to this very directory, for the calls that take
+    /// a path (the kernel resolves it to the open file, not by name).
+    pub fn fd_path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()))
+    }
+
+    /// Where the directory is, as the kernel names it now.
+    pub fn real_path(&self) -> &Path {
+        &self.real
     }
 }
 

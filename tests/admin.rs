@@ -792,6 +792,30 @@ fn commit_writes_the_changes_into_the_base_and_resets() {
     e.unmount("v", "c2");
 }
 
+/// `commit` writes into the base: never through a symlink swapped in for it after Create
+/// (issue 15), with or without `--allowed-base`.
+#[test]
+fn commit_is_refused_through_a_symlink_swapped_in_for_the_base() {
+    let e = env();
+    let (base, _) = scenario(&e);
+    let outside = e.path("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let away = e.path("base-away");
+    std::fs::rename(&base, &away).unwrap();
+    std::os::unix::fs::symlink(&outside, &base).unwrap();
+    let err = e.fails(&["commit", "v", "--yes"]);
+    assert!(err.contains("symbolic link"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "written outside"
+    );
+    std::fs::remove_file(&base).unwrap();
+    std::fs::rename(&away, &base).unwrap();
+    e.ok(&["commit", "v", "--yes"]);
+    assert!(!base.join("gone.txt").exists());
+}
+
 #[test]
 fn commit_is_refused_while_another_volume_on_the_base_is_mounted() {
     let e = env();

@@ -110,7 +110,7 @@ pub enum AdminError {
         name: VolumeName,
         other: VolumeName,
         #[source]
-        source: DriverError,
+        source: Box<DriverError>,
     },
     #[error(
         "commit of volume {name} stopped; its base is partly updated and the volume keeps all its changes: fix the cause and run the commit again"
@@ -382,11 +382,10 @@ impl<S: Sys> Admin<S> {
         let base = {
             let vol = self.driver.lock_volume(name)?;
             let meta = vol.metadata()?;
-            std::fs::canonicalize(&meta.base).map_err(|source| DriverError::BaseGone {
-                name: name.clone(),
-                base: meta.base.clone(),
-                source,
-            })?
+            self.driver
+                .open_base(name, &meta, true)?
+                .real_path()
+                .to_owned()
         };
         // Every volume on an overlapping base, locked in name order (as every commit does;
         // the daemon holds one lock at a time), so that none can be mounted meanwhile.
@@ -415,7 +414,7 @@ impl<S: Sys> Admin<S> {
                     return Err(AdminError::BaseShared {
                         name: name.clone(),
                         other: n.clone(),
-                        source,
+                        source: Box::new(source),
                     });
                 }
                 Err(e) => return Err(e.into()),
@@ -425,16 +424,19 @@ impl<S: Sys> Admin<S> {
             .iter()
             .find(|l| l.name() == name)
             .expect("the volume's own lock is taken or the commit refused");
-        if !base.is_dir() {
-            return Err(DriverError::BaseGone {
+        // Opened again now that nothing can mount it: written through this very directory,
+        // never through a symlink swapped in since (see `OpenedBase`).
+        let opened = self.driver.open_base(name, &vol.metadata()?, true)?;
+        if opened.real_path() != base {
+            return Err(DriverError::BaseRefused {
                 name: name.clone(),
-                base,
-                source: io::Error::from(rustix::io::Errno::NOTDIR),
+                source: crate::options::OptionsError::BaseSymlinked { path: base },
             }
             .into());
         }
+        let dir = opened.fd_path();
         let plan =
-            Plan::read(&vol.dir().upper(), Some(&base)).map_err(|source| AdminError::Read {
+            Plan::read(&vol.dir().upper(), Some(&dir)).map_err(|source| AdminError::Read {
                 name: name.clone(),
                 source,
             })?;
@@ -442,9 +444,9 @@ impl<S: Sys> Admin<S> {
             name: name.clone(),
             source,
         };
-        let applied = commit::apply(&plan, &base).map_err(commit_err)?;
+        let applied = commit::apply(&plan, &dir).map_err(commit_err)?;
         // Durable before the changes are thrown away.
-        std::fs::File::open(&base)
+        std::fs::File::open(&dir)
             .and_then(|f| rustix::fs::syncfs(&f).map_err(io::Error::from))
             .map_err(|e| commit_err(PathError::new("syncing", &base, e)))?;
         failpoint!("commit.synced");

@@ -4,6 +4,7 @@
 
 use super::plan::{self, GoneClients, Look, MountPlan, Observed, Records, UnmountPlan};
 use super::*;
+use crate::options::OpenedBase;
 
 impl<S: Sys> Driver<S> {
     /// Mounts the volume for mount ID `id` (or counts one more use of it). `client_pid` is the
@@ -69,7 +70,17 @@ impl<S: Sys> Driver<S> {
                     .expect("refused only when a holder was found"),
             }
         })?;
-        self.carry_out(name, &vol, &meta, &steps, &mut records, strays, &gone)?;
+        // Checked before any step: a refused base changes nothing.
+        let base = steps
+            .mount
+            .then(|| self.open_base(name, &meta, false))
+            .transpose()?;
+        let lower = base.as_ref().map(OpenedBase::fd_path);
+        self.carry_out(name, &vol, &steps, &mut records, strays, &gone)?;
+        if let Some(lower) = lower {
+            self.mount_layers(name, &vol, &meta, &steps, lower)?;
+        }
+        drop(base);
 
         let previous = records.iter().find(|(rid, _)| rid == id).map(|(_, r)| r);
         let record = MountRecord {
@@ -118,13 +129,11 @@ impl<S: Sys> Driver<S> {
         }
     }
 
-    /// The steps of `plan` before the record: `records` is left as what remains on record.
-    #[allow(clippy::too_many_arguments)]
+    /// The steps of `plan` before the mount: `records` is left as what remains on record.
     fn carry_out(
         &self,
         name: &VolumeName,
         vol: &VolumeDir,
-        meta: &Metadata,
         plan: &MountPlan,
         records: &mut Vec<(MountId, MountRecord)>,
         strays: bool,
@@ -162,9 +171,18 @@ impl<S: Sys> Driver<S> {
             self.unmount_overlay(name, vol)?;
             failpoint!("mount.stale-unmounted");
         }
-        if !plan.mount {
-            return Ok(());
-        }
+        Ok(())
+    }
+
+    /// Mounts the overlay, `lower` leading to the base opened for it.
+    fn mount_layers(
+        &self,
+        name: &VolumeName,
+        vol: &VolumeDir,
+        meta: &Metadata,
+        plan: &MountPlan,
+        lower: PathBuf,
+    ) -> Result<(), DriverError> {
         // A volatile volume's upper is looked at first (its changes go now). Otherwise the
         // directories are made only when the mount misses one (a damaged or Go-made volume):
         // they are nearly always there.
@@ -174,7 +192,7 @@ impl<S: Sys> Driver<S> {
         }
         let spec = OverlaySpec {
             source: format!("docker-on-top:{name}"),
-            lower: meta.base.clone(),
+            lower,
             upper: vol.upper(),
             work: vol.work(),
             target: vol.mountpoint(),
