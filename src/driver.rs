@@ -86,12 +86,14 @@ pub enum DriverError {
         source: OptionsError,
     },
     #[error(
-        "volume {name} already exists with other options (base {base:?}, volatile {volatile}); remove it first or use another name"
+        "volume {name} already exists with other options (base {base:?}, volatile {volatile}{}); remove it first or use another name",
+        .size.map(|b| format!(", size {b} bytes")).unwrap_or_default()
     )]
     Conflict {
         name: VolumeName,
         base: PathBuf,
         volatile: bool,
+        size: Option<u64>,
     },
     #[error("volume {name} has no mount with ID {id}")]
     UnknownMountId { name: VolumeName, id: MountId },
@@ -116,6 +118,12 @@ pub enum DriverError {
     },
     #[error("cannot mount volume {name}")]
     Mount {
+        name: VolumeName,
+        #[source]
+        source: SysError,
+    },
+    #[error("cannot make or attach the file system of sized volume {name}")]
+    Image {
         name: VolumeName,
         #[source]
         source: SysError,
@@ -185,9 +193,23 @@ pub struct VolumeInfo {
     /// Sum of the usage counts of the mount IDs on record while mounted; 0 when unmounted.
     pub active_mounts: u64,
     pub upper: PathBuf,
+    /// Sized volumes: the cap, and what its file system says while attached.
+    pub size: Option<SizeStatus>,
     /// Set when the volume's directory exists but its metadata cannot be read: the volume is
     /// still reported (dockerd forgets a volume on any `Get` error).
     pub error: Option<String>,
+}
+
+/// The cap of a sized volume and its use.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct SizeStatus {
+    pub cap: u64,
+    pub fs: crate::options::FsType,
+    /// Bytes used in its file system (`statfs`); `None` while it is not attached.
+    pub used: Option<u64>,
+    /// The file system's own size (a little less than the cap: its metadata).
+    pub fs_size: Option<u64>,
 }
 
 /// How the driver is set up; built by `main` from the command line.

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use thiserror::Error;
 
 /// The option keys this driver understands, for error messages.
-pub const VALID_OPTIONS: &str = "base, volatile";
+pub const VALID_OPTIONS: &str = "base, volatile, size, fs, sparse";
 
 /// Why a set of options was refused.
 #[derive(Debug, Error)]
@@ -52,6 +52,27 @@ pub enum OptionsError {
     BaseSymlinked { path: PathBuf },
     #[error("volatile must be true, false, yes or no, not {value:?}")]
     BadVolatile { value: String },
+    #[error(
+        "size {value:?} is not a size: give bytes, or a number with K, M, G, T (powers of 1000) or Ki, Mi, Gi, Ti (powers of 1024), e.g. 100Mi"
+    )]
+    BadSize { value: String },
+    #[error(
+        "size {size} bytes is below the smallest {fs} file system this plugin makes ({min} bytes, {min_text})"
+    )]
+    SizeTooSmall {
+        size: u64,
+        fs: &'static str,
+        min: u64,
+        min_text: &'static str,
+    },
+    #[error("fs must be ext4 or xfs, not {value:?}")]
+    BadFs { value: String },
+    #[error("sparse must be true, false, yes or no, not {value:?}")]
+    BadSparse { value: String },
+    #[error(
+        "option {key:?} only goes with size (it says how a sized volume's file system is made)"
+    )]
+    NeedsSize { key: &'static str },
     #[error(
         "base {path:?} is outside the directories this plugin allows (--allowed-base {allowed}); ask the host's administrator"
     )]
@@ -255,11 +276,101 @@ impl OpenedBase {
     }
 }
 
+/// The file system of a sized volume's image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsType {
+    Ext4,
+    Xfs,
+}
+
+impl FsType {
+    pub fn name(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "ext4",
+            FsType::Xfs => "xfs",
+        }
+    }
+    /// The program that makes it.
+    pub fn mkfs(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "mkfs.ext4",
+            FsType::Xfs => "mkfs.xfs",
+        }
+    }
+    /// The Debian package that has [`FsType::mkfs`].
+    pub fn package(self) -> &'static str {
+        match self {
+            FsType::Ext4 => "e2fsprogs",
+            FsType::Xfs => "xfsprogs",
+        }
+    }
+    /// The smallest image made: ext4 needs room for its journal; mkfs.xfs refuses less than
+    /// 300 MB.
+    pub fn min_size(self) -> (u64, &'static str) {
+        match self {
+            FsType::Ext4 => (8 << 20, "8Mi"),
+            FsType::Xfs => (300_000_000, "300M"),
+        }
+    }
+}
+
+/// The cap on a volume's changes (`-o size=`): its upper and work directories live on a file
+/// system of this size, in an image file of the volume's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeCap {
+    pub bytes: u64,
+    pub fs: FsType,
+    /// `false`: the image's space is reserved at Create (`fallocate`).
+    pub sparse: bool,
+}
+
+/// Reads a size as docker-volume-loopback does: bytes, or a number (with a fraction, say
+/// `1.5G`) followed by K, M, G, T (powers of 1000) or Ki, Mi, Gi, Ti (powers of 1024); a
+/// trailing `B` is allowed (`100MiB`).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let t = t.strip_suffix(['B', 'b']).unwrap_or(t);
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale: u64 = match unit.to_ascii_lowercase().as_str() {
+        "" => 1,
+        "k" => 1000,
+        "m" => 1000u64.pow(2),
+        "g" => 1000u64.pow(3),
+        "t" => 1000u64.pow(4),
+        "ki" => 1 << 10,
+        "mi" => 1 << 20,
+        "gi" => 1 << 30,
+        "ti" => 1 << 40,
+        _ => return None,
+    };
+    if number.is_empty() || number.starts_with('.') || number.matches('.').count() > 1 {
+        return None;
+    }
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    let whole: u64 = whole.parse().ok()?;
+    let mut bytes = whole.checked_mul(scale)?;
+    if !fraction.is_empty() {
+        if scale == 1 || fraction.len() > 9 {
+            return None;
+        }
+        let digits: u64 = fraction.parse().ok()?;
+        let part = (digits as u128 * scale as u128) / 10u128.pow(fraction.len() as u32);
+        bytes = bytes.checked_add(part as u64)?;
+    }
+    (bytes > 0).then_some(bytes)
+}
+
 /// The validated options of one volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VolumeOptions {
     pub base: BaseDir,
     pub volatile: bool,
+    /// `None`: changes go to the state directory's file system, uncapped.
+    pub size: Option<SizeCap>,
 }
 
 impl VolumeOptions {
@@ -272,7 +383,7 @@ impl VolumeOptions {
     ) -> Result<Self, OptionsError> {
         if let Some(key) = raw
             .keys()
-            .find(|k| !matches!(k.as_str(), "base" | "volatile"))
+            .find(|k| !matches!(k.as_str(), "base" | "volatile" | "size" | "fs" | "sparse"))
         {
             return Err(OptionsError::Unknown {
                 key: key.chars().take(64).collect(),
@@ -284,10 +395,48 @@ impl VolumeOptions {
                 value: v.chars().take(64).collect(),
             })?,
         };
+        let size = Self::parse_size_cap(raw)?;
         let base = raw.get("base").ok_or(OptionsError::MissingBase)?;
         let base = BaseDir::parse(base, root)?;
         allowed.check(&base)?;
-        Ok(Self { base, volatile })
+        Ok(Self {
+            base,
+            volatile,
+            size,
+        })
+    }
+
+    fn parse_size_cap(raw: &BTreeMap<String, String>) -> Result<Option<SizeCap>, OptionsError> {
+        let shown = |v: &str| v.chars().take(64).collect::<String>();
+        let Some(text) = raw.get("size") else {
+            for key in ["fs", "sparse"] {
+                if raw.contains_key(key) {
+                    return Err(OptionsError::NeedsSize { key });
+                }
+            }
+            return Ok(None);
+        };
+        let bytes = parse_size(text).ok_or_else(|| OptionsError::BadSize { value: shown(text) })?;
+        let fs = match raw.get("fs").map(|v| v.to_ascii_lowercase()) {
+            None => FsType::Ext4,
+            Some(v) if v == "ext4" => FsType::Ext4,
+            Some(v) if v == "xfs" => FsType::Xfs,
+            Some(v) => return Err(OptionsError::BadFs { value: shown(&v) }),
+        };
+        let sparse = match raw.get("sparse") {
+            None => true,
+            Some(v) => parse_bool(v).ok_or_else(|| OptionsError::BadSparse { value: shown(v) })?,
+        };
+        let (min, min_text) = fs.min_size();
+        if bytes < min {
+            return Err(OptionsError::SizeTooSmall {
+                size: bytes,
+                fs: fs.name(),
+                min,
+                min_text,
+            });
+        }
+        Ok(Some(SizeCap { bytes, fs, sparse }))
     }
 }
 
@@ -309,6 +458,38 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn sizes_read_as_docker_volume_loopback_reads_them() {
+        for (text, bytes) in [
+            ("4096", 4096),
+            ("100K", 100_000),
+            ("100M", 100_000_000),
+            ("1G", 1_000_000_000),
+            ("2T", 2_000_000_000_000),
+            ("100Ki", 102_400),
+            ("100Mi", 100 << 20),
+            ("100MiB", 100 << 20),
+            ("1.5Gi", 3 << 29),
+            ("1gi", 1 << 30),
+        ] {
+            assert_eq!(parse_size(text), Some(bytes), "{text}");
+        }
+        for text in [
+            "",
+            "0",
+            "M",
+            "1X",
+            "1.5",
+            "1..5G",
+            ".5G",
+            "-1G",
+            "99999999999T",
+            "1 Gi x",
+        ] {
+            assert_eq!(parse_size(text), None, "{text}");
+        }
     }
 
     #[test]
@@ -371,10 +552,10 @@ mod tests {
                 OptionsError::BaseOverlapsRoot { .. }
             ));
         }
-        let e = err(&[("base", "/"), ("size", "1G")]);
+        let e = err(&[("base", "/"), ("color", "red")]);
         assert_eq!(
             e.to_string(),
-            "unknown option \"size\"; valid options are: base, volatile"
+            "unknown option \"color\"; valid options are: base, volatile, size, fs, sparse"
         );
         assert!(matches!(
             err(&[("base", "/tmp"), ("volatile", "maybe")]),

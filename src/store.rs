@@ -13,6 +13,10 @@
 //!     workdir/            overlay work directory; its `work/`, made by every mount, is
 //!                         removed once nothing can hold a copy of the unmounted overlay
 //!     mountpoint/         where the overlay is mounted
+//!     changes.img         sized volumes only (`-o size=`): the image of the file system that
+//!                         holds their changes, attached through a loop device and mounted at
+//!     changes/              ... this directory; then `changes/upper/` and `changes/work/`
+//!                         take the place of `upper/` and `workdir/`
 //!     activemounts/ID     {"UsageCount": n, "BootId": "...", "Client": {...}}: one file
 //!                         per mount ID; empty or cut short: one use
 //! ```
@@ -63,6 +67,21 @@ pub struct Metadata {
     pub volatile: bool,
     #[serde(rename = "CreatedAt", default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
+    /// Sized volumes only: absent otherwise, so that an unsized volume's metadata is what the
+    /// Go version writes and reads.
+    #[serde(rename = "Size", default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<SizeRecord>,
+}
+
+/// The cap of a sized volume, as `metadata.json` keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SizeRecord {
+    #[serde(rename = "Bytes")]
+    pub bytes: u64,
+    #[serde(rename = "Fs")]
+    pub fs: crate::options::FsType,
+    #[serde(rename = "Sparse")]
+    pub sparse: bool,
 }
 
 /// `activemounts/ID`. `BootId` and `Client` are new: records from the Go version lack them.
@@ -219,10 +238,9 @@ impl Root {
         self.path.join(TRASH_DIR)
     }
 
+    /// The volume `name`'s directory; whether it is sized is seen from its image file.
     pub fn volume(&self, name: &VolumeName) -> VolumeDir {
-        VolumeDir {
-            path: self.path.join(name),
-        }
+        VolumeDir::at(self.path.join(name))
     }
 
     /// A fresh path in the trash for something that used to be `what`.
@@ -240,24 +258,59 @@ impl Root {
 #[derive(Debug, Clone)]
 pub struct VolumeDir {
     pub path: PathBuf,
+    /// Its changes live in an image of their own ([`VolumeDir::image`]).
+    pub sized: bool,
 }
 
+/// The image file of a sized volume, in its directory.
+pub const IMAGE: &str = "changes.img";
+/// Where a sized volume's image is mounted.
+pub const CHANGES: &str = "changes";
+
 impl VolumeDir {
+    /// The volume directory at `path`, sized if it has the directory its image is mounted on
+    /// (made at Create and never removed: the image itself is missing for a moment when a
+    /// volatile volume's is swapped for a fresh one).
     pub fn at(path: PathBuf) -> Self {
-        Self { path }
+        let sized = std::fs::symlink_metadata(path.join(CHANGES)).is_ok();
+        Self { path, sized }
+    }
+    /// The directory at `path` (being built), of the kind given.
+    pub fn new(path: PathBuf, sized: bool) -> Self {
+        Self { path, sized }
+    }
+    /// A sized volume's image file.
+    pub fn image(&self) -> PathBuf {
+        self.path.join(IMAGE)
+    }
+    /// Where a sized volume's image is mounted.
+    pub fn changes(&self) -> PathBuf {
+        self.path.join(CHANGES)
+    }
+    /// The directory the layers live in: the volume's own, or its image's file system.
+    fn layers(&self) -> PathBuf {
+        if self.sized {
+            self.changes()
+        } else {
+            self.path.clone()
+        }
     }
     pub fn metadata(&self) -> PathBuf {
         self.path.join("metadata.json")
     }
     pub fn upper(&self) -> PathBuf {
-        self.path.join("upper")
+        self.layers().join("upper")
     }
     pub fn work(&self) -> PathBuf {
-        self.path.join("workdir")
+        if self.sized {
+            self.changes().join("work")
+        } else {
+            self.path.join("workdir")
+        }
     }
-    /// `workdir/work`, which overlayfs creates at every mount. The driver removes it once the
-    /// last unmount was followed by a look for copies of the overlay elsewhere that found none
-    /// (see `driver/verify.rs`): while it is there, that look is still to be made.
+    /// `workdir/work`, which overlayfs creates at every mount. The driver removes it once an
+    /// unmount left no copy of the overlay anywhere (see `driver.rs`): while it is there, a
+    /// look for copies in other mount namespaces is due.
     pub fn overlay_work(&self) -> PathBuf {
         self.work().join("work")
     }
@@ -394,7 +447,7 @@ impl VolumeDir {
     /// (overlayfs shows the upper root's, not the lower's). Built beside and renamed, so
     /// `upper/` never exists with the wrong owner. The old upper, if any, must be gone.
     pub fn install_fresh_upper(&self, base: &std::fs::Metadata) -> io::Result<()> {
-        let staging = self.path.join(".upper-new");
+        let staging = self.layers().join(".upper-new");
         match std::fs::remove_dir(&staging) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}

@@ -16,6 +16,10 @@ use std::sync::Mutex;
 use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags};
 use thiserror::Error;
 
+use crate::options::FsType;
+
+mod image;
+
 /// `statfs(2)` magic of overlayfs.
 const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
 
@@ -79,6 +83,13 @@ pub enum SysError {
         #[source]
         source: io::Error,
     },
+    /// A sized volume's image could not be made, attached or mounted.
+    #[error("{reason}")]
+    Image {
+        reason: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl SysError {
@@ -109,6 +120,22 @@ pub trait Sys: Send + Sync + 'static {
     /// This boot's id (`/proc/sys/kernel/random/boot_id`): mount records of another boot
     /// are void.
     fn boot_id(&self) -> io::Result<String>;
+    /// Makes a sized volume's image at `image` (which must not exist): `size` bytes holding an
+    /// empty `fs`, sparse or with its space reserved. Complete, or nothing is left.
+    fn format_image(
+        &self,
+        image: &Path,
+        size: u64,
+        sparse: bool,
+        fs: FsType,
+    ) -> Result<(), SysError>;
+    /// Attaches `image` to a loop device and mounts its `fs` at `target`; unmounting
+    /// `target` ([`Sys::unmount`]) detaches the device again.
+    fn attach_image(&self, image: &Path, fs: FsType, target: &Path) -> Result<(), SysError>;
+    /// Whether some file system is mounted exactly at `target` in this mount namespace.
+    fn is_mount_root(&self, target: &Path) -> Result<bool, SysError>;
+    /// Size and bytes used of the file system at `target` (one statfs).
+    fn fs_usage(&self, target: &Path) -> io::Result<(u64, u64)>;
 }
 
 /// The real kernel.
@@ -167,42 +194,7 @@ impl Sys for RealSys {
     }
 
     fn is_overlay_mounted(&self, target: &Path) -> Result<bool, SysError> {
-        let inspect = |source: io::Error| SysError::Inspect {
-            path: target.to_owned(),
-            source,
-        };
-        // One statx says whether `target` is a mount root (Linux 5.8+); then the file system
-        // type tells our overlay from anything else mounted there.
-        use rustix::fs::{AtFlags, StatxAttributes, StatxFlags};
-        match rustix::fs::statx(
-            rustix::fs::CWD,
-            target,
-            AtFlags::SYMLINK_NOFOLLOW,
-            StatxFlags::TYPE,
-        ) {
-            Ok(st) if st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) => {
-                if !st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT) {
-                    return Ok(false);
-                }
-                let fs = rustix::fs::statfs(target).map_err(|e| inspect(e.into()))?;
-                return Ok(fs.f_type as i64 == OVERLAYFS_SUPER_MAGIC);
-            }
-            Err(rustix::io::Errno::NOENT) => return Ok(false),
-            // Older kernels: a mount root has a different device from its parent directory.
-            _ => {}
-        }
-        let here = match std::fs::symlink_metadata(target) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(inspect(e)),
-        };
-        let parent = target.parent().unwrap_or(Path::new("/"));
-        let up = std::fs::symlink_metadata(parent).map_err(inspect)?;
-        if here.dev() == up.dev() {
-            return Ok(false);
-        }
-        let fs = rustix::fs::statfs(target).map_err(|e| inspect(e.into()))?;
-        Ok(fs.f_type as i64 == OVERLAYFS_SUPER_MAGIC)
+        Ok(mount_root_type(target)? == Some(OVERLAYFS_SUPER_MAGIC))
     }
 
     fn overlay_holders(&self, upper: &Path) -> Result<Vec<Holder>, SysError> {
@@ -263,6 +255,28 @@ impl Sys for RealSys {
             .to_owned())
     }
 
+    fn format_image(
+        &self,
+        image: &Path,
+        size: u64,
+        sparse: bool,
+        fs: FsType,
+    ) -> Result<(), SysError> {
+        image::format(image, size, sparse, fs)
+    }
+
+    fn attach_image(&self, image: &Path, fs: FsType, target: &Path) -> Result<(), SysError> {
+        image::attach(image, fs, target)
+    }
+
+    fn is_mount_root(&self, target: &Path) -> Result<bool, SysError> {
+        mount_root_type(target).map(|found| found.is_some())
+    }
+
+    fn fs_usage(&self, target: &Path) -> io::Result<(u64, u64)> {
+        image::usage(target)
+    }
+
     fn process_start_time(&self, pid: u32) -> Option<u64> {
         // One read: the line is a few hundred bytes, and a growing buffer costs a read each.
         let path = format!("/proc/{pid}/stat");
@@ -279,6 +293,50 @@ impl Sys for RealSys {
         }
         parse_start_time(&buf[..n])
     }
+}
+
+/// The file system type (`statfs` magic) of what is mounted exactly at `target`; `None` when
+/// `target` is no mount root (or does not exist).
+fn mount_root_type(target: &Path) -> Result<Option<i64>, SysError> {
+    let inspect = |source: io::Error| SysError::Inspect {
+        path: target.to_owned(),
+        source,
+    };
+    let fs_type = || {
+        rustix::fs::statfs(target)
+            .map(|fs| Some(fs.f_type))
+            .map_err(|e| inspect(e.into()))
+    };
+    // One statx says whether `target` is a mount root (Linux 5.8+); then the file system
+    // type tells our overlay from anything else mounted there.
+    use rustix::fs::{AtFlags, StatxAttributes, StatxFlags};
+    match rustix::fs::statx(
+        rustix::fs::CWD,
+        target,
+        AtFlags::SYMLINK_NOFOLLOW,
+        StatxFlags::TYPE,
+    ) {
+        Ok(st) if st.stx_attributes_mask.contains(StatxAttributes::MOUNT_ROOT) => {
+            if !st.stx_attributes.contains(StatxAttributes::MOUNT_ROOT) {
+                return Ok(None);
+            }
+            return fs_type();
+        }
+        Err(rustix::io::Errno::NOENT) => return Ok(None),
+        // Older kernels: a mount root has a different device from its parent directory.
+        _ => {}
+    }
+    let here = match std::fs::symlink_metadata(target) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(inspect(e)),
+    };
+    let parent = target.parent().unwrap_or(Path::new("/"));
+    let up = std::fs::symlink_metadata(parent).map_err(inspect)?;
+    if here.dev() == up.dev() {
+        return Ok(None);
+    }
+    fs_type()
 }
 
 /// Refuses an upper whose filesystem has no `trusted.*` extended attributes (ramfs, for one),
@@ -543,6 +601,8 @@ pub struct RecordingState {
     pub looks: usize,
     /// What [`Sys::boot_id`] answers.
     pub boot_id: String,
+    /// Where an image is attached ([`Sys::attach_image`]), and which.
+    pub attached: std::collections::HashMap<PathBuf, PathBuf>,
 }
 
 impl Sys for RecordingSys {
@@ -574,6 +634,10 @@ impl Sys for RecordingSys {
         s.calls.push(format!("unmount {}", target.display()));
         if s.busy.contains(target) {
             return Err(SysError::Busy);
+        }
+        if let Some(image) = s.attached.remove(target) {
+            move_entries(target, &image_contents(&image));
+            return Ok(Unmounted { no_copy_left: true });
         }
         let Some(at) = s.mounted.iter().position(|m| m.target == target) else {
             return Err(SysError::Unmount(rustix::io::Errno::INVAL.into()));
@@ -613,6 +677,70 @@ impl Sys for RecordingSys {
 
     fn boot_id(&self) -> io::Result<String> {
         Ok(self.state.lock().unwrap().boot_id.clone())
+    }
+
+    fn format_image(
+        &self,
+        image: &Path,
+        size: u64,
+        _sparse: bool,
+        _fs: FsType,
+    ) -> Result<(), SysError> {
+        let mut s = self.state.lock().unwrap();
+        s.calls.push(format!("format {}", image.display()));
+        let image_err = |source| SysError::Image {
+            reason: "cannot make the image".into(),
+            source,
+        };
+        let file = std::fs::File::create_new(image).map_err(image_err)?;
+        file.set_len(size).map_err(image_err)?;
+        // A new file system is empty.
+        let _ = std::fs::remove_dir_all(image_contents(image));
+        Ok(())
+    }
+
+    /// Stands for the image's file system with the directory itself: what it holds while
+    /// attached is kept beside the image while it is not ([`image_contents`]).
+    fn attach_image(&self, image: &Path, _fs: FsType, target: &Path) -> Result<(), SysError> {
+        let mut s = self.state.lock().unwrap();
+        s.calls.push(format!("attach {}", target.display()));
+        assert!(image.is_file(), "attach of a missing image {image:?}");
+        assert!(
+            s.attached
+                .insert(target.to_owned(), image.to_owned())
+                .is_none(),
+            "double attach of {target:?}"
+        );
+        move_entries(&image_contents(image), target);
+        Ok(())
+    }
+
+    fn is_mount_root(&self, target: &Path) -> Result<bool, SysError> {
+        let s = self.state.lock().unwrap();
+        Ok(s.attached.contains_key(target) || s.mounted.iter().any(|m| m.target == target))
+    }
+
+    fn fs_usage(&self, _target: &Path) -> io::Result<(u64, u64)> {
+        Ok((1 << 30, 4096))
+    }
+}
+
+/// Where [`RecordingSys`] keeps what an image's file system holds while it is detached.
+fn image_contents(image: &Path) -> PathBuf {
+    let mut name = image.as_os_str().to_owned();
+    name.push(".contents");
+    PathBuf::from(name)
+}
+
+/// Moves every entry of `from` (if it exists) into `to`.
+fn move_entries(from: &Path, to: &Path) {
+    let Ok(entries) = std::fs::read_dir(from) else {
+        return;
+    };
+    std::fs::create_dir_all(to).unwrap();
+    for entry in entries {
+        let entry = entry.unwrap();
+        std::fs::rename(entry.path(), to.join(entry.file_name())).unwrap();
     }
 }
 

@@ -450,6 +450,15 @@ pub fn volume_json(info: &VolumeInfo) -> Value {
     status.insert("Mounted".into(), info.mounted.into());
     status.insert("ActiveMounts".into(), info.active_mounts.into());
     status.insert("UpperDir".into(), path_text(&info.upper).into());
+    if let Some(size) = &info.size {
+        status.insert("Size".into(), size.cap.into());
+        status.insert("Fs".into(), size.fs.name().into());
+        // Known while the image is attached; after a reboot, once a Mount attached it.
+        status.insert("Attached".into(), size.used.is_some().into());
+        if let Some(used) = size.used {
+            status.insert("Used".into(), used.into());
+        }
+    }
     if let Some(error) = &info.error {
         status.insert("Error".into(), error.as_str().into());
     }
@@ -727,6 +736,7 @@ mod tests {
             mounted: false,
             active_mounts: 0,
             upper: PathBuf::from("/var/lib/docker-on-top/v1/upper"),
+            size: None,
             error: None,
         }
     }

@@ -399,20 +399,24 @@ fn strays(env: &Env) -> Vec<String> {
             continue;
         }
         let entries = names(&path);
-        for must in [
-            "metadata.json",
-            "upper",
-            "workdir",
-            "mountpoint",
-            "activemounts",
-        ] {
+        let sized = entries.iter().any(|e| e == "changes");
+        let layers: &[&str] = if sized {
+            &["changes", "changes.img"]
+        } else {
+            &["upper", "workdir"]
+        };
+        for must in ["metadata.json", "mountpoint", "activemounts"]
+            .iter()
+            .chain(layers)
+        {
             if !entries.iter().any(|e| e == must) {
                 out.push(format!("{name}/{must} (missing)"));
             }
         }
         for e in entries {
             match e.as_str() {
-                "metadata.json" | "upper" | "workdir" => {}
+                "metadata.json" => {}
+                e if layers.contains(&e) => {}
                 // Seen from outside the namespace: the directory under the overlay.
                 "mountpoint" => out.extend(
                     names(&path.join(&e))
@@ -479,6 +483,8 @@ enum Setup {
     Absent,
     /// Created, mounted once to write `before.txt`, unmounted again.
     Idle,
+    /// `Idle` (sized volumes), and the image's file system detached, as after a reboot.
+    Detached,
     /// Created and mounted with these IDs and counts; `before.txt` written through it.
     Mounted(&'static [(&'static str, u64)]),
     /// Mounted with no mount on record (a last Unmount while the mountpoint was busy),
@@ -512,6 +518,8 @@ struct Case {
     volatile: bool,
     setup: Setup,
     op: Op,
+    /// A sized volume (`-o size=`), its changes in an image of their own.
+    sized: bool,
 }
 
 const fn case(failpoint: &'static str, volatile: bool, setup: Setup, op: Op) -> Case {
@@ -520,8 +528,19 @@ const fn case(failpoint: &'static str, volatile: bool, setup: Setup, op: Op) -> 
         volatile,
         setup,
         op,
+        sized: false,
     }
 }
+
+const fn sized(failpoint: &'static str, volatile: bool, setup: Setup, op: Op) -> Case {
+    Case {
+        sized: true,
+        ..case(failpoint, volatile, setup, op)
+    }
+}
+
+/// The cap of the sized cases' volumes.
+const SIZE: &str = "16Mi";
 
 /// Every case: a test each (below), named like the function.
 fn case_named(test: &str) -> Case {
@@ -569,6 +588,17 @@ fn case_named(test: &str) -> Case {
         "reset_before_delete" => case("reset.before-delete", false, Idle, Reset),
         "commit_between_entries" => case("commit.entry-applied@2", false, Idle, Commit),
         "commit_synced" => case("commit.synced", false, Idle, Commit),
+        "sized_create_image_created" => sized("image.created", false, Absent, Create),
+        "sized_create_image_formatted" => sized("image.formatted", false, Absent, Create),
+        "sized_mount_image_attached" => sized("image.attached", false, Detached, Mount("a")),
+        "sized_mount_image_mounted" => sized("image.mounted", false, Detached, Mount("a")),
+        "sized_mount_recorded" => sized("mount.recorded", false, Detached, Mount("a")),
+        "sized_discard_image_detached" => sized("discard.image-detached", true, Idle, Mount("a")),
+        "sized_discard_image_trashed" => sized("discard.upper-trashed", true, Idle, Mount("a")),
+        "sized_discard_fresh_image" => sized("discard.fresh-upper", true, Idle, Mount("a")),
+        "sized_remove_detached" => sized("remove.detached", false, Idle, Remove),
+        "sized_remove_renamed" => sized("remove.renamed", false, Idle, Remove),
+        "sized_reset_image_trashed" => sized("discard.upper-trashed", false, Idle, Reset),
         other => panic!("no crash case {other}"),
     }
 }
@@ -598,6 +628,10 @@ crash_tests! {
     janitor_deleted_between_entries janitor_staging_moved
     reset_upper_trashed reset_fresh_upper reset_before_delete
     commit_between_entries commit_synced
+    sized_create_image_created sized_create_image_formatted sized_mount_image_attached
+    sized_mount_image_mounted sized_mount_recorded sized_discard_image_detached
+    sized_discard_image_trashed sized_discard_fresh_image sized_remove_detached
+    sized_remove_renamed sized_reset_image_trashed
 }
 
 /// Files the commit cases have in the volume's changes.
@@ -606,9 +640,32 @@ const COMMITTED: [&str; 4] = [BEFORE, "c1.txt", "c2.txt", "c3.txt"];
 /// Builds the state of `setup` with an unarmed daemon (left running).
 fn set_up(env: &mut Env, case: &Case, base: &Path) {
     forking(|| env.start(&[]));
-    let create = |env: &Env| env.create_ok(VOL, base, case.volatile);
+    let create = |env: &Env| {
+        if case.sized {
+            env.create_sized_ok(VOL, base, case.volatile, SIZE)
+        } else {
+            env.create_ok(VOL, base, case.volatile)
+        }
+    };
     match case.setup {
         Setup::Absent => {}
+        Setup::Detached => {
+            create(env);
+            env.mount_ok(VOL, &id("setup"));
+            write_through(env, VOL, BEFORE);
+            env.unmount_ok(VOL, &id("setup"));
+            // As after a reboot: the image's file system unmounted, its loop device gone.
+            let changes = env.volume_dir(VOL).join("changes");
+            let status = env
+                .anchor
+                .command(&["umount", s(&changes)])
+                .status()
+                .unwrap();
+            assert!(status.success(), "cannot detach the image");
+            wait_until(Duration::from_secs(10), "the loop device to detach", || {
+                env.loop_devices().is_empty()
+            });
+        }
         Setup::Idle => {
             create(env);
             env.mount_ok(VOL, &id("setup"));
@@ -743,7 +800,11 @@ fn run(case: Case) {
         let request = match case.op {
             Op::Create => Some((
                 "/VolumeDriver.Create",
-                json!({ "Name": VOL, "Opts": { "base": s(&base), "volatile": case.volatile.to_string() } }),
+                if case.sized {
+                    json!({ "Name": VOL, "Opts": { "base": s(&base), "volatile": case.volatile.to_string(), "size": SIZE } })
+                } else {
+                    json!({ "Name": VOL, "Opts": { "base": s(&base), "volatile": case.volatile.to_string() } })
+                },
             )),
             Op::Mount(tag) => Some(("/VolumeDriver.Mount", json!({ "Name": VOL, "ID": id(tag) }))),
             Op::Unmount(tag) => Some((
@@ -796,7 +857,13 @@ fn run(case: Case) {
             "mount counts after the crash are {now:?}: neither those before ({before:?}) nor \
              after ({after:?}) the operation"
         );
-        if files_before && !case.volatile && !matches!(case.op, Op::Reset | Op::Commit) {
+        // A sized volume's changes are in its image: seen here only while it is attached,
+        // and by the cycle below (which attaches it) in any case.
+        let seen = !case.sized
+            || !env
+                .mounts_under(&env.volume_dir(VOL).join("changes"))
+                .is_empty();
+        if seen && files_before && !case.volatile && !matches!(case.op, Op::Reset | Op::Commit) {
             assert!(
                 env.upper(VOL).join(BEFORE).exists(),
                 "{BEFORE}, written before the crash, is lost"
@@ -842,7 +909,11 @@ fn run(case: Case) {
 
     // The cycle.
     if !exists {
-        env.create_ok(VOL, &base, case.volatile);
+        if case.sized {
+            env.create_sized_ok(VOL, &base, case.volatile, SIZE);
+        } else {
+            env.create_ok(VOL, &base, case.volatile);
+        }
     }
     let leftovers = effective(&env, VOL);
     env.mount_ok(VOL, &id("c1"));
@@ -902,6 +973,24 @@ fn run(case: Case) {
             _ => vec![VOL.to_owned()],
         }
     );
+    // No loop device is leaked, whatever the crash: at most the volume's own, attached, and
+    // none once it is removed.
+    let attached = usize::from(
+        !env.mounts_under(&env.volume_dir(VOL).join("changes"))
+            .is_empty(),
+    );
+    assert_eq!(
+        env.loop_devices().len(),
+        attached,
+        "{:?}",
+        env.loop_devices()
+    );
+    if case.sized {
+        env.remove(VOL).unwrap();
+        wait_until(Duration::from_secs(10), "the loop device to detach", || {
+            env.loop_devices().is_empty()
+        });
+    }
 }
 
 // ----- Coverage ------------------------------------------------------------------------

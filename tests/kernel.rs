@@ -122,3 +122,129 @@ fn unmount_tells_whether_a_copy_lives_on_elsewhere() {
     sys.mount_overlay(&spec).unwrap();
     assert!(sys.unmount(&spec.target).unwrap().no_copy_left);
 }
+
+/// Loop devices whose backing file is `image`.
+fn loops_backed_by(image: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/sys/block").unwrap() {
+        let entry = entry.unwrap();
+        let backing = entry.path().join("loop/backing_file");
+        if let Ok(file) = std::fs::read_to_string(&backing)
+            && Path::new(file.trim()) == image
+        {
+            found.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    found
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A sized volume's image: made sparse, attached through a loop device, its file system
+/// mounted; writing past its size fails with ENOSPC; unmounting it detaches the device.
+#[test]
+fn an_image_caps_what_is_written_and_its_loop_device_goes_with_its_unmount() {
+    use docker_on_top::options::FsType;
+    common::private_mount_namespace();
+    let tmp = tempfile::tempdir().unwrap();
+    let image = tmp.path().join("changes.img");
+    let target = tmp.path().join("changes");
+    std::fs::create_dir(&target).unwrap();
+    let sys = RealSys::default();
+    sys.format_image(&image, 16 << 20, true, FsType::Ext4)
+        .unwrap();
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&image).unwrap());
+    assert!(
+        allocated * 512 < 8 << 20,
+        "a sparse image took {allocated} blocks"
+    );
+    assert!(
+        sys.format_image(&image, 16 << 20, true, FsType::Ext4)
+            .is_err(),
+        "made twice"
+    );
+
+    sys.attach_image(&image, FsType::Ext4, &target).unwrap();
+    assert!(sys.is_mount_root(&target).unwrap());
+    let loops = loops_backed_by(&image);
+    assert_eq!(loops.len(), 1);
+    let dio = std::fs::read_to_string(format!("/sys/block/{}/loop/dio", loops[0])).unwrap();
+    let autoclear =
+        std::fs::read_to_string(format!("/sys/block/{}/loop/autoclear", loops[0])).unwrap();
+    println!(
+        "loop device {}: dio {}, autoclear {}",
+        loops[0],
+        dio.trim(),
+        autoclear.trim()
+    );
+    assert_eq!(autoclear.trim(), "1");
+    assert_eq!(dio.trim(), "1", "no direct I/O on an ext4 backing file");
+    let (size, used) = sys.fs_usage(&target).unwrap();
+    assert!(
+        size > 8 << 20 && size <= 16 << 20 && used < size,
+        "{size} {used}"
+    );
+    let mut file = std::fs::File::create(target.join("big")).unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    let err = (0..64)
+        .find_map(|_| std::io::Write::write_all(&mut file, &chunk).err())
+        .expect("wrote 64 MiB into a 16 MiB file system");
+    assert_eq!(err.raw_os_error(), Some(28), "{err}");
+    drop(file);
+
+    sys.unmount(&target).unwrap();
+    assert!(!sys.is_mount_root(&target).unwrap());
+    wait_for("the loop device to detach", || {
+        loops_backed_by(&image).is_empty()
+    });
+    // Attached again (a reboot's first Mount): the data is still there.
+    sys.attach_image(&image, FsType::Ext4, &target).unwrap();
+    assert!(target.join("big").exists());
+    sys.unmount(&target).unwrap();
+    wait_for("the loop device to detach", || {
+        loops_backed_by(&image).is_empty()
+    });
+}
+
+/// A reserved image (`sparse=false`) takes its space at once; with too little free space it
+/// fails with ENOSPC and leaves no image behind.
+#[test]
+fn a_reserved_image_takes_its_space_or_fails_leaving_nothing() {
+    use docker_on_top::options::FsType;
+    common::private_mount_namespace();
+    let tmp = tempfile::tempdir().unwrap();
+    let small = tmp.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=32m", "dot-test"])
+        .arg(&small)
+        .status()
+        .expect("cannot run mount");
+    assert!(status.success());
+    let sys = RealSys::default();
+    let image = small.join("a.img");
+    sys.format_image(&image, 16 << 20, false, FsType::Ext4)
+        .unwrap();
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&image).unwrap());
+    // mkfs may punch out a few blocks it zeroes; nearly all of it stays reserved.
+    assert!(
+        allocated * 512 >= 15 << 20,
+        "only {allocated} blocks reserved"
+    );
+    let too_big = small.join("b.img");
+    let err = sys
+        .format_image(&too_big, 64 << 20, false, FsType::Ext4)
+        .unwrap_err();
+    let text = docker_on_top::error_chain(&err);
+    assert!(text.contains("No space left on device"), "{text}");
+    assert!(!too_big.exists(), "a partial image was left");
+}

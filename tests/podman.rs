@@ -322,11 +322,11 @@ fn main() -> ExitCode {
                 "--driver",
                 "docker-on-top",
                 "-o",
-                "size=1G",
+                "color=red",
                 "bad",
             ])?;
             ensure!(
-                err.contains("unknown option \"size\"; valid options are: base, volatile"),
+                err.contains("unknown option \"color\"; valid options are: base, volatile"),
                 "podman did not show the plugin's error: {err:?}"
             );
             let missing = p.bases.join("missing");

@@ -389,8 +389,16 @@ fn bad_names_ids_and_options_change_nothing() {
         (vec![("base", s(&env.dir).into())], vec![]),
         (vec![("base", "/".into())], vec![]),
         (
-            vec![("base", s(&base).into()), ("size", "1G".into())],
-            vec!["size", "base", "volatile"],
+            vec![("base", s(&base).into()), ("color", "red".into())],
+            vec!["color", "base", "volatile", "size"],
+        ),
+        (
+            vec![("base", s(&base).into()), ("size", "lots".into())],
+            vec!["size", "lots", "100Mi"],
+        ),
+        (
+            vec![("base", s(&base).into()), ("size", "1Mi".into())],
+            vec!["below the smallest ext4", "8Mi"],
         ),
         (
             vec![("base", s(&base).into()), ("volatile", "maybe".into())],

@@ -142,6 +142,9 @@ pub struct VolumeReport {
     /// RFC 3339, UTC.
     pub created_at: String,
     pub upper_dir: PathBuf,
+    /// Sized volumes (`-o size=`): the cap, the file system and the bytes it has in use.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size: Option<crate::driver::SizeStatus>,
     /// Whatever could not be read, when something could not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -249,6 +252,7 @@ impl<S: Sys> Admin<S> {
             changes_size,
             created_at: humantime::format_rfc3339_seconds(info.created_at).to_string(),
             upper_dir: info.upper,
+            size: info.size,
             error: (!errors.is_empty()).then(|| errors.join("; ")),
         })
     }

@@ -36,22 +36,37 @@ impl<S: Sys> Driver<S> {
             base: opts.base.path().to_owned(),
             volatile: opts.volatile,
             created_at: Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
+            size: opts.size.map(|cap| store::SizeRecord {
+                bytes: cap.bytes,
+                fs: cap.fs,
+                sparse: cap.sparse,
+            }),
         };
-        let staging = VolumeDir::at(self.root.staging_slot(name));
+        let staging = VolumeDir::new(self.root.staging_slot(name), opts.size.is_some());
+        let mut image_err = None;
         let built = (|| -> io::Result<()> {
             std::fs::create_dir(&staging.path)?;
             failpoint!("create.staging-made");
             // Held until the rename, so the janitor never takes a staging directory in use.
             let staging_dir = File::open(&staging.path)?;
             staging_dir.lock()?;
-            for dir in [
-                staging.work(),
-                staging.mountpoint(),
-                staging.active_mounts(),
-            ] {
-                std::fs::create_dir(dir)?;
+            std::fs::create_dir(staging.mountpoint())?;
+            std::fs::create_dir(staging.active_mounts())?;
+            if let Some(cap) = opts.size {
+                // The upper and work directories are made in the image's file system when
+                // it is first attached (a Mount, an admin command).
+                std::fs::create_dir(staging.changes())?;
+                if let Err(e) =
+                    self.sys
+                        .format_image(&staging.image(), cap.bytes, cap.sparse, cap.fs)
+                {
+                    image_err = Some(e);
+                    return Err(io::Error::other("the image"));
+                }
+            } else {
+                std::fs::create_dir(staging.work())?;
+                staging.install_fresh_upper(&base_meta)?;
             }
-            staging.install_fresh_upper(&base_meta)?;
             failpoint!("create.upper-installed");
             // Written in place: nothing reads a staging directory.
             let json = serde_json::to_vec(&meta).map_err(io::Error::other)?;
@@ -63,7 +78,9 @@ impl<S: Sys> Driver<S> {
             // it find their inodes committed already (ext4, xfs), so a Create costs about one
             // durable small-file write, not one per item.
             meta_file.sync_all()?;
-            File::open(staging.upper())?.sync_all()?;
+            if !staging.sized {
+                File::open(staging.upper())?.sync_all()?;
+            }
             staging_dir.sync_all()?;
             failpoint!("create.before-rename");
             std::fs::rename(&staging.path, &vol.path)?;
@@ -82,6 +99,12 @@ impl<S: Sys> Driver<S> {
             Err(e) => {
                 if std::fs::rename(&staging.path, self.root.trash_slot("staging")).is_ok() {
                     self.kick_janitor();
+                }
+                if let Some(source) = image_err {
+                    return Err(DriverError::Image {
+                        name: name.clone(),
+                        source,
+                    });
                 }
                 // Lost a race with a concurrent Create of the same name.
                 let raced = matches!(e.raw_os_error(), Some(39 /* ENOTEMPTY */ | 17 /* EEXIST */));
@@ -103,13 +126,16 @@ impl<S: Sys> Driver<S> {
         let meta = self.read_metadata(name, vol)?;
         // Go-created volumes store the base as given; compare canonical forms.
         let stored = std::fs::canonicalize(&meta.base).unwrap_or(meta.base.clone());
-        if stored == opts.base.path() && meta.volatile == opts.volatile {
+        let size = opts.size.map(|cap| (cap.bytes, cap.fs, cap.sparse));
+        let stored_size = meta.size.map(|s| (s.bytes, s.fs, s.sparse));
+        if stored == opts.base.path() && meta.volatile == opts.volatile && size == stored_size {
             Ok(())
         } else {
             Err(DriverError::Conflict {
                 name: name.clone(),
                 base: meta.base,
                 volatile: meta.volatile,
+                size: meta.size.map(|s| s.bytes),
             })
         }
     }
@@ -129,6 +155,10 @@ impl<S: Sys> Driver<S> {
             self.unmount_overlay(name, &vol)?;
             log::info!("unmounted leftover mount of volume {name}");
             failpoint!("remove.unmounted");
+        }
+        if vol.sized && self.is_attached(name, &vol)? {
+            self.detach(name, &vol)?;
+            failpoint!("remove.detached");
         }
         std::fs::rename(&vol.path, self.root.trash_slot(name.as_str()))
             .map_err(Self::io_err(name, "removing the volume directory"))?;
@@ -170,6 +200,19 @@ impl<S: Sys> Driver<S> {
         } else {
             0
         };
+        let size = meta.as_ref().and_then(|m| m.size).map(|cap| {
+            let usage = self
+                .is_attached(name, &vol)
+                .unwrap_or(false)
+                .then(|| self.sys.fs_usage(&vol.changes()).ok())
+                .flatten();
+            SizeStatus {
+                cap: cap.bytes,
+                fs: cap.fs,
+                used: usage.map(|(_, used)| used),
+                fs_size: usage.map(|(size, _)| size),
+            }
+        });
         let error = (!errors.is_empty()).then(|| errors.join("; "));
         let created_at = meta
             .as_ref()
@@ -191,6 +234,7 @@ impl<S: Sys> Driver<S> {
             mounted,
             active_mounts,
             upper: vol.upper(),
+            size,
             error,
         })
     }

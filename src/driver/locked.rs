@@ -73,8 +73,13 @@ pub(super) fn mounted_message(name: &VolumeName, mountpoint: &Path, mounts: u64)
 
 impl<S: Sys> Driver<S> {
     /// Takes the lock of an existing volume; waits while the daemon works on it.
+    /// Locks the volume; a sized one's file system is attached if it is not, so that its
+    /// changes can be read.
     pub fn lock_volume(&self, name: &VolumeName) -> Result<LockedVolume, DriverError> {
         let (dir, lock) = self.lock(name)?;
+        if dir.sized {
+            self.ensure_attached(name, &dir, &self.read_metadata(name, &dir)?)?;
+        }
         Ok(LockedVolume {
             name: name.clone(),
             dir,
@@ -127,7 +132,7 @@ impl<S: Sys> Driver<S> {
     pub fn reset_locked(&self, vol: &UnmountedVolume) -> Result<Option<PathBuf>, DriverError> {
         let meta = vol.metadata()?;
         let base = self.base_metadata(&vol.name, &meta)?;
-        let trashed = self.discard_upper(&vol.name, &vol.dir, &base)?;
+        let trashed = self.discard_upper(&vol.name, &vol.dir, &meta, &base)?;
         if trashed.is_some() {
             self.kick_janitor();
         }
@@ -167,6 +172,7 @@ impl<S: Sys> Driver<S> {
         &self,
         name: &VolumeName,
         vol: &VolumeDir,
+        meta: &Metadata,
         base: &std::fs::Metadata,
     ) -> Result<Option<PathBuf>, DriverError> {
         let io_err = |action| {
@@ -176,6 +182,9 @@ impl<S: Sys> Driver<S> {
                 source,
             }
         };
+        if vol.sized {
+            return self.swap_image(name, vol, meta);
+        }
         let upper = vol.upper();
         let trashed = match std::fs::symlink_metadata(&upper) {
             Ok(_) => {
@@ -192,6 +201,105 @@ impl<S: Sys> Driver<S> {
             .map_err(io_err("creating a fresh upper directory"))?;
         failpoint!("discard.fresh-upper");
         Ok(trashed)
+    }
+
+    /// [`Driver::discard_upper`] of a sized volume: its whole image goes into the trash (in
+    /// constant time, however much was written, and the host gets the space back once the
+    /// janitor deletes it) and a fresh one takes its place, attached.
+    fn swap_image(
+        &self,
+        name: &VolumeName,
+        vol: &VolumeDir,
+        meta: &Metadata,
+    ) -> Result<Option<PathBuf>, DriverError> {
+        if self.is_attached(name, vol)? {
+            self.detach(name, vol)?;
+        }
+        failpoint!("discard.image-detached");
+        let slot = self.root.trash_slot(&format!("{name}-image"));
+        let trashed = match std::fs::rename(vol.image(), &slot) {
+            Ok(()) => Some(slot),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Self::io_err(name, "moving the image to the trash")(e)),
+        };
+        failpoint!("discard.upper-trashed");
+        self.ensure_attached(name, vol, meta)?;
+        failpoint!("discard.fresh-upper");
+        Ok(trashed)
+    }
+
+    /// Whether a sized volume's image is attached (its file system mounted).
+    pub(super) fn is_attached(
+        &self,
+        name: &VolumeName,
+        vol: &VolumeDir,
+    ) -> Result<bool, DriverError> {
+        self.sys
+            .is_mount_root(&vol.changes())
+            .map_err(|source| DriverError::Inspect {
+                name: name.clone(),
+                source,
+            })
+    }
+
+    /// Unmounts a sized volume's file system; the loop device goes with it.
+    pub(super) fn detach(&self, name: &VolumeName, vol: &VolumeDir) -> Result<(), DriverError> {
+        self.sys.unmount(&vol.changes()).map_err(|e| match e {
+            SysError::Busy => DriverError::Busy {
+                name: name.clone(),
+                mountpoint: vol.changes(),
+            },
+            source => DriverError::Unmount {
+                name: name.clone(),
+                source,
+            },
+        })?;
+        log::info!("detached the file system of volume {name}");
+        Ok(())
+    }
+
+    /// A sized volume's file system attached, if it is not (after a reboot, say), with its
+    /// upper and work directories in place; an image lost in a swap cut short is made anew.
+    /// Nothing for an unsized volume.
+    pub(crate) fn ensure_attached(
+        &self,
+        name: &VolumeName,
+        vol: &VolumeDir,
+        meta: &Metadata,
+    ) -> Result<(), DriverError> {
+        if !vol.sized || self.is_attached(name, vol)? {
+            return Ok(());
+        }
+        let Some(size) = meta.size else {
+            return Err(Self::io_err(name, "reading metadata.json")(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a sized volume's metadata has no Size",
+            )));
+        };
+        let image_err = |source| DriverError::Image {
+            name: name.clone(),
+            source,
+        };
+        if !vol.image().exists() {
+            self.sys
+                .format_image(&vol.image(), size.bytes, size.sparse, size.fs)
+                .map_err(image_err)?;
+        }
+        self.sys
+            .attach_image(&vol.image(), size.fs, &vol.changes())
+            .map_err(image_err)?;
+        log::info!("attached the file system of volume {name}");
+        if !vol.upper().exists() {
+            let base = self.base_metadata(name, meta)?;
+            vol.install_fresh_upper(&base)
+                .map_err(Self::io_err(name, "creating the upper directory"))?;
+        }
+        match std::fs::create_dir(vol.work()) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                Err(Self::io_err(name, "creating the work directory")(e))
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -183,6 +183,7 @@ impl<S: Sys> Driver<S> {
         plan: &MountPlan,
         lower: PathBuf,
     ) -> Result<(), DriverError> {
+        self.ensure_attached(name, vol, meta)?;
         // A volatile volume's upper is looked at first (its changes go now). Otherwise the
         // directories are made only when the mount misses one (a damaged or Go-made volume):
         // they are nearly always there.
@@ -232,7 +233,7 @@ impl<S: Sys> Driver<S> {
             && upper_exists
             && holds_entries(&upper).map_err(Self::io_err(name, "reading the upper directory"))?
         {
-            self.discard_upper(name, vol, &base)?;
+            self.discard_upper(name, vol, meta, &base)?;
             log::info!("discarded the changes of volatile volume {name}");
             discarded = true;
         } else if !upper_exists {

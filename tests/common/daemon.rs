@@ -831,8 +831,48 @@ impl Env {
         self.root.join(name).join("mountpoint")
     }
 
+    /// The upper directory, as the daemon sees it: a sized volume's is in its image's file
+    /// system, mounted in the daemon's namespace only.
     pub fn upper(&self, name: &str) -> PathBuf {
-        self.root.join(name).join("upper")
+        let changes = self.root.join(name).join("changes");
+        if changes.is_dir() {
+            self.seen(&changes.join("upper"))
+        } else {
+            self.root.join(name).join("upper")
+        }
+    }
+
+    /// Creates a sized volume (`-o size=`).
+    pub fn create_sized_ok(&self, name: &str, base: &Path, volatile: bool, size: &str) {
+        let volatile = if volatile { "true" } else { "false" };
+        self.create(
+            name,
+            &[
+                ("base", base.to_str().unwrap()),
+                ("volatile", volatile),
+                ("size", size),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("Create {name}: {e}"));
+    }
+
+    /// Loop devices whose backing file is under the state root.
+    pub fn loop_devices(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/sys/block").unwrap() {
+            let entry = entry.unwrap();
+            let backing = entry.path().join("loop/backing_file");
+            if let Ok(file) = std::fs::read_to_string(&backing)
+                && Path::new(file.trim()).starts_with(&self.root)
+            {
+                found.push(format!(
+                    "{} ({})",
+                    entry.file_name().to_string_lossy(),
+                    file.trim()
+                ));
+            }
+        }
+        found
     }
 
     /// Overlays mounted exactly at `target` in the namespace.
