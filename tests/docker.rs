@@ -41,7 +41,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, Write as _};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt, symlink};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode};
@@ -53,15 +53,15 @@ use rustix::process::Signal;
 use serde_json::Value;
 
 use host::{
-    Context, Output, Res, anchor_command, check_interrupted, create_missing_dirs, docker_command,
-    ensure, in_path, kill, kill_cgroup, kill_ns, ns_of, nsenter, own_ns, pids_in_ns,
-    private_dockerd_args, remove_cgroups, remove_dirs, run_cmd, set_interrupted, spawn_logged,
-    stdout_suffix, tail, wait_until_every,
+    Context, Output, PLUGIN_SOCKET, Res, anchor_command, busybox_rootfs, check_interrupted,
+    create_missing_dirs, docker_command, ensure, find_busybox, in_path, kill, kill_cgroup, kill_ns,
+    ns_of, nsenter, own_ns, pids_in_ns, plugin_env, private_dockerd_args, remove_cgroups,
+    remove_dirs, run_cmd, set_interrupted, spawn_logged, stdout_suffix, tail, tar_dir,
+    wait_until_every,
 };
 
 const IMAGE: &str = "dot-e2e:latest";
 const DRIVER: &str = "docker-on-top";
-const PLUGIN_SOCKET: &str = "/run/docker/plugins/docker-on-top.sock";
 const PLUGIN_BIN: &str = env!("CARGO_BIN_EXE_docker-on-top");
 const CMD_TIMEOUT: Duration = Duration::from_secs(90);
 /// A container command that runs until `docker stop` and then exits at once.
@@ -350,11 +350,7 @@ impl Suite {
             missing.is_empty(),
             "missing programs {missing:?}: install Debian's docker.io, util-linux, systemd and tar (scripts/test does)"
         );
-        self.busybox = ["/bin/busybox", "/usr/bin/busybox"]
-            .into_iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_file())
-            .ok_or("no /bin/busybox: install Debian's busybox-static (scripts/test does)")?;
+        self.busybox = find_busybox()?;
         Ok(())
     }
 
@@ -464,16 +460,7 @@ impl Suite {
     }
 
     fn spawn_plugin(&self, cmd: &mut Command) -> Res<Child> {
-        cmd.env("RUST_LOG", "info,docker_on_top=debug");
-        for var in [
-            "LISTEN_FDS",
-            "LISTEN_PID",
-            "LISTEN_FDNAMES",
-            "NOTIFY_SOCKET",
-            "JOURNAL_STREAM",
-        ] {
-            cmd.env_remove(var);
-        }
+        plugin_env(cmd);
         let _ = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -548,26 +535,12 @@ impl Suite {
 
     fn build_image(&mut self) -> Res {
         let rootfs = self.tmp.join("image/rootfs");
-        for dir in ["bin", "etc", "tmp", "root", "home/user", "data/sub"] {
+        busybox_rootfs(&self.busybox, &rootfs)?;
+        for dir in ["etc", "root", "home/user", "data/sub"] {
             fs::create_dir_all(rootfs.join(dir)).ctx(format!("creating rootfs/{dir}"))?;
         }
-        fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777))
-            .ctx("chmod rootfs/tmp")?;
         std::os::unix::fs::chown(rootfs.join("home/user"), Some(1000), Some(1000))
             .ctx("chown rootfs/home/user")?;
-        fs::copy(&self.busybox, rootfs.join("bin/busybox")).ctx("copying busybox")?;
-        let list = run_cmd(
-            Command::new(&self.busybox).arg("--list"),
-            Duration::from_secs(10),
-        )?;
-        ensure!(list.success(), "busybox --list failed: {}", list.stderr);
-        for applet in list.stdout.lines().map(str::trim) {
-            if applet.is_empty() || applet == "busybox" || applet.contains('/') {
-                continue;
-            }
-            symlink("busybox", rootfs.join("bin").join(applet))
-                .ctx(format!("linking applet {applet}"))?;
-        }
         write(
             &rootfs.join("etc/passwd"),
             "root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000:user:/home/user:/bin/sh\n",
@@ -577,17 +550,7 @@ impl Suite {
         write(&rootfs.join("data/from-image.txt"), "from the image\n")?;
         write(&rootfs.join("data/sub/deep.txt"), "deep in the image\n")?;
         let tar = self.tmp.join("image/rootfs.tar");
-        let out = run_cmd(
-            Command::new("tar")
-                .arg("--numeric-owner")
-                .arg("-C")
-                .arg(&rootfs)
-                .arg("-cf")
-                .arg(&tar)
-                .arg("."),
-            CMD_TIMEOUT,
-        )?;
-        ensure!(out.success(), "tar failed: {}", out.stderr);
+        tar_dir(&rootfs, &tar)?;
         self.docker_ok(&["import", &tar.to_string_lossy(), IMAGE])?;
         let who = self.run(&[], &[], "id -u user && cat /data/from-image.txt")?;
         ensure!(

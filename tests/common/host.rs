@@ -12,6 +12,8 @@
 //! starts run there through `nsenter`. [`Sandbox::destroy`] (also on drop) kills every process
 //! of the cgroup parent and of the namespace, kills the anchor (its mounts vanish) and removes
 //! the temporary directory. Every process started here carries `PR_SET_PDEATHSIG`.
+//! [`Sandbox::with_network`] gives the namespace a private network namespace as well (only
+//! `lo`), for engines that make bridges and listen on ports (a swarm).
 #![allow(dead_code)]
 
 use std::fs;
@@ -369,14 +371,38 @@ pub fn anchor_command() -> Command {
     cmd
 }
 
+/// [`anchor_command`] with a private network namespace too: `unshare --mount --net ...`.
+pub fn anchor_command_with_network() -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--mount",
+        "--net",
+        "--propagation",
+        "private",
+        "sleep",
+        "infinity",
+    ]);
+    cmd
+}
+
 /// `nsenter -t ANCHOR -m -- program`: `program` in the mount namespace of `anchor_pid`.
 pub fn nsenter(anchor_pid: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    nsenter_namespaces(anchor_pid, false, program)
+}
+
+/// `nsenter -t ANCHOR -m [-n] -- program`: with `network`, in the anchor's network namespace
+/// as well.
+pub fn nsenter_namespaces(
+    anchor_pid: u32,
+    network: bool,
+    program: impl AsRef<std::ffi::OsStr>,
+) -> Command {
     let mut cmd = Command::new("nsenter");
-    cmd.arg("-t")
-        .arg(anchor_pid.to_string())
-        .arg("-m")
-        .arg("--")
-        .arg(program);
+    cmd.arg("-t").arg(anchor_pid.to_string()).arg("-m");
+    if network {
+        cmd.arg("-n");
+    }
+    cmd.arg("--").arg(program);
     cmd
 }
 
@@ -415,6 +441,8 @@ pub struct Sandbox {
     pub anchor_pid: u32,
     /// Cgroup parent for dockerd's containers: `dot-NAME-PID`.
     pub cgroup_parent: String,
+    /// Whether the anchor has its own network namespace ([`Sandbox::with_network`]).
+    pub network: bool,
     name: String,
     ns: Option<String>,
     anchor: Option<Child>,
@@ -428,6 +456,23 @@ impl Sandbox {
     /// `private_tmpfs` inside the namespace (creating missing mount points on the host, removed
     /// again at the end).
     pub fn new(name: &str, private_tmpfs: &[&str]) -> Res<Sandbox> {
+        Self::create(name, private_tmpfs, false)
+    }
+
+    /// [`Sandbox::new`] with a private network namespace as well, holding only `lo` (up):
+    /// bridges, veths and listening ports of what runs in it never reach the host's network,
+    /// and vanish with it. Needs `ip` (iproute2).
+    pub fn with_network(name: &str, private_tmpfs: &[&str]) -> Res<Sandbox> {
+        let sandbox = Self::create(name, private_tmpfs, true)?;
+        run_ok(
+            sandbox.ns_command("ip").args(["link", "set", "lo", "up"]),
+            Duration::from_secs(30),
+        )
+        .ctx("bringing up lo in the private network namespace")?;
+        Ok(sandbox)
+    }
+
+    fn create(name: &str, private_tmpfs: &[&str], network: bool) -> Res<Sandbox> {
         ensure!(
             rustix::process::geteuid().is_root(),
             "the {name} tests must run as root: sudo ./scripts/test"
@@ -442,6 +487,7 @@ impl Sandbox {
             tmp,
             anchor_pid: 0,
             cgroup_parent: format!("dot-{name}-{}", std::process::id()),
+            network,
             name: name.to_owned(),
             ns: None,
             anchor: None,
@@ -452,7 +498,12 @@ impl Sandbox {
         for dir in private_tmpfs {
             create_missing_dirs(Path::new(dir), |d| sandbox.made_dirs.push(d))?;
         }
-        let child = spawn_logged(&mut anchor_command(), &sandbox.tmp.join("anchor.log"))?;
+        let mut anchor = if network {
+            anchor_command_with_network()
+        } else {
+            anchor_command()
+        };
+        let child = spawn_logged(&mut anchor, &sandbox.tmp.join("anchor.log"))?;
         sandbox.anchor_pid = child.id();
         sandbox.anchor = Some(child);
         let own = ns_of(std::process::id());
@@ -480,9 +531,16 @@ impl Sandbox {
         Ok(sandbox)
     }
 
-    /// `nsenter -t ANCHOR -m -- program`.
+    /// `nsenter -t ANCHOR -m [-n] -- program`.
     pub fn ns_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        nsenter(self.anchor_pid, program)
+        nsenter_namespaces(self.anchor_pid, self.network, program)
+    }
+
+    /// `path` inside the namespace, as seen from outside: `/proc/ANCHOR/root/PATH`.
+    pub fn ns_path(&self, path: impl AsRef<Path>) -> PathBuf {
+        let path = path.as_ref();
+        Path::new(&format!("/proc/{}/root", self.anchor_pid))
+            .join(path.strip_prefix("/").unwrap_or(path))
     }
 
     /// Starts `cmd` (logging to `log`), to be killed at the end.
@@ -499,11 +557,64 @@ impl Sandbox {
         child.try_wait().ok().flatten()
     }
 
+    /// Stops the process `pid` started by [`Sandbox::spawn`] with SIGTERM (as `systemctl stop`
+    /// does) and reaps it; SIGKILL and an error when it is still there after `timeout`, or an
+    /// error when it had exited before.
+    pub fn terminate(&mut self, pid: u32, timeout: Duration) -> Res {
+        if let Some(status) = self.exited(pid) {
+            return Err(format!("process {pid} had already exited ({status})"));
+        }
+        kill(pid, Signal::TERM);
+        if wait_until(timeout, || self.exited(pid).is_some()) {
+            return Ok(());
+        }
+        kill(pid, Signal::KILL);
+        wait_until(Duration::from_secs(10), || self.exited(pid).is_some());
+        Err(format!(
+            "process {pid} did not exit within {timeout:?} of SIGTERM; killed"
+        ))
+    }
+
+    /// Starts `bin --root ROOT EXTRA...` (the plugin) in the namespace with [`plugin_env`],
+    /// logging to `log`, and waits until it accepts connections on [`PLUGIN_SOCKET`], where
+    /// dockerd discovers it. Returns its pid.
+    pub fn start_plugin(&mut self, bin: &str, root: &Path, extra: &[&str], log: &Path) -> Res<u32> {
+        let mut cmd = self.ns_command(bin);
+        cmd.arg("--root").arg(root).args(extra);
+        plugin_env(&mut cmd);
+        let pid = self.spawn(&mut cmd, log)?;
+        let socket = self.ns_path(PLUGIN_SOCKET);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.exited(pid) {
+                return Err(format!(
+                    "the plugin exited at start ({status}): {}",
+                    tail(log, 20)
+                ));
+            }
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                return Ok(pid);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the plugin did not serve on {PLUGIN_SOCKET} within 20 s: {}",
+                tail(log, 20)
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Starts a private dockerd in the namespace and waits until it answers.
     pub fn start_dockerd(&mut self) -> Res<Dockerd> {
+        self.start_dockerd_env(&[])
+    }
+
+    /// [`Sandbox::start_dockerd`] with `env` set for dockerd.
+    pub fn start_dockerd_env(&mut self, env: &[(&str, &str)]) -> Res<Dockerd> {
         let t = self.tmp.clone();
         fs::write(t.join("daemon.json"), "{}\n").ctx("writing daemon.json")?;
-        let dockerd = Dockerd {
+        let mut dockerd = Dockerd {
+            pid: 0,
             sock: t.join("docker.sock"),
             config: t.join("docker-config"),
             log: t.join("dockerd.log"),
@@ -511,7 +622,9 @@ impl Sandbox {
         fs::create_dir_all(&dockerd.config).ctx("creating the docker CLI config")?;
         let mut cmd = self.ns_command("dockerd");
         private_dockerd_args(&mut cmd, &t, &dockerd.sock, &self.cgroup_parent);
+        cmd.envs(env.iter().copied());
         let pid = self.spawn(&mut cmd, &dockerd.log)?;
+        dockerd.pid = pid;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.exited(pid) {
@@ -585,6 +698,8 @@ impl Drop for Sandbox {
 
 /// A private dockerd started by [`Sandbox::start_dockerd`].
 pub struct Dockerd {
+    /// Its pid ([`Sandbox::terminate`] stops it).
+    pub pid: u32,
     pub sock: PathBuf,
     pub config: PathBuf,
     pub log: PathBuf,
@@ -619,6 +734,73 @@ pub fn docker_command(sock: &Path, config: &Path) -> Command {
         cmd.env_remove(var);
     }
     cmd
+}
+
+/// Where dockerd discovers the plugin: the socket it serves on by default (in a test, on the
+/// namespace's private tmpfs).
+pub const PLUGIN_SOCKET: &str = "/run/docker/plugins/docker-on-top.sock";
+
+/// The plugin's environment in a test: debug logging, and none of the variables that would make
+/// it think systemd started it (socket activation, sd_notify, journald).
+pub fn plugin_env(cmd: &mut Command) -> &mut Command {
+    cmd.env("RUST_LOG", "info,docker_on_top=debug");
+    for var in [
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+        "NOTIFY_SOCKET",
+        "JOURNAL_STREAM",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// The static busybox that the test images are made of.
+pub fn find_busybox() -> Res<PathBuf> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            "no /bin/busybox: install Debian's busybox-static (scripts/test does)".to_owned()
+        })
+}
+
+/// A minimal root filesystem in `rootfs`: `bin/busybox` with a link for each of its applets,
+/// and a world-writable `tmp/`.
+pub fn busybox_rootfs(busybox: &Path, rootfs: &Path) -> Res {
+    let bin = rootfs.join("bin");
+    for dir in [&bin, &rootfs.join("tmp")] {
+        fs::create_dir_all(dir).ctx(format!("creating {}", dir.display()))?;
+    }
+    fs::set_permissions(rootfs.join("tmp"), fs::Permissions::from_mode(0o1777))
+        .ctx("chmod rootfs/tmp")?;
+    fs::copy(busybox, bin.join("busybox")).ctx("copying busybox")?;
+    let list = run_ok(Command::new(busybox).arg("--list"), Duration::from_secs(10))?;
+    for applet in list.lines().map(str::trim) {
+        if applet.is_empty() || applet == "busybox" || applet.contains('/') {
+            continue;
+        }
+        std::os::unix::fs::symlink("busybox", bin.join(applet))
+            .ctx(format!("linking applet {applet}"))?;
+    }
+    Ok(())
+}
+
+/// `tar --numeric-owner -C DIR -cf TAR .` (for `docker import`).
+pub fn tar_dir(dir: &Path, tar: &Path) -> Res {
+    run_ok(
+        Command::new("tar")
+            .arg("--numeric-owner")
+            .arg("-C")
+            .arg(dir)
+            .arg("-cf")
+            .arg(tar)
+            .arg("."),
+        Duration::from_secs(120),
+    )
+    .map(drop)
 }
 
 /// A small stable hash (FNV-1a, 64 bit) for cache keys.
