@@ -722,7 +722,29 @@ impl Suite {
     }
 
     fn upper(&self, volume: &str) -> PathBuf {
-        self.vol_dir(volume).join("upper")
+        let changes = self.vol_dir(volume).join("changes");
+        if changes.is_dir() {
+            // A sized volume's: in its image's file system, mounted in the plugin's namespace.
+            let rel = changes.join("upper");
+            let rel = rel.strip_prefix("/").unwrap_or(&rel).to_owned();
+            PathBuf::from(format!("/proc/{}/root", self.anchor_pid)).join(rel)
+        } else {
+            self.vol_dir(volume).join("upper")
+        }
+    }
+
+    /// Loop devices whose backing file is in the plugin's state root.
+    fn loop_devices(&self) -> Res<Vec<String>> {
+        let mut found = Vec::new();
+        for entry in fs::read_dir("/sys/block").ctx("reading /sys/block")? {
+            let entry = entry.ctx("reading /sys/block")?;
+            if let Ok(file) = fs::read_to_string(entry.path().join("loop/backing_file"))
+                && Path::new(file.trim()).starts_with(&self.root)
+            {
+                found.push(file.trim().to_owned());
+            }
+        }
+        Ok(found)
     }
 
     /// Whether an overlay is mounted on the volume's mountpoint in the test namespace.
@@ -955,6 +977,104 @@ fn basic(s: &mut Suite) -> Res {
     );
     ensure!(snapshot(&base)? == before, "the host's base changed");
     Ok(())
+}
+
+/// 15. A sized volume (`-o size=`): writing past the cap fails with ENOSPC inside the container
+///     while the host, the base and other volumes are unaffected; the data stays (persistent)
+///     or goes (volatile) across containers; `docker volume rm` leaves no loop device or image.
+fn sized(s: &mut Suite) -> Res {
+    let base = s.base("sized", &[("base.txt", "base\n")])?;
+    let before = snapshot(&base)?;
+    let root = s.root.clone();
+    let free = move || -> Res<u64> {
+        let st = rustix::fs::statvfs(&root).map_err(|e| format!("statvfs: {e}"))?;
+        Ok(st.f_bavail * st.f_frsize)
+    };
+    let loops_before = s.loop_devices()?;
+    let make = |s: &mut Suite, tag: &str, volatile: bool| -> Res<String> {
+        let name = s.unique(tag);
+        let base_opt = format!("base={}", base.display());
+        s.docker_ok(&[
+            "volume",
+            "create",
+            "--driver",
+            DRIVER,
+            "-o",
+            &base_opt,
+            "-o",
+            "size=32Mi",
+            "-o",
+            &format!("volatile={volatile}"),
+            &name,
+        ])?;
+        Ok(name)
+    };
+    let vol = make(s, "sized", false)?;
+    let other_base = s.base("sized-other", &[])?;
+    let other = s.volume("sized-other", &other_base, false)?;
+    let free_before = free()?;
+    let out = s.docker(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "-v",
+        &mount(&vol, "/d"),
+        IMAGE,
+        "sh",
+        "-c",
+        "dd if=/dev/zero of=/d/big bs=1M count=64 2>&1; echo rc=$?",
+    ])?;
+    ensure!(
+        out.stdout.contains("No space left on device") && !out.stdout.contains("rc=0"),
+        "writing 64 MiB into a 32 MiB volume: {}{}",
+        out.stdout,
+        out.stderr
+    );
+    let dropped = free_before.saturating_sub(free()?);
+    ensure!(
+        dropped <= 40 << 20,
+        "the host's free space dropped by {dropped} bytes, more than the 32 MiB cap"
+    );
+    s.run(&[], &[mount(&other, "/x")], "echo ok > /x/f && cat /x/f")?;
+    ensure!(snapshot(&base)? == before, "the host's base changed");
+    let out = s.run(
+        &[],
+        &[mount(&vol, "/d")],
+        "cat /d/base.txt; test -s /d/big && echo kept",
+    )?;
+    ensure!(out == "base\nkept\n", "the next container saw {out:?}");
+    let status = s.inspect(&vol)?["Status"].clone();
+    ensure!(
+        status["Size"] == serde_json::json!(32u64 << 20) && status["Fs"] == "ext4",
+        "docker volume inspect shows {status}"
+    );
+    ensure!(
+        status["Used"].as_u64().is_some_and(|u| u > 16 << 20),
+        "Used does not show what was written: {status}"
+    );
+
+    let scratch = make(s, "sized-volatile", true)?;
+    s.run(&[], &[mount(&scratch, "/d")], "echo tmp > /d/tmp.txt")?;
+    s.expect_file(&s.upper(&scratch).join("tmp.txt"), "tmp\n")?;
+    let out = s.run(&[], &[mount(&scratch, "/d")], "ls /d")?;
+    ensure!(
+        out == "base.txt\n",
+        "the volatile sized volume kept {out:?}"
+    );
+
+    for v in [&vol, &scratch, &other] {
+        s.docker_ok(&["volume", "rm", v])?;
+    }
+    let loops = s.loop_devices()?;
+    ensure!(loops == loops_before, "loop devices left: {loops:?}");
+    for v in [&vol, &scratch] {
+        ensure!(
+            !s.vol_dir(v).exists(),
+            "{v}'s directory (and image) is still there"
+        );
+    }
+    s.trash_is_empty_soon()
 }
 
 /// 2. Volatile: changes are shared by containers running at the same time, still in `upper/`
@@ -2216,6 +2336,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
         "14 dockerd killed and restarted with live-restore",
         dockerd_restart_live_restore,
     ),
+    ("15 sized volume: the cap holds", sized),
 ];
 
 const BENCH_NAME: &str = "benchmark: docker run with a volume";
