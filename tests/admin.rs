@@ -1042,3 +1042,70 @@ fn a_volume_with_damaged_metadata_is_listed_with_its_error() {
         "{err}"
     );
 }
+
+/// Every admin command on a sized volume (`-o size=`), with its image attached and detached
+/// (as after a reboot): a command that needs the changes attaches it.
+#[test]
+fn admin_commands_work_on_a_sized_volume_attached_or_not() {
+    let e = env();
+    let base = e.path("base");
+    std::fs::create_dir(&base).unwrap();
+    write(&base.join("keep.txt"), "keep");
+    write(&base.join("gone.txt"), "gone");
+    let mut o = BTreeMap::new();
+    o.insert("base".to_string(), base.to_str().unwrap().to_string());
+    o.insert("size".to_string(), "16Mi".to_string());
+    e.driver.create(&name("s"), &o).unwrap();
+    let vol = e.driver.root().volume(&name("s"));
+    let mp = e.mount("s", "a");
+    write(&mp.join("new.txt"), "new");
+    std::fs::remove_file(mp.join("gone.txt")).unwrap();
+    e.unmount("s", "a");
+    let detach = || {
+        if RealSys::default().is_mount_root(&vol.changes()).unwrap() {
+            RealSys::default().unmount(&vol.changes()).unwrap();
+        }
+    };
+    for attached in [true, false] {
+        if !attached {
+            detach();
+        }
+        let changes = e.ok(&["changes", "s"]);
+        assert!(
+            changes.contains("A /new.txt") && changes.contains("D /gone.txt"),
+            "attached {attached}: {changes}"
+        );
+        let inspect: serde_json::Value = serde_json::from_str(&e.ok(&["inspect", "s"])).unwrap();
+        assert_eq!(inspect["Size"]["Cap"], 16u64 << 20, "{inspect}");
+        assert_eq!(inspect["Size"]["Fs"], "ext4", "{inspect}");
+        assert!(inspect["Size"]["Used"].as_u64().is_some(), "{inspect}");
+        assert!(e.ok(&["ls"]).contains('s'));
+        let dest = e.path(&format!("recovered-{attached}"));
+        e.ok(&["recover", "s", dest.to_str().unwrap()]);
+        assert_eq!(
+            std::fs::read_to_string(dest.join("new.txt")).unwrap(),
+            "new"
+        );
+        let tar = e.path(&format!("layer-{attached}.tar"));
+        e.ok(&["export", "s", "-o", tar.to_str().unwrap()]);
+        assert!(std::fs::metadata(&tar).unwrap().len() > 0);
+    }
+    detach();
+    e.ok(&["commit", "s", "--yes"]);
+    assert_eq!(
+        std::fs::read_to_string(base.join("new.txt")).unwrap(),
+        "new"
+    );
+    assert!(!base.join("gone.txt").exists());
+    assert_eq!(e.ok(&["changes", "s"]), "");
+
+    let mp = e.mount("s", "b");
+    write(&mp.join("scratch.txt"), "x");
+    e.unmount("s", "b");
+    detach();
+    e.ok(&["reset", "s"]);
+    assert_eq!(e.ok(&["changes", "s"]), "");
+    assert!(e.trash_is_empty());
+    e.driver.remove(&name("s")).unwrap();
+    assert!(!vol.path.exists());
+}
