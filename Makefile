@@ -5,13 +5,15 @@
 #   sudo make uninstall       stop and disable, remove the binary and the units;
 #                             never touches the volumes in /var/lib/docker-on-top
 #
-# PREFIX (default /usr/local) decides where the binary goes; the installed service's
-# ExecStart follows it. DESTDIR stages the files elsewhere (for packaging) and skips systemctl.
+# PREFIX (default /usr/local) decides where the binary and the README (DOCDIR) go; the
+# installed service's ExecStart and Documentation= follow them. DESTDIR stages the files
+# elsewhere (for packaging) and skips systemctl.
 # UNITDIR (default /etc/systemd/system) is where the units go.
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
 UNITDIR ?= /etc/systemd/system
+DOCDIR ?= $(PREFIX)/share/doc/docker-on-top
 DESTDIR ?=
 BIN ?= target/release/docker-on-top
 STATE_DIR := /var/lib/docker-on-top
@@ -26,9 +28,11 @@ build:
 
 install:
 	@test -x "$(BIN)" || { echo "make install: $(BIN) is missing: run 'make' (or cargo build --release) first" >&2; exit 1; }
-	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(UNITDIR)"
+	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(DOCDIR)"
 	install -m 0755 "$(BIN)" "$(DESTDIR)$(BINDIR)/docker-on-top"
-	sed 's|^ExecStart=/usr/local/bin/docker-on-top|ExecStart=$(BINDIR)/docker-on-top|' \
+	install -m 0644 README.md "$(DESTDIR)$(DOCDIR)/README.md"
+	sed -e 's|^ExecStart=/usr/local/bin/docker-on-top|ExecStart=$(BINDIR)/docker-on-top|' \
+		-e 's|^Documentation=file:///usr/local/share/doc/docker-on-top/|Documentation=file://$(DOCDIR)/|' \
 		docker-on-top.service > "$(DESTDIR)$(UNITDIR)/docker-on-top.service"
 	chmod 0644 "$(DESTDIR)$(UNITDIR)/docker-on-top.service"
 	install -m 0644 docker-on-top.socket "$(DESTDIR)$(UNITDIR)/docker-on-top.socket"
@@ -47,6 +51,7 @@ uninstall:
 		$(SYSTEMCTL) disable --now docker-on-top.socket docker-on-top.service || true; \
 	fi
 	rm -f "$(DESTDIR)$(UNITDIR)/docker-on-top.service" "$(DESTDIR)$(UNITDIR)/docker-on-top.socket"
-	rm -f "$(DESTDIR)$(BINDIR)/docker-on-top"
+	rm -f "$(DESTDIR)$(BINDIR)/docker-on-top" "$(DESTDIR)$(DOCDIR)/README.md"
+	rmdir "$(DESTDIR)$(DOCDIR)" 2>/dev/null || true
 	@if [ -z "$(DESTDIR)" ]; then set -x; $(SYSTEMCTL) daemon-reload; fi
 	@echo "make uninstall: kept $(STATE_DIR) (the volumes and their changes); delete it yourself once you are sure nothing in it is needed"

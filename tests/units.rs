@@ -22,9 +22,8 @@ fn the_package_unit_is_the_root_unit_with_its_own_paths() {
             "ExecStart=/usr/bin/docker-on-top serve $DOCKER_ON_TOP_OPTS",
         )
         .replace(
-            "Documentation=https://github.com/kolayne/docker-on-top#readme\n",
-            "Documentation=https://github.com/kolayne/docker-on-top#readme\n\
-             Documentation=file:///usr/share/doc/docker-on-top/README.md\n",
+            "Documentation=file:///usr/local/share/doc/docker-on-top/README.md\n",
+            "Documentation=file:///usr/share/doc/docker-on-top/README.md\n",
         );
     assert_eq!(
         package, expected,
@@ -44,16 +43,41 @@ fn units_are_ordered_before_dockerd_documented_and_unsandboxed() {
                 .any(|l| l.starts_with("Documentation=https://")),
             "{unit}"
         );
+        // Each of these gives the service a mount namespace of its own (systemd.exec(5); newer
+        // systemd for PrivateNetwork= and PrivateIPC=), or, PrivateUsers=, takes CAP_SYS_ADMIN
+        // over the host's mounts.
         for sandboxing in [
             "PrivateMounts=",
             "ProtectSystem=",
             "ProtectHome=",
             "PrivateTmp=",
             "ReadOnlyPaths=",
+            "ReadWritePaths=",
             "InaccessiblePaths=",
+            "ExecPaths=",
+            "NoExecPaths=",
             "TemporaryFileSystem=",
             "BindPaths=",
+            "BindReadOnlyPaths=",
             "MountFlags=",
+            "MountImages=",
+            "ExtensionImages=",
+            "ExtensionDirectories=",
+            "RootDirectory=",
+            "RootImage=",
+            "PrivateDevices=",
+            "PrivateNetwork=",
+            "PrivateIPC=",
+            "PrivatePIDs=",
+            "PrivateUsers=",
+            "DynamicUser=",
+            "ProtectKernelTunables=",
+            "ProtectKernelModules=",
+            "ProtectKernelLogs=",
+            "ProtectControlGroups=",
+            "ProtectProc=",
+            "ProcSubset=",
+            "LogNamespace=",
         ] {
             assert!(
                 !lines.iter().any(|l| l.starts_with(sandboxing)),
@@ -73,6 +97,52 @@ fn units_are_ordered_before_dockerd_documented_and_unsandboxed() {
         !service.contains("WantedBy="),
         "the service must not start at boot by itself"
     );
+}
+
+/// The hardening that needs no mount namespace (issue 15); tests/systemd.rs proves the plugin
+/// works with it under a real systemd.
+#[test]
+fn the_service_is_hardened_with_exactly_the_capabilities_it_uses() {
+    let service = read("docker-on-top.service");
+    let lines: Vec<&str> = service.lines().collect();
+    let mut caps: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .flat_map(str::split_whitespace)
+        .collect();
+    caps.sort_unstable();
+    assert_eq!(
+        caps,
+        [
+            "CAP_CHOWN",
+            "CAP_DAC_OVERRIDE",
+            "CAP_FOWNER",
+            "CAP_FSETID",
+            "CAP_MKNOD",
+            "CAP_SETFCAP",
+            "CAP_SYS_ADMIN",
+            "CAP_SYS_PTRACE",
+        ]
+    );
+    for directive in [
+        "NoNewPrivileges=yes",
+        "RestrictAddressFamilies=AF_UNIX",
+        "IPAddressDeny=any",
+        "RestrictNamespaces=yes",
+        "SystemCallArchitectures=native",
+        "SystemCallFilter=@system-service @mount",
+        "SystemCallErrorNumber=EPERM",
+        "LockPersonality=yes",
+        "MemoryDenyWriteExecute=yes",
+        "RestrictRealtime=yes",
+        "ProtectHostname=yes",
+        "ProtectClock=yes",
+        "UMask=0077",
+    ] {
+        assert!(lines.contains(&directive), "the service lacks {directive}");
+    }
+    // An upper root takes its base's mode, set-group-ID bit included.
+    assert!(!lines.iter().any(|l| l.starts_with("RestrictSUIDSGID=")));
 }
 
 #[test]
@@ -102,6 +172,14 @@ fn make_install_follows_prefix_and_destdir() {
             .any(|l| l == "ExecStart=/opt/dot/bin/docker-on-top serve $DOCKER_ON_TOP_OPTS"),
         "{service}"
     );
+    assert!(
+        service
+            .lines()
+            .any(|l| l == "Documentation=file:///opt/dot/share/doc/docker-on-top/README.md"),
+        "{service}"
+    );
+    let readme = dest.join("opt/dot/share/doc/docker-on-top/README.md");
+    assert_eq!(std::fs::read_to_string(&readme).unwrap(), read("README.md"));
     assert_eq!(
         std::fs::read_to_string(dest.join("etc/systemd/system/docker-on-top.socket")).unwrap(),
         read("docker-on-top.socket")
@@ -121,6 +199,7 @@ fn make_install_follows_prefix_and_destdir() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("kept /var/lib/docker-on-top"));
     assert!(!dest.join("opt/dot/bin/docker-on-top").exists());
+    assert!(!dest.join("opt/dot/share/doc/docker-on-top").exists());
     assert!(
         !dest
             .join("etc/systemd/system/docker-on-top.service")
