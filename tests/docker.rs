@@ -29,6 +29,9 @@
 //! dockerd's logs are copied to `target/tmp/docker-e2e/` at the end. With
 //! `DOT_WRITE_BENCHMARKS=1`, the measured medians are written to `BENCHMARKS.md`.
 //!
+//! The `docker run` benchmark alone: `cargo test --test docker -- benchmark` (no scenario
+//! name contains "benchmark"); `DOT_BENCH_RUNS=N` measures N runs per kind instead of 15.
+//!
 //! A scenario that cannot run (no root, dockerd does not start, ...) is a failure, never a skip.
 //!
 //! Scenarios 13 and 14 `kill -9` the suite's dockerd and start it again with the same flags
@@ -66,6 +69,7 @@ const PLUGIN_BIN: &str = env!("CARGO_BIN_EXE_docker-on-top");
 const CMD_TIMEOUT: Duration = Duration::from_secs(90);
 /// A container command that runs until `docker stop` and then exits at once.
 const LONG_RUNNING: &str = "trap 'exit 0' TERM INT; while :; do sleep 1 & wait $!; done";
+/// Measured `docker run`s per kind (after one warm-up); `DOT_BENCH_RUNS` overrides it.
 const BENCH_RUNS: usize = 15;
 const BENCH_HEADING: &str = "## docker run with a volume (issue 3)";
 
@@ -2139,13 +2143,44 @@ fn live_restore_stopped_while_down(s: &mut Suite) -> Res {
 // ----- Benchmark --------------------------------------------------------------------------------
 
 struct Bench {
+    runs: usize,
     rows: Vec<(String, Vec<Duration>)>,
+}
+
+/// [`BENCH_RUNS`], or `DOT_BENCH_RUNS` if set (at least 1).
+fn bench_runs() -> Res<usize> {
+    match std::env::var("DOT_BENCH_RUNS") {
+        Err(_) => Ok(BENCH_RUNS),
+        Ok(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!(
+                "DOT_BENCH_RUNS={v:?}: a number of runs per kind (1 or more) expected"
+            )),
+        },
+    }
 }
 
 fn median(v: &[Duration]) -> Duration {
     let mut v = v.to_vec();
     v.sort();
     v[v.len() / 2]
+}
+
+/// The `q` quantile of `v` (nearest rank): 0.25 and 0.75 bound the interquartile range.
+fn quantile(v: &[Duration], q: f64) -> Duration {
+    let mut v = v.to_vec();
+    v.sort();
+    v[((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1]
+}
+
+/// The run-to-run spread of `times`: interquartile range and min–max.
+fn spread(times: &[Duration]) -> (Duration, Duration, Duration, Duration) {
+    (
+        quantile(times, 0.25),
+        quantile(times, 0.75),
+        *times.iter().min().unwrap(),
+        *times.iter().max().unwrap(),
+    )
 }
 
 fn ms(d: Duration) -> String {
@@ -2155,6 +2190,7 @@ fn ms(d: Duration) -> String {
 /// Median of `docker run --rm --network none -v VOL:/x IMAGE true` for a docker-on-top
 /// volume, a bind mount and the `local` driver with `type=overlay`, interleaved.
 fn benchmark(s: &mut Suite) -> Res<Bench> {
+    let runs = bench_runs()?;
     let base = s.base("bench", &[("f", "f\n")])?;
     let dot = s.volume("bench", &base, false)?;
     let bind = s.base("bench-bind", &[("f", "f\n")])?;
@@ -2189,7 +2225,7 @@ fn benchmark(s: &mut Suite) -> Res<Bench> {
         .iter()
         .map(|(k, _)| (k.to_string(), Vec::new()))
         .collect();
-    for round in 0..BENCH_RUNS + 1 {
+    for round in 0..runs + 1 {
         for (i, (kind, spec)) in kinds.iter().enumerate() {
             let mut cmd = s.docker_cmd();
             cmd.args([
@@ -2217,7 +2253,7 @@ fn benchmark(s: &mut Suite) -> Res<Bench> {
         }
     }
     s.expect_mounted(&dot, false, "after the benchmark")?;
-    Ok(Bench { rows })
+    Ok(Bench { runs, rows })
 }
 
 fn machine_description(s: &Suite) -> String {
@@ -2265,14 +2301,16 @@ fn write_benchmarks(bench: &Bench, machine: &str) -> Res {
     let _ = writeln!(section, "{BENCH_HEADING}\n");
     let _ = writeln!(
         section,
-        "Median wall time of `docker run --rm --network none -v VOL:/x IMAGE true` over {BENCH_RUNS} runs \
+        "Median wall time of `docker run --rm --network none -v VOL:/x IMAGE true` over {} runs \
          per kind (after one warm-up run; the kinds interleaved), against the suite's private dockerd \
          and the busybox test image. Measured by `tests/docker.rs` in one run of \
-         `DOT_WRITE_BENCHMARKS=1 cargo test --test docker` (the plugin is a debug build). Each row's \
-         min–max spread shows the run-to-run noise, which the machine's load adds to.\n"
+         `DOT_WRITE_BENCHMARKS=1 cargo test --test docker -- benchmark` (the plugin is a debug \
+         build). Each row's run-to-run spread, which the machine's load adds to, is given as the \
+         interquartile range (p25–p75, nearest rank) and min–max.\n",
+        bench.runs
     );
-    let _ = writeln!(section, "| volume | median | min | max |");
-    let _ = writeln!(section, "|---|---|---|---|");
+    let _ = writeln!(section, "| volume | median | p25–p75 | min | max |");
+    let _ = writeln!(section, "|---|---|---|---|---|");
     for (kind, times) in &bench.rows {
         let spec = match kind.as_str() {
             "docker-on-top volume" => "docker-on-top volume (`-v VOL:/x`)".to_owned(),
@@ -2280,12 +2318,15 @@ fn write_benchmarks(bench: &Bench, machine: &str) -> Res {
             _ => "`local` driver, `-o type=overlay -o device=overlay -o o=lowerdir=…,upperdir=…,workdir=…`"
                 .to_owned(),
         };
+        let (p25, p75, min, max) = spread(times);
         let _ = writeln!(
             section,
-            "| {spec} | {} | {} | {} |",
+            "| {spec} | {} | {}–{} | {} | {} |",
             ms(median(times)),
-            ms(*times.iter().min().unwrap()),
-            ms(*times.iter().max().unwrap())
+            ms(p25),
+            ms(p75),
+            ms(min),
+            ms(max)
         );
     }
     let _ = writeln!(section, "\nMachine: {machine}. Date: {}.", &date[..10]);
@@ -2440,15 +2481,21 @@ fn main() -> ExitCode {
                     let result = result.and_then(|bench| {
                         let machine = machine_description(s);
                         let mut text = format!(
-                            "median of {BENCH_RUNS} runs of `docker run --rm --network none -v VOL:/x {IMAGE} true`:\n"
+                            "median of {} runs of `docker run --rm --network none -v VOL:/x {IMAGE} true`, \
+                             with the run-to-run spread (interquartile range p25–p75, min–max):\n",
+                            bench.runs
                         );
                         for (kind, times) in &bench.rows {
+                            let (p25, p75, min, max) = spread(times);
                             let _ = writeln!(
                                 text,
-                                "  {kind:<28} {:>9}  (min {}, max {})",
+                                "  {kind:<28} {:>9}  (p25–p75 {}–{}, IQR {}; min–max {}–{})",
                                 ms(median(times)),
-                                ms(*times.iter().min().unwrap()),
-                                ms(*times.iter().max().unwrap())
+                                ms(p25),
+                                ms(p75),
+                                ms(p75 - p25),
+                                ms(min),
+                                ms(max)
                             );
                         }
                         let _ = writeln!(text, "  machine: {machine}");
