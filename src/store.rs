@@ -45,7 +45,7 @@
 //! This module knows paths and file formats; it makes no decision about mounting.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -203,11 +203,24 @@ fn read_small(path: &Path) -> io::Result<Vec<u8>> {
     read_small_at(rustix::fs::CWD, path)
 }
 
+/// Reads until a read comes back short: a regular file gives less than asked only at its end.
+/// (`read_to_end` would also stat the file and seek in it, on every request.)
 fn read_small_at<Fd: std::os::fd::AsFd>(dir: Fd, path: &Path) -> io::Result<Vec<u8>> {
     let file = open_noatime(dir, path, rustix::fs::OFlags::empty())?;
     let mut bytes = Vec::new();
-    std::fs::File::from(file).read_to_end(&mut bytes)?;
-    Ok(bytes)
+    let mut buf = [0u8; 4096];
+    loop {
+        match rustix::io::read(&file, &mut buf) {
+            Ok(n) => {
+                bytes.extend_from_slice(&buf[..n]);
+                if n < buf.len() {
+                    return Ok(bytes);
+                }
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// The state root.
