@@ -276,12 +276,15 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
-/// Driver calls running at once for connections beyond the server's dedicated threads; more
-/// wait for a thread. Calls of one volume wait for each other anyway (its lock), and mounts
-/// serialise in the kernel.
+/// Threads that run the async tasks; they make the driver's calls themselves, and tokio
+/// starts others to stand in for them meanwhile (see `server::run`).
+const WORKER_THREADS: usize = 2;
+/// Driver calls running at once; more wait. Calls of one volume wait for each other anyway
+/// (its lock), and mounts serialise in the kernel.
 const BLOCKING_THREADS: usize = 16;
-/// Stack of those threads: the driver recurses nowhere deep (the JSON is decoded before).
-const BLOCKING_STACK: usize = 256 * 1024;
+/// Stack of every runtime thread: the JSON decoded on them recurses at most 128 levels deep
+/// and the driver nowhere deep; only the pages touched count.
+const THREAD_STACK: usize = 512 * 1024;
 
 /// glibc's malloc, tuned for a small daemon: two arenas instead of eight per CPU, and large
 /// buffers (a List of many volumes) given back to the kernel when freed, instead of raising
@@ -328,13 +331,12 @@ fn serve(opts: Opts) -> Result<()> {
     .with_context(|| format!("cannot open the state directory {}", opts.root.display()))?;
     let driver = Arc::new(driver);
 
-    // This thread accepts connections. The first few open at a time get a thread of their own,
-    // which makes their driver calls itself; the calls of any more run on a bounded pool of
-    // small threads that exit when idle (see `server.rs`).
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // This thread accepts connections; their requests are served by the workers.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
         .thread_name("docker-on-top")
         .max_blocking_threads(BLOCKING_THREADS)
-        .thread_stack_size(BLOCKING_STACK)
+        .thread_stack_size(THREAD_STACK)
         .thread_keep_alive(Duration::from_secs(5))
         .enable_all()
         .build()
