@@ -286,33 +286,7 @@ const BLOCKING_THREADS: usize = 16;
 /// and the driver nowhere deep; only the pages touched count.
 const THREAD_STACK: usize = 512 * 1024;
 
-/// glibc's malloc, tuned for a small daemon: two arenas instead of eight per CPU, and large
-/// buffers (a List of many volumes) given back to the kernel when freed, instead of raising
-/// the thresholds under which freed memory is kept.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_allocator() {
-    const M_TRIM_THRESHOLD: i32 = -1;
-    const M_MMAP_THRESHOLD: i32 = -3;
-    const M_ARENA_MAX: i32 = -8;
-    unsafe extern "C" {
-        fn mallopt(param: i32, value: i32) -> i32;
-    }
-    for (param, value) in [
-        (M_ARENA_MAX, 2),
-        (M_MMAP_THRESHOLD, 64 * 1024),
-        (M_TRIM_THRESHOLD, 128 * 1024),
-    ] {
-        // SAFETY: mallopt only changes malloc's parameters; called before any other thread
-        // exists.
-        unsafe { mallopt(param, value) };
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_allocator() {}
-
 fn serve(opts: Opts) -> Result<()> {
-    tune_allocator();
     if let Some(files) = server::raise_fd_limit() {
         log::debug!("may open {files} files");
     }
