@@ -279,8 +279,11 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 /// Threads that run the async tasks; they make the driver's calls themselves, and tokio
 /// starts others to stand in for them meanwhile (see `server::run`).
 const WORKER_THREADS: usize = 2;
-/// Driver calls running at once; more wait. Calls of one volume wait for each other anyway
-/// (its lock), and mounts serialise in the kernel.
+/// Threads tokio may start besides the workers, which bounds the driver calls running at
+/// once: each holds one, the worker it runs on or the thread standing in for that worker. More
+/// wait, and while they do the async tasks of the worker they came from wait too. Calls of one
+/// volume wait for each other anyway (its lock), and mounts serialise in the kernel. Idle
+/// ones exit after 5 s.
 const BLOCKING_THREADS: usize = 16;
 /// Stack of every runtime thread: the JSON decoded on them recurses at most 128 levels deep
 /// and the driver nowhere deep; only the pages touched count.
