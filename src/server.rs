@@ -87,7 +87,7 @@ pub struct ServeOptions {
 /// Then it tells systemd it is stopping, closes the listener, lets every open connection
 /// finish the request it is on (for at most [`DRAIN_TIMEOUT`]) and returns. The caller tells
 /// systemd it is ready before calling this. Must run on a multi-threaded tokio runtime (the
-/// driver's calls block the worker they run on, see [`run`]). Errors only when accepting fails
+/// driver's calls block the worker they run on, see `run`). Errors only when accepting fails
 /// persistently.
 pub async fn serve(
     listener: UnixListener,
