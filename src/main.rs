@@ -276,40 +276,30 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
-/// Driver calls running at once for connections beyond the server's dedicated threads; more
-/// wait for a thread. Calls of one volume wait for each other anyway (its lock), and mounts
-/// serialise in the kernel.
+/// Threads that run the async tasks; they make the driver's calls themselves, and tokio
+/// starts others to stand in for them meanwhile (see `server::run`).
+const WORKER_THREADS: usize = 2;
+/// Threads tokio may start besides the workers, which bounds the driver calls running at
+/// once: each holds one, the worker it runs on or the thread standing in for that worker. More
+/// wait, and while they do the async tasks of the worker they came from wait too. Calls of one
+/// volume wait for each other anyway (its lock), and mounts serialise in the kernel. Idle
+/// ones exit after 5 s.
 const BLOCKING_THREADS: usize = 16;
-/// Stack of those threads: the driver recurses nowhere deep (the JSON is decoded before).
-const BLOCKING_STACK: usize = 256 * 1024;
+/// Stack of every runtime thread: the JSON decoded on them recurses at most 128 levels deep
+/// and the driver nowhere deep; only the pages touched count.
+const THREAD_STACK: usize = 512 * 1024;
 
-/// glibc's malloc, tuned for a small daemon: two arenas instead of eight per CPU, and large
-/// buffers (a List of many volumes) given back to the kernel when freed, instead of raising
-/// the thresholds under which freed memory is kept.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_allocator() {
-    const M_TRIM_THRESHOLD: i32 = -1;
-    const M_MMAP_THRESHOLD: i32 = -3;
-    const M_ARENA_MAX: i32 = -8;
-    unsafe extern "C" {
-        fn mallopt(param: i32, value: i32) -> i32;
-    }
-    for (param, value) in [
-        (M_ARENA_MAX, 2),
-        (M_MMAP_THRESHOLD, 64 * 1024),
-        (M_TRIM_THRESHOLD, 128 * 1024),
-    ] {
-        // SAFETY: mallopt only changes malloc's parameters; called before any other thread
-        // exists.
-        unsafe { mallopt(param, value) };
-    }
+/// `pow`, for the one caller of glibc's libm in this program: tokio's multi-threaded scheduler
+/// (a moving average of poll times, `f64::powf`). With this definition the linker leaves libm
+/// out; loaded, it alone kept 0.3-0.6 MiB resident in the idle daemon (the code around the 21
+/// ifunc resolvers the loader runs), which took it over its 4 MiB. `libm` is the Rust port of
+/// musl's implementation, as exact.
+#[unsafe(no_mangle)]
+extern "C" fn pow(x: f64, y: f64) -> f64 {
+    libm::pow(x, y)
 }
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_allocator() {}
-
 fn serve(opts: Opts) -> Result<()> {
-    tune_allocator();
     if let Some(files) = server::raise_fd_limit() {
         log::debug!("may open {files} files");
     }
@@ -328,13 +318,12 @@ fn serve(opts: Opts) -> Result<()> {
     .with_context(|| format!("cannot open the state directory {}", opts.root.display()))?;
     let driver = Arc::new(driver);
 
-    // This thread accepts connections. The first few open at a time get a thread of their own,
-    // which makes their driver calls itself; the calls of any more run on a bounded pool of
-    // small threads that exit when idle (see `server.rs`).
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // This thread accepts connections; their requests are served by the workers.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(WORKER_THREADS)
         .thread_name("docker-on-top")
         .max_blocking_threads(BLOCKING_THREADS)
-        .thread_stack_size(BLOCKING_STACK)
+        .thread_stack_size(THREAD_STACK)
         .thread_keep_alive(Duration::from_secs(5))
         .enable_all()
         .build()

@@ -1,38 +1,37 @@
 //! The HTTP transport: the plugin socket, the accept loop, graceful shutdown and idle exit.
 //!
 //! [`listen`] acquires the unix socket (from systemd, or by creating it); [`serve`] answers
-//! HTTP/1.1 on it, handing each request's method, path and body to [`crate::wire`] and running
-//! the decoded call. This module must not interpret requests or know about volumes, files or
-//! mounts: everything it answers comes from `wire`, and every answer, errors included, is JSON.
+//! HTTP/1.1 on it with an axum [`Router`] of the plugin's endpoints. A handler reads the body
+//! (bounded in size and time), hands the path and the bytes to [`crate::wire`], runs the decoded
+//! call on the driver and sends what `wire` made of the result. This module must not interpret
+//! requests or know about volumes, files or mounts: everything it answers comes from `wire`, and
+//! every answer, errors included, is JSON.
 //!
-//! One thread accepts. The first [`DEDICATED_THREADS`] connections open at a time are each
-//! served by a thread of their own, which runs the driver's (blocking) calls itself: handing
-//! a call to a pool thread and back costs two thread wake-ups, more than an empty request
-//! costs in all (75 of 106 µs here, BENCHMARKS.md), and dockerd keeps its few connections
-//! open, so such a thread is paid for once. Those threads end with their connections (an idle
-//! daemon has none). Connections beyond them (thousands, from a client gone wrong) cost a few
-//! KiB each: they are served by the accepting thread and their calls run on a bounded pool
-//! of blocking threads.
+//! It also keeps what protects the daemon from its clients: limits on a request's head and body
+//! and on the time taken to send them, and a bound on open connections under which connections
+//! that send nothing cannot lock dockerd out. The accept loop is our own (not `axum::serve`)
+//! because axum has no setting for these, and because each connection's peer credentials name
+//! the client (dockerd) its requests come from.
 
-use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::fs;
 use std::future::{Future, pending};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{Level, debug, info, log, warn};
 use sd_notify::NotifyState;
@@ -40,10 +39,13 @@ use thiserror::Error;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, Semaphore, watch};
 use tokio::time::Instant;
+use tower::ServiceExt;
 
 use crate::driver::Driver;
-use crate::logging;
-use crate::wire::{self, Call, Reply, WireError};
+use crate::wire::{self, Call, Peer, Reply, WireError};
+
+mod socket;
+pub use socket::{Listening, SocketFile, listen};
 
 /// Largest request body read; larger ones are answered 413. dockerd's largest, a Create with
 /// a base path of `PATH_MAX` bytes, is a few KiB.
@@ -52,14 +54,14 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// 431. What a connection can make the daemon hold is bounded by this and [`MAX_BODY`].
 pub const MAX_HEAD: usize = 16 * 1024;
 /// Connections served at once (fewer when the descriptor limit is low: half of it, the
-/// driver needs the rest); further ones wait in the listen queue. When all are taken, a new
-/// connection makes the oldest one that has sent no request for [`EVICT_AFTER`] close, or
-/// else an idle keep-alive one: connections that send nothing cannot lock dockerd out.
+/// driver needs the rest); further ones wait in the listen queue. When all are taken, the
+/// connections that have had no request running for [`EVICT_AFTER`] are closed: connections
+/// that send nothing cannot lock dockerd out.
 pub const MAX_CONNECTIONS: usize = 1024;
-/// How long a connection may go without sending a whole request, or sit idle after one,
-/// before a new connection may take its place when all are taken (a connection whose
-/// request is waiting to be read is never taken). dockerd sends its request as soon as it
-/// connects.
+/// How long a connection must have been without a request running (since it was accepted, or
+/// since its last request ended) before it is closed to make room when all are taken. dockerd
+/// sends its request as soon as it connects; a connection whose next request is waiting to be
+/// read is never closed.
 pub const EVICT_AFTER: Duration = Duration::from_millis(200);
 /// How long a client may take to send a request's headers, and how long an idle keep-alive
 /// connection is kept open.
@@ -84,23 +86,25 @@ pub struct ServeOptions {
 ///
 /// Then it tells systemd it is stopping, closes the listener, lets every open connection
 /// finish the request it is on (for at most [`DRAIN_TIMEOUT`]) and returns. The caller tells
-/// systemd it is ready before calling this. Errors only when accepting fails persistently.
+/// systemd it is ready before calling this. Must run on a multi-threaded tokio runtime (the
+/// driver's calls block the worker they run on, see `run`). Errors only when accepting fails
+/// persistently.
 pub async fn serve(
     listener: UnixListener,
     driver: Arc<Driver>,
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let shared = Arc::new(Shared {
+    let body_timeout = opts.read_timeout.unwrap_or(BODY_READ_TIMEOUT);
+    let app = router(Arc::new(Shared {
         driver,
-        activity: Activity::new(),
-        body_timeout: opts.read_timeout.unwrap_or(BODY_READ_TIMEOUT),
-    });
+        body_timeout,
+    }));
+    let activity = Arc::new(Activity::new());
     let limit = connection_limit();
     let slots = Arc::new(Semaphore::new(limit));
-    let open = Arc::new(OpenConnections::default());
+    let crowded = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
-    let dedicated = Arc::new(AtomicUsize::new(0));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(opts.read_timeout.unwrap_or(HEADER_READ_TIMEOUT))
@@ -110,7 +114,7 @@ pub async fn serve(
     let mut idle = pin!(async {
         match opts.idle_timeout {
             Some(timeout) => {
-                shared.activity.idle_for(timeout).await;
+                activity.idle_for(timeout).await;
                 info!(
                     "no request for {}, stopping",
                     humantime::format_duration(timeout)
@@ -134,60 +138,36 @@ pub async fn serve(
                 Err(err) => break Err(err),
             },
         };
-        // A slot for it: a free one, or one a connection that sends nothing gives up.
-        let slot = loop {
-            if let Ok(slot) = slots.clone().try_acquire_owned() {
-                break slot;
-            }
-            if let Some(evicted) = open.evict_one() {
-                debug!("all {limit} connection slots are taken: asking {evicted} to close");
-            }
-            tokio::select! {
-                () = &mut shutdown => break 'accept Ok(()),
-                () = &mut idle => break 'accept Ok(()),
-                slot = slots.clone().acquire_owned() => break slot.expect("the semaphore is never closed"),
-                () = tokio::time::sleep(EVICT_AFTER / 5) => {}
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                debug!("all {limit} connection slots are taken: closing idle connections");
+                loop {
+                    // Asked again and again: a connection idle for less than EVICT_AFTER now
+                    // may have been so for longer at the next asking.
+                    crowded.notify_waiters();
+                    tokio::select! {
+                        () = &mut shutdown => break 'accept Ok(()),
+                        () = &mut idle => break 'accept Ok(()),
+                        slot = slots.clone().acquire_owned() => {
+                            break slot.expect("the semaphore is never closed");
+                        }
+                        () = tokio::time::sleep(EVICT_AFTER / 5) => {}
+                    }
+                }
             }
         };
-        let state = open.add();
-        let open = open.clone();
         let conn = Connection {
             http: http.clone(),
-            shared: shared.clone(),
+            app: app.clone(),
+            activity: activity.clone(),
             stop: stop_rx.clone(),
-            state: state.clone(),
+            crowded: crowded.clone(),
         };
-        let Some(place) = DedicatedPlace::take(&dedicated) else {
-            tokio::spawn(async move {
-                serve_connection(stream, conn, false).await;
-                open.remove(&state);
-                drop(slot);
-            });
-            continue;
-        };
-        let stream = match stream.into_std() {
-            Ok(stream) => stream,
-            Err(err) => {
-                warn!("cannot take over a connection: {err}");
-                open.remove(&state);
-                continue;
-            }
-        };
-        let (registry, registered) = (open.clone(), state.clone());
-        let spawned = std::thread::Builder::new()
-            .name("connection".into())
-            .stack_size(CONNECTION_STACK)
-            .spawn(move || {
-                serve_on_this_thread(stream, conn);
-                open.remove(&state);
-                drop(slot);
-                drop(place);
-            });
-        if let Err(err) = spawned {
-            // Its slot, place and stream went with the closure: the client sees it close.
-            registry.remove(&registered);
-            warn!("cannot start a thread for a connection: {err}");
-        }
+        tokio::spawn(async move {
+            conn.serve(stream).await;
+            drop(slot);
+        });
     };
 
     notify(NotifyState::Stopping);
@@ -232,107 +212,6 @@ fn connection_limit() -> usize {
     MAX_CONNECTIONS.min(half).max(1)
 }
 
-/// The connections being served, oldest first, for [`OpenConnections::evict_one`].
-#[derive(Default)]
-struct OpenConnections {
-    next: AtomicU64,
-    open: Mutex<BTreeMap<u64, Arc<ConnectionState>>>,
-}
-
-/// What the accept loop knows of one connection.
-struct ConnectionState {
-    id: u64,
-    /// When its task first ran: hyper then read whatever the client had sent, and handed
-    /// over a whole request at once.
-    serving_since: std::sync::OnceLock<Instant>,
-    /// Requests handed to the handler so far, and how many of them are still running.
-    started: AtomicU64,
-    running: AtomicUsize,
-    /// When its last request ended.
-    idle_since: Mutex<Instant>,
-    /// Set (and `evict` notified) when the connection is to give up its slot.
-    evicted: AtomicBool,
-    evict: Notify,
-}
-
-impl OpenConnections {
-    fn add(&self) -> Arc<ConnectionState> {
-        let state = Arc::new(ConnectionState {
-            id: self.next.fetch_add(1, Ordering::Relaxed),
-            serving_since: std::sync::OnceLock::new(),
-            started: AtomicU64::new(0),
-            running: AtomicUsize::new(0),
-            idle_since: Mutex::new(Instant::now()),
-            evicted: AtomicBool::new(false),
-            evict: Notify::new(),
-        });
-        self.lock().insert(state.id, state.clone());
-        state
-    }
-
-    fn remove(&self, state: &ConnectionState) {
-        self.lock().remove(&state.id);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Arc<ConnectionState>>> {
-        lock_ignoring_poison(&self.open)
-    }
-
-    /// Tells one connection to close: the oldest that has not sent a whole request within
-    /// [`EVICT_AFTER`] of being served (closed at once: no request of it ever reached the
-    /// driver; one whose request waits unread because the daemon is busy is not served yet),
-    /// else the oldest whose last request ended [`EVICT_AFTER`] ago or longer (closed
-    /// gracefully: an idle keep-alive connection at once, one still writing its last reply
-    /// after that). Says which, if any.
-    fn evict_one(&self) -> Option<&'static str> {
-        let open = self.lock();
-        let candidates = || open.values().filter(|c| !c.evicted.load(Ordering::SeqCst));
-        let (chosen, what) = match candidates().find(|c| {
-            c.started.load(Ordering::SeqCst) == 0
-                && c.serving_since
-                    .get()
-                    .is_some_and(|t| t.elapsed() >= EVICT_AFTER)
-        }) {
-            Some(c) => (c, "the oldest connection that sent no request"),
-            None => (
-                candidates().find(|c| {
-                    c.started.load(Ordering::SeqCst) > 0
-                        && c.running.load(Ordering::SeqCst) == 0
-                        && lock_ignoring_poison(&c.idle_since).elapsed() >= EVICT_AFTER
-                })?,
-                "the oldest idle connection",
-            ),
-        };
-        chosen.evicted.store(true, Ordering::SeqCst);
-        chosen.evict.notify_one();
-        Some(what)
-    }
-}
-
-fn lock_ignoring_poison<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Counts a request as running on its connection until dropped.
-struct Running(Arc<ConnectionState>);
-
-impl Running {
-    fn start(state: &Arc<ConnectionState>) -> Running {
-        state.started.fetch_add(1, Ordering::SeqCst);
-        state.running.fetch_add(1, Ordering::SeqCst);
-        Running(state.clone())
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        *lock_ignoring_poison(&self.0.idle_since) = Instant::now();
-        self.0.running.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// Errors `accept` can return while the listener is still fine (out of descriptors or memory,
 /// a peer that gave up): wait and go on.
 fn is_transient(err: &io::Error) -> bool {
@@ -350,132 +229,8 @@ fn is_transient(err: &io::Error) -> bool {
     })
 }
 
-/// Connections served at once by threads of their own (see the module's doc).
-pub const DEDICATED_THREADS: usize = 16;
-/// Stack of such a thread: it also decodes the requests' JSON (serde recurses up to 128
-/// levels deep); only the pages touched count.
-const CONNECTION_STACK: usize = 2 * 1024 * 1024;
-
-/// What serving one accepted connection needs besides its stream.
-struct Connection {
-    http: http1::Builder,
-    shared: Arc<Shared>,
-    stop: watch::Receiver<bool>,
-    state: Arc<ConnectionState>,
-}
-
-/// One of the [`DEDICATED_THREADS`] places; given back when dropped.
-struct DedicatedPlace(Arc<AtomicUsize>);
-
-impl DedicatedPlace {
-    fn take(taken: &Arc<AtomicUsize>) -> Option<DedicatedPlace> {
-        if taken.fetch_add(1, Ordering::SeqCst) >= DEDICATED_THREADS {
-            taken.fetch_sub(1, Ordering::SeqCst);
-            return None;
-        }
-        Some(DedicatedPlace(taken.clone()))
-    }
-}
-
-impl Drop for DedicatedPlace {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Serves a connection until it ends, on this thread (which it blocks), with a runtime of its
-/// own: its driver calls run right here.
-fn serve_on_this_thread(stream: std::os::unix::net::UnixStream, conn: Connection) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            warn!("cannot serve a connection: {err}");
-            return;
-        }
-    };
-    runtime.block_on(async move {
-        match UnixStream::from_std(stream) {
-            Ok(stream) => serve_connection(stream, conn, true).await,
-            Err(err) => warn!("cannot serve a connection: {err}"),
-        }
-    });
-}
-
-/// Serves one connection: on a thread of its own (`inline`: the driver's calls run on it) or
-/// as a task of the accepting thread (they run on the blocking pool).
-async fn serve_connection(stream: UnixStream, conn: Connection, inline: bool) {
-    let Connection {
-        http,
-        shared,
-        mut stop,
-        state,
-    } = conn;
-    let _ = state.serving_since.set(Instant::now());
-    // The peer's pid identifies the client (dockerd) whose mounts these are: see
-    // `Driver::mount`. A peer in another pid namespace shows as no pid.
-    let peer_pid = stream
-        .peer_cred()
-        .ok()
-        .and_then(|cred| cred.pid())
-        .and_then(|pid| u32::try_from(pid).ok())
-        .filter(|&pid| pid != 0);
-    let peer = Arc::new(wire::Peer::new(peer_pid));
-    let service = {
-        let state = state.clone();
-        service_fn(move |request| {
-            // Counted from the moment hyper hands the request over.
-            let running = Running::start(&state);
-            let shared = shared.clone();
-            let peer = peer.clone();
-            async move {
-                let response = handle(&shared, request, peer, inline).await;
-                drop(running);
-                Ok::<_, Infallible>(response)
-            }
-        })
-    };
-    let fd = stream.as_raw_fd();
-    let mut connection = pin!(http.serve_connection(TokioIo::new(stream), service));
-    let result = loop {
-        tokio::select! {
-            result = connection.as_mut() => break result,
-            () = async { drop(stop.wait_for(|stop| *stop).await) } => {
-                connection.as_mut().graceful_shutdown();
-                break connection.await;
-            }
-            () = state.evict.notified() => {
-                // SAFETY: the stream lives inside `connection`, which is not dropped yet.
-                let socket = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-                if rustix::io::ioctl_fionread(socket).is_ok_and(|waiting| waiting > 0) {
-                    // The client has sent something hyper has not read yet (the daemon is
-                    // busy): it is about to be served, not silent.
-                    state.evicted.store(false, Ordering::SeqCst);
-                    continue;
-                }
-                if state.started.load(Ordering::SeqCst) == 0 {
-                    // No request of it ever reached the handler: nothing is lost.
-                    return;
-                }
-                connection.as_mut().graceful_shutdown();
-                break connection.await;
-            }
-        }
-    };
-    if let Err(err) = result {
-        debug!("connection ended: {}", wire::error_chain(&err));
-    }
-}
-
-struct Shared {
-    driver: Arc<Driver>,
-    activity: Activity,
-    body_timeout: Duration,
-}
-
-/// Requests in flight and when the last one ended, for the idle timeout.
+/// Requests running and when the last one ended: the daemon's, for the idle exit, and each
+/// connection's, for making room when all connections are taken.
 struct Activity {
     in_flight: AtomicUsize,
     last: Mutex<Instant>,
@@ -489,9 +244,9 @@ impl Activity {
         }
     }
 
-    fn begin(&self) -> InFlight<'_> {
+    fn begin(self: &Arc<Self>) -> Running {
         self.in_flight.fetch_add(1, Ordering::SeqCst);
-        InFlight(self)
+        Running(self.clone())
     }
 
     fn last(&self) -> Instant {
@@ -499,6 +254,11 @@ impl Activity {
             .last
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether no request has run for `time` (or since this began, if none ever did).
+    fn idle_for_at_least(&self, time: Duration) -> bool {
+        self.in_flight.load(Ordering::SeqCst) == 0 && self.last().elapsed() >= time
     }
 
     /// Completes once no request has been in flight for `timeout`.
@@ -517,68 +277,207 @@ impl Activity {
     }
 }
 
-/// Marks one request in flight until dropped.
-struct InFlight<'a>(&'a Activity);
+/// Counts one request as running until dropped.
+struct Running(Arc<Activity>);
 
-impl Drop for InFlight<'_> {
+impl Drop for Running {
     fn drop(&mut self) {
         *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
+/// What serving one accepted connection needs besides its stream.
+struct Connection {
+    http: http1::Builder,
+    app: Router,
+    /// The daemon's: every request counts for the idle exit.
+    activity: Arc<Activity>,
+    stop: watch::Receiver<bool>,
+    /// Notified while all connection slots are taken.
+    crowded: Arc<Notify>,
+}
+
+impl Connection {
+    /// Serves the connection until the client closes it, shutdown (then it finishes the
+    /// request it is on), or, while all slots are taken, [`EVICT_AFTER`] without a request.
+    async fn serve(self, stream: UnixStream) {
+        let Connection {
+            http,
+            app,
+            activity,
+            mut stop,
+            crowded,
+        } = self;
+        // The peer's pid identifies the client (dockerd) whose mounts these are: see
+        // `Driver::mount`. A peer in another pid namespace shows as no pid.
+        let pid = (stream.peer_cred().ok())
+            .and_then(|cred| cred.pid())
+            .and_then(|pid| u32::try_from(pid).ok())
+            .filter(|&pid| pid != 0);
+        let peer = Arc::new(Peer::new(pid));
+        let own = Arc::new(Activity::new());
+        let service = {
+            let own = own.clone();
+            service_fn(move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(peer.clone());
+                // Counted from the moment hyper hands the request over until it is answered.
+                let running = (activity.begin(), own.begin());
+                let answer = app.clone().oneshot(request);
+                async move {
+                    let response = answer.await;
+                    drop(running);
+                    response
+                }
+            })
+        };
+        let fd = stream.as_raw_fd();
+        let mut connection = pin!(http.serve_connection(TokioIo::new(stream), service));
+        let result = loop {
+            tokio::select! {
+                result = connection.as_mut() => break result,
+                () = async { drop(stop.wait_for(|stop| *stop).await) } => {
+                    connection.as_mut().graceful_shutdown();
+                    break connection.await;
+                }
+                () = crowded.notified() => {
+                    // Dropping it closes the socket: no request of it is running, and a
+                    // request it has sent but hyper has not read yet (the daemon is busy)
+                    // keeps it open. What hyper has read of a request's head is lost: a
+                    // client sending a head that slowly is not dockerd.
+                    if own.idle_for_at_least(EVICT_AFTER) && !has_unread(fd) {
+                        debug!("closing a connection without a request to make room");
+                        return;
+                    }
+                }
+            }
+        };
+        if let Err(err) = result {
+            debug!("connection ended: {}", wire::error_chain(&err));
+        }
+    }
+}
+
+/// Whether bytes the client sent on `fd` wait in the socket, unread.
+fn has_unread(fd: RawFd) -> bool {
+    // SAFETY: called while the connection that owns the socket is alive.
+    let socket = unsafe { BorrowedFd::borrow_raw(fd) };
+    rustix::io::ioctl_fionread(socket).is_ok_and(|waiting| waiting > 0)
+}
+
+struct Shared {
+    driver: Arc<Driver>,
+    body_timeout: Duration,
+}
+
+/// The nine endpoints, each a POST; any other path or method gets [`refuse`]'s JSON error.
+fn router(shared: Arc<Shared>) -> Router {
+    let mut router = Router::new();
+    for endpoint in wire::ENDPOINTS {
+        router = router.route(endpoint, post(call));
+    }
+    router
+        .fallback(refuse)
+        .method_not_allowed_fallback(refuse)
+        .with_state(shared)
+}
+
+/// An endpoint: reads the body, decodes it and runs the call.
+async fn call(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let started = Instant::now();
+    let (parts, body) = request.into_parts();
+    let path = parts.uri.path();
+    let decoded = match read_body(&parts.headers, body, shared.body_timeout).await {
+        Ok(body) => wire::parse(path, &body),
+        Err(err) => Err(err),
+    };
+    match decoded {
+        Ok(call) => {
+            let what = call.to_string();
+            // Set on every connection's requests by `Connection::serve`.
+            let peer = parts.extensions.get::<Arc<Peer>>().cloned();
+            let reply = run(shared.driver.clone(), call, peer.unwrap_or_default()).await;
+            answer(&what, started, reply)
+        }
+        Err(err) => answer(&shown(&parts.method, path), started, err.reply()),
+    }
+}
+
+/// Any other path (404) or method (405): refused before reading a body, the method first.
+async fn refuse(method: Method, uri: Uri) -> Response {
+    let started = Instant::now();
+    let err = if method == Method::POST {
+        WireError::unknown_endpoint(uri.path())
+    } else {
+        WireError::method_not_allowed(method.as_str())
+    };
+    answer(&shown(&method, uri.path()), started, err.reply())
+}
+
+/// A request that decoded to no call, for the log: its method and (the start of) its path.
+fn shown(method: &Method, path: &str) -> String {
+    let path: String = path.chars().take(100).collect();
+    format!("{method} {path:?}")
+}
+
+/// The body, at most [`MAX_BODY`] bytes, all of it within `timeout` (tower-http's body
+/// timeout is per piece: a body trickled in would have no bound). Each piece is copied out as
+/// it arrives (not axum's `Bytes` extractor, which keeps them): a piece keeps the whole buffer
+/// it was read into alive, so a body sent a byte at a time would otherwise hold kilobytes per
+/// byte.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    timeout: Duration,
+) -> Result<Vec<u8>, WireError> {
+    let declared = (headers.get(CONTENT_LENGTH))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY as u64) {
+        return Err(WireError::BodyTooLarge { limit: MAX_BODY });
+    }
+    let read = async {
+        let mut body = body;
+        let mut out = Vec::with_capacity(declared.map_or(0, |len| len as usize));
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|err| WireError::BodyRead {
+                source: Box::new(err),
+            })?;
+            if let Ok(data) = frame.into_data() {
+                if out.len() + data.len() > MAX_BODY {
+                    return Err(WireError::BodyTooLarge { limit: MAX_BODY });
+                }
+                out.extend_from_slice(&data);
+            }
+        }
+        Ok(out)
+    };
+    (tokio::time::timeout(timeout, read).await).unwrap_or(Err(WireError::BodyTimeout))
+}
+
 #[derive(Debug, Error)]
 #[error("the request handler failed: {0}")]
 struct HandlerPanicked(String);
 
-async fn handle(
-    shared: &Shared,
-    request: Request<Incoming>,
-    peer: Arc<wire::Peer>,
-    inline: bool,
-) -> Response<Full<Bytes>> {
-    let _in_flight = shared.activity.begin();
-    let started = Instant::now();
-    let method = request.method().clone();
-    let path = request.uri().path().to_owned();
-    let call = read_call(request, shared.body_timeout).await;
-    // On the connection's own thread, the request's log lines are written once it is
-    // answered, and the work the driver defers is done then (`after_answer`): by a task of
-    // this thread's runtime, which runs when the connection waits for its next request, after
-    // hyper wrote the answer. Held only from here on, where nothing awaits: lines of the
-    // connection's other branches are never held back.
-    let held = inline.then(logging::Held::begin);
-    let (what, reply) = match call {
-        Ok(call) => {
-            let what = call.to_string();
-            let driver = shared.driver.clone();
-            // A panic fails this request alone, as a 500.
-            let run = move || {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    wire::execute_for(&driver, call, &peer)
-                }))
-                .unwrap_or_else(|panic| {
-                    let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic".into());
-                    Reply::error(500, &HandlerPanicked(what))
-                })
-            };
-            // On the connection's own thread it blocks nothing else.
-            let reply = if inline {
-                run()
-            } else {
-                tokio::task::spawn_blocking(run)
-                    .await
-                    .unwrap_or_else(|err| Reply::error(500, &HandlerPanicked(err.to_string())))
-            };
-            (what, reply)
-        }
-        Err(err) => {
-            let shown: String = path.chars().take(100).collect();
-            (format!("{method} {shown:?}"), err.reply())
-        }
+/// Runs `call` on the driver, which blocks: on this worker thread, whose other tasks tokio
+/// hands to another thread meanwhile (`block_in_place`) — no hand-off of the call itself and
+/// back. A panic fails this request alone, as a 500.
+async fn run(driver: Arc<Driver>, call: Call, peer: Arc<Peer>) -> Reply {
+    let work = move || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            wire::execute_for(&driver, call, &peer)
+        }))
     };
+    tokio::task::block_in_place(work).unwrap_or_else(|panic| {
+        let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        Reply::error(500, &HandlerPanicked(what))
+    })
+}
+
+/// Logs the request (level by status, with its duration) and encodes the reply.
+fn answer(what: &str, started: Instant, reply: Reply) -> Response {
     // 404 is what dockerd's Get probe before every Create gets: not worth a line at info.
     let level = match reply.status {
         500.. => Level::Warn,
@@ -591,72 +490,11 @@ async fn handle(
         Some(err) => log!(level, "{what}: {} in {elapsed:.1?}: {err}", reply.status),
         None => log!(level, "{what}: {} in {elapsed:.1?}", reply.status),
     }
-    if let Some(held) = held {
-        let lines = held.release();
-        if !lines.is_empty() {
-            logging::write_lines(&lines);
-        }
-    }
-    to_response(reply)
-}
-
-/// Checks the method, reads the body (bounded in size and time) and decodes the call.
-async fn read_call(request: Request<Incoming>, body_timeout: Duration) -> Result<Call, WireError> {
-    if request.method() != Method::POST {
-        return Err(WireError::MethodNotAllowed {
-            method: request.method().as_str().chars().take(20).collect(),
-        });
-    }
-    let path = request.uri().path().to_owned();
-    if !wire::is_endpoint(&path) {
-        return wire::parse(&path, b"");
-    }
-    let declared = request
-        .headers()
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > MAX_BODY as u64) {
-        return Err(WireError::BodyTooLarge { limit: MAX_BODY });
-    }
-    let reserve = declared.map_or(0, |len| len as usize);
-    let body =
-        match tokio::time::timeout(body_timeout, read_body(request.into_body(), reserve)).await {
-            Err(_) => return Err(WireError::BodyTimeout),
-            Ok(body) => body?,
-        };
-    wire::parse(&path, &body)
-}
-
-/// The body, at most [`MAX_BODY`] bytes; `reserve`: its declared length (checked against
-/// the limit), allocated at once. Each piece is copied out as it arrives: a piece keeps the
-/// whole buffer it was read into alive, so a body sent a byte at a time would otherwise hold
-/// kilobytes per byte.
-async fn read_body(mut body: Incoming, reserve: usize) -> Result<Vec<u8>, WireError> {
-    let mut out = Vec::with_capacity(reserve.min(MAX_BODY));
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|err| WireError::BodyRead {
-            source: Box::new(err),
-        })?;
-        if let Ok(data) = frame.into_data() {
-            if out.len() + data.len() > MAX_BODY {
-                return Err(WireError::BodyTooLarge { limit: MAX_BODY });
-            }
-            out.extend_from_slice(&data);
-        }
-    }
-    Ok(out)
-}
-
-fn to_response(reply: Reply) -> Response<Full<Bytes>> {
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = reply.encode();
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static(wire::CONTENT_TYPE));
+    let content_type = HeaderValue::from_static(wire::CONTENT_TYPE);
+    let mut response = (status, [(CONTENT_TYPE, content_type)], reply.encode()).into_response();
     if status == StatusCode::METHOD_NOT_ALLOWED {
-        headers.insert(ALLOW, HeaderValue::from_static("POST"));
+        (response.headers_mut()).insert(ALLOW, HeaderValue::from_static("POST"));
     }
     response
 }
@@ -668,334 +506,109 @@ pub fn notify(state: NotifyState<'_>) {
     }
 }
 
-/// The plugin socket, as [`listen`] acquired it.
-#[derive(Debug)]
-pub enum Listening {
-    /// Passed by systemd (socket activation); systemd owns the path.
-    Activated(UnixListener),
-    /// Created by this process; `socket` removes the file when dropped.
-    Created {
-        listener: UnixListener,
-        socket: SocketFile,
-    },
-}
-
-impl Listening {
-    /// The path clients connect to, for logs.
-    pub fn path(&self) -> Option<PathBuf> {
-        match self {
-            Listening::Activated(listener) => listener
-                .local_addr()
-                .ok()
-                .and_then(|addr| addr.as_pathname().map(Path::to_path_buf)),
-            Listening::Created { socket, .. } => Some(socket.path().to_path_buf()),
-        }
-    }
-
-    /// The listener, and the socket file to drop (removing it) once serving is over.
-    pub fn into_parts(self) -> (UnixListener, Option<SocketFile>) {
-        match self {
-            Listening::Activated(listener) => (listener, None),
-            Listening::Created { listener, socket } => (listener, Some(socket)),
-        }
-    }
-}
-
-/// A socket file this process created. Dropping it removes the file, unless something else
-/// has replaced it at that path since.
-#[derive(Debug)]
-pub struct SocketFile {
-    path: PathBuf,
-    dev: u64,
-    ino: u64,
-}
-
-impl SocketFile {
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for SocketFile {
-    fn drop(&mut self) {
-        match fs::symlink_metadata(&self.path) {
-            Ok(meta) if meta.dev() == self.dev && meta.ino() == self.ino => {
-                if let Err(err) = fs::remove_file(&self.path) {
-                    warn!("cannot remove the socket {}: {err}", self.path.display());
-                }
-            }
-            Ok(_) => debug!(
-                "not removing {}: another process replaced it",
-                self.path.display()
-            ),
-            Err(err) => debug!("not removing {}: {err}", self.path.display()),
-        }
-    }
-}
-
-/// Why the plugin socket cannot be had. Wrapped in an `io::Error`, which keeps the chain.
-#[derive(Debug, Error)]
-enum ListenError {
-    #[error("cannot read the sockets passed by systemd")]
-    ListenFds(#[source] io::Error),
-    #[error("systemd passed {0} sockets, expected one")]
-    FdCount(usize),
-    #[error("the systemd socket was already taken")]
-    AlreadyTaken,
-    #[error("the socket passed by systemd is not a listening unix stream socket")]
-    NotUnixListener,
-    #[error("cannot inspect the socket passed by systemd")]
-    Inspect(#[source] io::Error),
-    #[error("cannot create the directory {0}")]
-    CreateDir(PathBuf, #[source] io::Error),
-    #[error("cannot lock the directory {0}")]
-    Lock(PathBuf, #[source] io::Error),
-    #[error("cannot inspect {0}")]
-    Stat(PathBuf, #[source] io::Error),
-    #[error("another process is already serving on {0}")]
-    InUse(PathBuf),
-    #[error("{0} exists and is not a socket")]
-    NotSocket(PathBuf),
-    #[error("cannot check whether {0} is in use")]
-    Probe(PathBuf, #[source] io::Error),
-    #[error("cannot remove the stale socket {0}")]
-    RemoveStale(PathBuf, #[source] io::Error),
-    #[error("cannot bind {0}")]
-    Bind(PathBuf, #[source] io::Error),
-    #[error("cannot set the permissions of {0}")]
-    Chmod(PathBuf, #[source] io::Error),
-    #[error("cannot register the socket with the runtime")]
-    Register(#[source] io::Error),
-}
-
-impl From<rustix::io::Errno> for ListenError {
-    /// Only the checks of the systemd socket fail with a bare errno.
-    fn from(errno: rustix::io::Errno) -> Self {
-        ListenError::Inspect(errno.into())
-    }
-}
-
-impl ListenError {
-    fn into_io(self) -> io::Error {
-        use std::error::Error as _;
-        let kind = match &self {
-            ListenError::InUse(_) => io::ErrorKind::AddrInUse,
-            ListenError::NotSocket(_) | ListenError::NotUnixListener | ListenError::FdCount(_) => {
-                io::ErrorKind::InvalidInput
-            }
-            _ => self
-                .source()
-                .and_then(|s| s.downcast_ref::<io::Error>())
-                .map_or(io::ErrorKind::Other, io::Error::kind),
-        };
-        io::Error::new(kind, self)
-    }
-}
-
-static ACTIVATION_TAKEN: AtomicBool = AtomicBool::new(false);
-
-/// Acquires the plugin socket: the one systemd passed (socket activation; `socket` is then
-/// ignored and the path is left alone), or a new one bound at `socket`, mode 0660. A stale
-/// socket file left by a dead process is replaced; a live one, or any other file, is an
-/// error. Must be called inside a tokio runtime.
-pub fn listen(socket: &Path) -> io::Result<Listening> {
-    match activated().map_err(ListenError::into_io)? {
-        Some(listener) => Ok(Listening::Activated(listener)),
-        None => create(socket).map_err(ListenError::into_io),
-    }
-}
-
-fn activated() -> Result<Option<UnixListener>, ListenError> {
-    use rustix::net::{AddressFamily, SocketType, sockopt};
-
-    let mut fds = sd_notify::listen_fds().map_err(ListenError::ListenFds)?;
-    let fd = match (fds.len(), fds.next()) {
-        (1, Some(fd)) => fd,
-        (0, _) => return Ok(None),
-        (n, _) => return Err(ListenError::FdCount(n)),
-    };
-    if ACTIVATION_TAKEN.swap(true, Ordering::SeqCst) {
-        return Err(ListenError::AlreadyTaken);
-    }
-    // SAFETY: systemd passed this descriptor to this process (LISTEN_PID matched) for it to
-    // own, and ACTIVATION_TAKEN ensures it is wrapped only once.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let is_unix_listener = sockopt::socket_domain(&fd)? == AddressFamily::UNIX
-        && sockopt::socket_type(&fd)? == SocketType::STREAM
-        && sockopt::socket_acceptconn(&fd)?;
-    if !is_unix_listener {
-        return Err(ListenError::NotUnixListener);
-    }
-    let listener = std::os::unix::net::UnixListener::from(fd);
-    listener
-        .set_nonblocking(true)
-        .map_err(ListenError::Register)?;
-    UnixListener::from_std(listener)
-        .map(Some)
-        .map_err(ListenError::Register)
-}
-
-fn create(path: &Path) -> Result<Listening, ListenError> {
-    use rustix::fs::{FlockOperation, Mode, OFlags, flock, open};
-
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    fs::create_dir_all(dir).map_err(|e| ListenError::CreateDir(dir.into(), e))?;
-    // Held while checking, replacing and binding, so that two processes starting at once
-    // cannot both decide the socket is stale.
-    let lock = open(
-        dir,
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .and_then(|dir_fd| flock(&dir_fd, FlockOperation::LockExclusive).map(|()| dir_fd))
-    .map_err(|e| ListenError::Lock(dir.into(), e.into()))?;
-
-    match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            if is_live(path).map_err(|e| ListenError::Probe(path.into(), e))? {
-                return Err(ListenError::InUse(path.into()));
-            }
-            info!("removing the stale socket {}", path.display());
-            fs::remove_file(path).map_err(|e| ListenError::RemoveStale(path.into(), e))?;
-        }
-        Ok(_) => return Err(ListenError::NotSocket(path.into())),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-        Err(err) => return Err(ListenError::Stat(path.into(), err)),
-    }
-
-    let listener = std::os::unix::net::UnixListener::bind(path)
-        .map_err(|e| ListenError::Bind(path.into(), e))?;
-    let meta = fs::symlink_metadata(path).map_err(|e| ListenError::Stat(path.into(), e))?;
-    let socket = SocketFile {
-        path: path.to_path_buf(),
-        dev: meta.dev(),
-        ino: meta.ino(),
-    };
-    drop(lock);
-    fs::set_permissions(path, fs::Permissions::from_mode(0o660))
-        .map_err(|e| ListenError::Chmod(path.into(), e))?;
-    listener
-        .set_nonblocking(true)
-        .map_err(ListenError::Register)?;
-    let listener = UnixListener::from_std(listener).map_err(ListenError::Register)?;
-    Ok(Listening::Created { listener, socket })
-}
-
-/// Whether something accepts connections on the socket at `path`. A non-blocking connect, so
-/// that a live server with a full queue counts as live instead of blocking us.
-fn is_live(path: &Path) -> io::Result<bool> {
-    use rustix::io::Errno;
-    use rustix::net::{
-        AddressFamily, SocketAddrUnix, SocketFlags, SocketType, connect, socket_with,
-    };
-
-    let probe = socket_with(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-        None,
-    )?;
-    match connect(&probe, &SocketAddrUnix::new(path)?) {
-        Ok(()) | Err(Errno::AGAIN) | Err(Errno::INPROGRESS) => Ok(true),
-        Err(Errno::CONNREFUSED) => Ok(false),
-        Err(err) => Err(err.into()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn created_socket_replaces_stale_refuses_live_and_cleans_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub/p.sock");
-
-        let first = create(&path).unwrap();
-        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o660);
-        let err = create(&path).unwrap_err();
-        assert!(matches!(err, ListenError::InUse(_)), "{err:?}");
-        assert_eq!(err.into_io().kind(), io::ErrorKind::AddrInUse);
-
-        // A socket file nobody listens on any more is stale.
-        let (listener, socket) = first.into_parts();
-        drop(listener);
-        std::mem::forget(socket);
-        assert!(path.exists());
-        let second = create(&path).unwrap();
-        assert!(matches!(second, Listening::Created { .. }));
-        drop(second);
-        assert!(!path.exists(), "the socket is removed on drop");
-
-        fs::write(&path, "not a socket").unwrap();
-        assert!(matches!(create(&path), Err(ListenError::NotSocket(_))));
+    /// The router as dockerd meets it: a request through it, and what comes back.
+    async fn exchange(app: &Router, method: &str, path: &str, body: &'static [u8]) -> Response {
+        let request = Request::builder().method(method).uri(path);
+        app.clone()
+            .oneshot(request.body(Body::from(body)).unwrap())
+            .await
+            .unwrap()
     }
 
-    #[tokio::test]
-    async fn socket_file_drop_leaves_a_replaced_socket_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("p.sock");
-        let (listener, socket) = create(&path).unwrap().into_parts();
-        // Replaced while this process still listens, so the inode cannot be reused.
-        fs::remove_file(&path).unwrap();
-        let _other = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        drop(listener);
-        drop(socket);
-        assert!(path.exists());
+    async fn json_of(response: Response) -> serde_json::Value {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap()
     }
 
-    #[test]
-    fn eviction_takes_silent_then_idle_connections_never_busy_or_young_ones() {
-        let open = OpenConnections::default();
-        let long_ago = Instant::now() - EVICT_AFTER * 2;
-        let busy = open.add();
-        let _ = busy.serving_since.set(long_ago);
-        let running = Running::start(&busy);
-        let idle = open.add();
-        let _ = idle.serving_since.set(long_ago);
-        drop(Running::start(&idle));
-        *idle.idle_since.lock().unwrap() = long_ago;
-        let young = open.add();
-        let _ = young.serving_since.set(Instant::now());
-        let not_served = open.add();
-        let silent = open.add();
-        let _ = silent.serving_since.set(long_ago);
-
-        // Silent ones first, even when younger than an idle one.
-        assert!(open.evict_one().unwrap().contains("sent no request"));
-        assert!(silent.evicted.load(Ordering::SeqCst));
-        assert!(open.evict_one().unwrap().contains("idle"));
-        assert!(idle.evicted.load(Ordering::SeqCst));
-        // Nothing else may go: one is busy, one sent nothing for less than EVICT_AFTER, one
-        // is not served yet (its request may be waiting to be read).
-        assert_eq!(open.evict_one(), None);
-        for c in [&busy, &young, &not_served] {
-            assert!(!c.evicted.load(Ordering::SeqCst));
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_answer_is_json_errors_included() {
+        let dir = tempfile::tempdir().unwrap();
+        let driver = Driver::with_sys(&dir.path().join("root"), Default::default()).unwrap();
+        let app = router(Arc::new(Shared {
+            driver: Arc::new(driver),
+            body_timeout: Duration::from_secs(1),
+        }));
+        let cases: [(&str, &str, &[u8], u16); 9] = [
+            // dockerd's argument-less calls: no Content-Type, an empty body.
+            ("POST", wire::ACTIVATE, b"", 200),
+            ("POST", wire::LIST, b"", 200),
+            ("POST", wire::GET, br#"{"Name":"nope"}"#, 404),
+            ("POST", wire::CREATE, b"{", 400),
+            ("POST", "/VolumeDriver.Nope", b"{}", 404),
+            ("GET", wire::LIST, b"", 405),
+            ("HEAD", wire::LIST, b"", 405),
+            // The method is refused first, as before the router.
+            ("PUT", "/nowhere", b"", 405),
+            ("POST", wire::GET, &[b' '; MAX_BODY + 1], 413),
+        ];
+        for (method, path, body, status) in cases {
+            let response = exchange(&app, method, path, body).await;
+            assert_eq!(response.status(), status, "{method} {path}");
+            let headers = response.headers();
+            assert_eq!(headers[CONTENT_TYPE], wire::CONTENT_TYPE, "{method} {path}");
+            if status == 405 {
+                assert_eq!(headers[ALLOW], "POST", "{method} {path}");
+            }
+            if method == "HEAD" {
+                continue;
+            }
+            let body = json_of(response).await;
+            let err = body.get("Err").and_then(|e| e.as_str());
+            assert_eq!(status == 200, err.is_none(), "{method} {path}: {body}");
+            assert!(err.is_none_or(|e| !e.is_empty()), "{method} {path}: {body}");
         }
-        // A request that ended just now keeps its connection a while.
-        drop(running);
-        assert_eq!(open.evict_one(), None);
-        open.remove(&busy);
-        assert_eq!(open.lock().len(), 4);
+        let body = json_of(exchange(&app, "POST", wire::ACTIVATE, b"").await).await;
+        assert_eq!(body, serde_json::json!({ "Implements": ["VolumeDriver"] }));
+    }
+
+    /// A body of one byte every 100 ms: each piece in time, the whole never.
+    struct Trickle(std::pin::Pin<Box<tokio::time::Sleep>>);
+
+    impl hyper::body::Body for Trickle {
+        type Data = hyper::body::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+            std::task::ready!(self.0.as_mut().poll(cx));
+            let next = Instant::now() + Duration::from_millis(100);
+            self.0.as_mut().reset(next);
+            let data = hyper::body::Bytes::from_static(b" ");
+            std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(data))))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_must_arrive_whole_within_the_timeout() {
+        let body = Body::new(Trickle(Box::pin(tokio::time::sleep(Duration::ZERO))));
+        let started = Instant::now();
+        let result = read_body(&HeaderMap::new(), body, Duration::from_millis(500)).await;
+        assert!(matches!(result, Err(WireError::BodyTimeout)), "{result:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 
     #[tokio::test]
     async fn idle_waits_for_requests_to_end() {
-        let activity = Activity::new();
+        let activity = Arc::new(Activity::new());
         let timeout = Duration::from_millis(200);
         let started = Instant::now();
-        let guard = activity.begin();
+        let running = activity.begin();
+        assert!(!activity.idle_for_at_least(Duration::ZERO));
         let mut idle = pin!(activity.idle_for(timeout));
         tokio::select! {
             () = &mut idle => panic!("idle while a request is in flight"),
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        drop(guard);
+        drop(running);
+        assert!(!activity.idle_for_at_least(timeout));
         idle.await;
+        assert!(activity.idle_for_at_least(timeout));
         assert!(started.elapsed() >= Duration::from_millis(700));
     }
 }
