@@ -276,28 +276,13 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
-/// Threads that run the async tasks; they make the driver's calls themselves, and tokio
-/// starts others to stand in for them meanwhile (see `server::run`).
-const WORKER_THREADS: usize = 2;
-/// Threads tokio may start besides the workers, which bounds the driver calls running at
-/// once: each holds one, the worker it runs on or the thread standing in for that worker. More
-/// wait, and while they do the async tasks of the worker they came from wait too. Calls of one
-/// volume wait for each other anyway (its lock), and mounts serialise in the kernel. Idle
-/// ones exit after 5 s.
+/// Threads for the driver calls that change state (see `server::run`), which bounds how many
+/// run at once; more wait. Calls of one volume wait for each other anyway (its lock), and
+/// mounts serialise in the kernel. Idle ones exit after 5 s.
 const BLOCKING_THREADS: usize = 16;
 /// Stack of every runtime thread: the JSON decoded on them recurses at most 128 levels deep
 /// and the driver nowhere deep; only the pages touched count.
 const THREAD_STACK: usize = 512 * 1024;
-
-/// `pow`, for the one caller of glibc's libm in this program: tokio's multi-threaded scheduler
-/// (a moving average of poll times, `f64::powf`). With this definition the linker leaves libm
-/// out; loaded, it alone kept 0.3-0.6 MiB resident in the idle daemon (the code around the 21
-/// ifunc resolvers the loader runs), which took it over its 4 MiB. `libm` is the Rust port of
-/// musl's implementation, as exact.
-#[unsafe(no_mangle)]
-extern "C" fn pow(x: f64, y: f64) -> f64 {
-    libm::pow(x, y)
-}
 
 fn serve(opts: Opts) -> Result<()> {
     if let Some(files) = server::raise_fd_limit() {
@@ -318,9 +303,8 @@ fn serve(opts: Opts) -> Result<()> {
     .with_context(|| format!("cannot open the state directory {}", opts.root.display()))?;
     let driver = Arc::new(driver);
 
-    // This thread accepts connections; their requests are served by the workers.
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(WORKER_THREADS)
+    // This thread accepts connections and serves their requests (see `server::run`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .thread_name("docker-on-top")
         .max_blocking_threads(BLOCKING_THREADS)
         .thread_stack_size(THREAD_STACK)

@@ -86,8 +86,8 @@ pub struct ServeOptions {
 ///
 /// Then it tells systemd it is stopping, closes the listener, lets every open connection
 /// finish the request it is on (for at most [`DRAIN_TIMEOUT`]) and returns. The caller tells
-/// systemd it is ready before calling this. Must run on a multi-threaded tokio runtime (the
-/// driver's calls block the worker they run on, see `run`). Errors only when accepting fails
+/// systemd it is ready before calling this. Queries run on the runtime's own thread and calls
+/// that change state on its blocking pool (see `run`). Errors only when accepting fails
 /// persistently.
 pub async fn serve(
     listener: UnixListener,
@@ -459,21 +459,31 @@ async fn read_body(
 #[error("the request handler failed: {0}")]
 struct HandlerPanicked(String);
 
-/// Runs `call` on the driver, which blocks: on this worker thread, whose other tasks tokio
-/// hands to another thread meanwhile (`block_in_place`) — no hand-off of the call itself and
-/// back. A panic fails this request alone, as a 500.
+/// Runs `call` on the driver, which blocks. A query (Get, Path, List, ...) only looks at a few
+/// files: it runs right here, on the runtime's thread, because handing it to another thread and
+/// back costs more than it does. A call that changes state (Create, Remove, Mount, Unmount) may
+/// wait for the disk (fsync, an unmount's sync): it runs on the blocking pool, so that calls of
+/// several clients wait side by side and the runtime keeps serving meanwhile. A panic fails
+/// this request alone, as a 500.
 async fn run(driver: Arc<Driver>, call: Call, peer: Arc<Peer>) -> Reply {
+    let changes_state = call.changes_state();
     let work = move || {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             wire::execute_for(&driver, call, &peer)
         }))
+        .unwrap_or_else(|panic| {
+            let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            Reply::error(500, &HandlerPanicked(what))
+        })
     };
-    tokio::task::block_in_place(work).unwrap_or_else(|panic| {
-        let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "a panic".into());
-        Reply::error(500, &HandlerPanicked(what))
-    })
+    if !changes_state {
+        return work();
+    }
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|e| Reply::error(500, &HandlerPanicked(e.to_string())))
 }
 
 /// Logs the request (level by status, with its duration) and encodes the reply.
@@ -524,7 +534,7 @@ mod tests {
         serde_json::from_slice(&bytes).unwrap()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[tokio::test]
     async fn every_answer_is_json_errors_included() {
         let dir = tempfile::tempdir().unwrap();
         let driver = Driver::with_sys(&dir.path().join("root"), Default::default()).unwrap();

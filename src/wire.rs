@@ -82,6 +82,14 @@ pub enum Call {
 
 impl Call {
     /// The endpoint path this call arrived on.
+    /// Whether the call changes the state on disk or in the kernel (and may wait for either).
+    pub fn changes_state(&self) -> bool {
+        matches!(
+            self,
+            Call::Create { .. } | Call::Remove { .. } | Call::Mount { .. } | Call::Unmount { .. }
+        )
+    }
+
     pub fn endpoint(&self) -> &'static str {
         match self {
             Call::Activate => ACTIVATE,
