@@ -24,6 +24,7 @@ use thiserror::Error;
 
 use crate::driver::{Driver, DriverError, VolumeInfo};
 use crate::names::{MountId, NameError, VolumeName};
+use crate::sys::Sys;
 
 pub const ACTIVATE: &str = "/Plugin.Activate";
 pub const CAPABILITIES: &str = "/VolumeDriver.Capabilities";
@@ -385,7 +386,7 @@ impl Peer {
         }
     }
 
-    fn client(&self, driver: &Driver) -> Option<crate::store::Client> {
+    fn client<S: Sys>(&self, driver: &Driver<S>) -> Option<crate::store::Client> {
         *self.client.get_or_init(|| driver.client(self.pid))
     }
 }
@@ -393,12 +394,12 @@ impl Peer {
 /// Runs `call` against `driver` and encodes the answer; `peer_pid` is the calling process,
 /// from the connection's peer credentials. Blocks for as long as the driver does: call it from
 /// a blocking thread.
-pub fn execute(driver: &Driver, call: Call, peer_pid: Option<u32>) -> Reply {
+pub fn execute<S: Sys>(driver: &Driver<S>, call: Call, peer_pid: Option<u32>) -> Reply {
     execute_for(driver, call, &Peer::new(peer_pid))
 }
 
 /// [`execute`] for a connection's [`Peer`], which remembers who it is across calls.
-pub fn execute_for(driver: &Driver, call: Call, peer: &Peer) -> Reply {
+pub fn execute_for<S: Sys>(driver: &Driver<S>, call: Call, peer: &Peer) -> Reply {
     let result = match &call {
         Call::Activate => Ok(json!({ "Implements": ["VolumeDriver"] })),
         Call::Capabilities => Ok(json!({ "Capabilities": { "Scope": "local" } })),
@@ -821,17 +822,15 @@ mod tests {
         assert_eq!(call.volume(), Some(&vol("v1")));
     }
 
+    /// A driver over the recording test double: no privileges needed, nothing skipped.
+    fn recording_driver(root: &std::path::Path) -> Driver<crate::sys::RecordingSys> {
+        Driver::with_sys(&root.join("state"), crate::sys::RecordingSys::default()).unwrap()
+    }
+
     #[test]
     fn activate_and_capabilities_replies() {
         let root = tempfile::tempdir().unwrap();
-        let config = crate::driver::DriverConfig {
-            root: root.path().join("state"),
-            legacy_mount_api: false,
-            allowed_bases: Default::default(),
-        };
-        let Ok(driver) = Driver::open(config) else {
-            return; // Opening may need privileges this test runs without.
-        };
+        let driver = recording_driver(root.path());
         assert_eq!(
             execute(&driver, Call::Activate, None),
             Reply::ok(json!({ "Implements": ["VolumeDriver"] }))
@@ -840,6 +839,69 @@ mod tests {
             execute(&driver, Call::Capabilities, None),
             Reply::ok(json!({ "Capabilities": { "Scope": "local" } }))
         );
+    }
+
+    /// Driver errors become replies: a missing volume is a 404 (dockerd's Get before every
+    /// Create), anything else a 500; both `{"Err": ...}` with the whole chain of causes.
+    #[test]
+    fn driver_errors_map_to_statuses_and_messages() {
+        let root = tempfile::tempdir().unwrap();
+        let driver = recording_driver(root.path());
+        let base = root.path().join("base");
+        std::fs::create_dir(&base).unwrap();
+        let create = |opts: serde_json::Value| {
+            let call = parse(
+                CREATE,
+                json!({ "Name": "v1", "Opts": opts }).to_string().as_bytes(),
+            );
+            execute(&driver, call.unwrap(), None)
+        };
+        let missing = execute(&driver, Call::Get { name: vol("nope") }, None);
+        assert_eq!(missing.status, 404);
+        assert_eq!(missing.error_message(), Some("volume nope does not exist"));
+        let bad = create(json!({ "base": base, "volatile": "maybe" }));
+        assert_eq!(bad.status, 500);
+        assert_eq!(
+            bad.error_message(),
+            Some(
+                "invalid options for volume v1: volatile must be true, false, yes or no, not \"maybe\""
+            )
+        );
+        assert_eq!(create(json!({ "base": base })), Reply::ok(json!({})));
+        let conflict = create(json!({ "base": base, "volatile": "true" }));
+        assert_eq!(conflict.status, 500);
+        assert!(
+            conflict
+                .error_message()
+                .unwrap()
+                .contains("already exists with other options")
+        );
+        let unknown = execute(
+            &driver,
+            Call::Unmount {
+                name: vol("v1"),
+                id: MountId::parse(ID).unwrap(),
+            },
+            None,
+        );
+        assert_eq!(unknown.status, 500);
+        assert!(
+            unknown
+                .error_message()
+                .unwrap()
+                .contains("has no mount with ID")
+        );
+        let mounted = execute(
+            &driver,
+            Call::Mount {
+                name: vol("v1"),
+                id: MountId::parse(ID).unwrap(),
+            },
+            None,
+        );
+        assert_eq!(mounted.status, 200);
+        let list = execute(&driver, Call::List, None).encode();
+        assert_eq!(list, br#"{"Volumes":[{"Name":"v1"}]}"#);
     }
 
     fn any_path() -> impl Strategy<Value = String> {
