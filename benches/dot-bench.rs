@@ -34,8 +34,8 @@
 //! With `--write FILE` it replaces its own section of FILE (and nothing else). Without the
 //! `--bench` flag that `cargo bench` passes it does nothing, so `cargo test --all-targets`
 //! stays harmless. Options: `--quick` (a smoke run with small numbers; not with `--write`),
-//! `--only requests,discard,throughput,scale,sized` (some phases; prints, never writes), `--dir DIR`
-//! (where the temporary root goes; default the temp directory), `--keep`.
+//! `--only requests,discard,throughput,scale,sized` (some phases; prints, never writes),
+//! `--dir DIR` (where the temporary root goes; default the temp directory), `--keep`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -115,7 +115,7 @@ fn parse_opts() -> Option<Opts> {
         starts: 10,
         sized_iterations: 100,
         sized_reps: 5,
-        write_reps: 3,
+        write_reps: 5,
         only: None,
         keep: false,
     };
@@ -1508,8 +1508,8 @@ fn sized_remount(d: &Daemon, work: &Path, base: &Path, reps: usize) -> (Stat, St
 }
 
 /// Sequential writes of 1 GiB in a mounted unsized volume and a mounted sized one
-/// (`size=2Gi`), `reps` times each, in turn; the file is deleted and everything synced
-/// between them. Returns the durations (unsized, sized).
+/// (`size=2Gi`), `reps` times each, in turn, after an untimed one in each; the file is
+/// deleted and everything synced between them. Returns the durations (unsized, sized).
 fn sized_write(
     d: &Daemon,
     work: &Path,
@@ -1529,16 +1529,35 @@ fn sized_write(
         c.ok("/VolumeDriver.Mount", &mount_body(v, &id));
         mountpoints.push(path_of(&mut c, v));
     }
+    // One file written, deleted and synced in the mountpoint `mp`; how long the write took.
+    let once = |mp: &Path| {
+        rustix::fs::sync();
+        std::thread::sleep(Duration::from_millis(200));
+        let file = mp.join("seq.bin");
+        let took = write_sequential(&file, GIB);
+        std::fs::remove_file(&file).unwrap();
+        syncfs(mp);
+        syncfs(work);
+        took
+    };
+    // A warm-up write in each, untimed: on a virtual disk the first write of a gigabyte after
+    // a while is often several times slower than the next.
+    for (v, mp) in vols.iter().zip(&mountpoints) {
+        let took = once(mp);
+        eprintln!(
+            "dot-bench: sequential write of 1 GiB in {v} (warm-up): {:.0} MB/s",
+            mb_per_s(GIB, took)
+        );
+    }
     let mut took = [Vec::new(), Vec::new()];
     for _ in 0..reps {
         for (k, mp) in mountpoints.iter().enumerate() {
-            rustix::fs::sync();
-            std::thread::sleep(Duration::from_millis(200));
-            let file = mp.join("seq.bin");
-            took[k].push(write_sequential(&file, GIB));
-            std::fs::remove_file(&file).unwrap();
-            syncfs(mp);
-            syncfs(work);
+            took[k].push(once(mp));
+            eprintln!(
+                "dot-bench: sequential write of 1 GiB in {}: {:.0} MB/s",
+                vols[k],
+                mb_per_s(GIB, *took[k].last().unwrap())
+            );
         }
     }
     c = d.client();
@@ -2339,11 +2358,11 @@ fn report_sized(s: &Sized) -> String {
     let _ = writeln!(
         w,
         "One file of 1 GiB written through the mountpoint of a mounted volume in 1 MiB writes, \
-         then fsync, the whole timed (open to fsync); the volumes alternate, and the file is \
-         deleted and everything synced between samples. The unsized volume's upper is on the \
-         state root's file system; the sized one's (`-o size={SIZED_CAP_WRITE}`) in its image, \
-         a sparse file on that same file system. MB/s are 10⁶ bytes per second, of the p50 \
-         duration; the ratio is sized ÷ unsized.\n"
+         then fsync, the whole timed (open to fsync), after an untimed such write in each; the \
+         volumes alternate, and the file is deleted and everything synced between samples. \
+         The unsized volume's upper is on the state root's file system; the sized one's \
+         (`-o size={SIZED_CAP_WRITE}`) in its image, a sparse file on that same file system. \
+         MB/s are 10⁶ bytes per second, of the p50 duration; the ratio is sized ÷ unsized.\n"
     );
     let _ = writeln!(
         w,
