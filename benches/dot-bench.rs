@@ -1540,8 +1540,9 @@ fn sized_write(
         syncfs(work);
         took
     };
-    // A warm-up write in each, untimed: on a virtual disk the first write of a gigabyte after
-    // a while is often several times slower than the next.
+    // A warm-up write in each, untimed. On a virtual disk some writes of a gigabyte are three
+    // to four times slower than the others, whatever the volume (a bare `dd` shows it too):
+    // the table gives the fastest beside the p50.
     for (v, mp) in vols.iter().zip(&mountpoints) {
         let took = once(mp);
         eprintln!(
@@ -2362,30 +2363,32 @@ fn report_sized(s: &Sized) -> String {
          volumes alternate, and the file is deleted and everything synced between samples. \
          The unsized volume's upper is on the state root's file system; the sized one's \
          (`-o size={SIZED_CAP_WRITE}`) in its image, a sparse file on that same file system. \
-         MB/s are 10⁶ bytes per second, of the p50 duration; the ratio is sized ÷ unsized.\n"
+         MB/s are 10⁶ bytes per second, of the p50 duration; the ratios are sized ÷ unsized, \
+         of the p50s and of the fastest samples (on a virtual disk some samples of either \
+         volume are several times slower than the others).\n"
     );
     let _ = writeln!(
         w,
-        "| volume | MB/s | samples | slowest – fastest | ratio |\n|---|---|---|---|---|"
+        "| volume | MB/s (p50) | samples | slowest – fastest | ratio | ratio of the fastest |\n\
+         |---|---|---|---|---|---|"
     );
     let plain = mb_per_s(GIB, stat(&s.write_unsized).p50);
+    let fastest = |v: &[Duration]| v.iter().min().copied().unwrap_or_default();
+    let plain_fastest = mb_per_s(GIB, fastest(&s.write_unsized));
     for (what, v) in [
         ("unsized", &s.write_unsized),
         ("sized (`size=2Gi`)", &s.write_sized),
     ] {
         let st = stat(v);
-        let (slow, fast) = (
-            v.iter().max().copied().unwrap_or_default(),
-            v.iter().min().copied().unwrap_or_default(),
-        );
-        let x = mb_per_s(GIB, st.p50);
+        let slow = v.iter().max().copied().unwrap_or_default();
+        let (x, fast) = (mb_per_s(GIB, st.p50), mb_per_s(GIB, fastest(v)));
         let _ = writeln!(
             w,
-            "| {what} | {x:.0} | {} | {:.0} – {:.0} | {:.2}× |",
+            "| {what} | {x:.0} | {} | {:.0} – {fast:.0} | {:.2}× | {:.2}× |",
             st.n,
             mb_per_s(GIB, slow),
-            mb_per_s(GIB, fast),
-            x / plain
+            x / plain,
+            fast / plain_fastest
         );
     }
     r
@@ -2397,6 +2400,12 @@ fn sized_ratios(s: &Sized) -> (f64, f64) {
     let flat = s.remount_big.p50.as_secs_f64() / s.remount_small.p50.as_secs_f64();
     let write = stat(&s.write_unsized).p50.as_secs_f64() / stat(&s.write_sized).p50.as_secs_f64();
     (flat, write)
+}
+
+/// Sized ÷ unsized throughput of the fastest samples of the sequential write.
+fn fastest_ratio(s: &Sized) -> f64 {
+    let min = |v: &[Duration]| v.iter().min().copied().unwrap_or_default().as_secs_f64();
+    min(&s.write_unsized) / min(&s.write_sized)
 }
 
 /// The targets of issue 16: `| target | bar | measured | met |`; "not measured" without the
@@ -2434,9 +2443,11 @@ fn report_targets_16(s: Option<&Sized>) -> String {
         ratios.map(|(s, (_, write))| {
             (
                 format!(
-                    "{write:.2}× ({:.0} MB/s against {:.0} MB/s)",
+                    "{write:.2}× of the p50s ({:.0} MB/s against {:.0} MB/s); {:.2}× of the \
+                     fastest samples",
                     mb_per_s(GIB, stat(&s.write_sized).p50),
-                    mb_per_s(GIB, stat(&s.write_unsized).p50)
+                    mb_per_s(GIB, stat(&s.write_unsized).p50),
+                    fastest_ratio(s)
                 ),
                 write >= 0.8,
             )
