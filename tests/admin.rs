@@ -111,11 +111,13 @@ impl Env {
         err
     }
 
+    /// Whether the trash holds nothing but what a last Unmount leaves there for the daemon's
+    /// janitor (its record and overlayfs' `work/`, renamed): no discarded changes.
     fn trash_is_empty(&self) -> bool {
         std::fs::read_dir(self.driver.root().trash())
             .unwrap()
-            .next()
-            .is_none()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .all(|n| n.starts_with("record-") || n.starts_with("work-"))
     }
 }
 

@@ -656,10 +656,15 @@ fn a_volatile_sized_volume_swaps_in_a_fresh_image() {
     f.driver.mount(&name("s"), &id("a"), None).unwrap();
     std::fs::write(vol.upper().join("scratch"), "x").unwrap();
     f.unmount(&name("s"), &id("a")).unwrap();
+    // Detached by the last Unmount; the changes are in the image until the next Mount, for
+    // the admin commands, which attach it.
+    assert!(!f.attached("s"), "a volatile image stays attached");
+    let locked = f.driver.lock_volume(&name("s")).unwrap();
     assert!(
         vol.upper().join("scratch").exists(),
         "gone before the next Mount"
     );
+    drop(locked);
     f.driver.mount(&name("s"), &id("b"), None).unwrap();
     assert!(!vol.upper().join("scratch").exists());
     assert!(vol.image().is_file());
@@ -674,7 +679,8 @@ fn a_volatile_sized_volume_swaps_in_a_fresh_image() {
     assert_eq!(
         f.calls(),
         vec![
-            "format", "attach", "mount", "unmount", "unmount", "format", "attach", "mount"
+            "format", "attach", "mount", "unmount", "unmount", "attach", "unmount", "format",
+            "attach", "mount"
         ]
     );
 }
