@@ -1060,7 +1060,20 @@ fn sized(s: &mut Suite) -> Res {
 
     let scratch = make(s, "sized-volatile", true)?;
     s.run(&[], &[mount(&scratch, "/d")], "echo tmp > /d/tmp.txt")?;
-    s.expect_file(&s.upper(&scratch).join("tmp.txt"), "tmp\n")?;
+    // Detached by the last Unmount; still there for the admin commands, which attach it.
+    let out = run_cmd(
+        s.ns_command(PLUGIN_BIN)
+            .args(["changes", "--root"])
+            .arg(&s.root)
+            .arg(&scratch),
+        CMD_TIMEOUT,
+    )?;
+    ensure!(
+        out.success() && out.stdout == "A /tmp.txt\n",
+        "docker-on-top changes of the volatile sized volume: {}{}",
+        out.stdout,
+        out.stderr
+    );
     let out = s.run(&[], &[mount(&scratch, "/d")], "ls /d")?;
     ensure!(
         out == "base.txt\n",

@@ -208,7 +208,10 @@ fn an_image_caps_what_is_written_and_its_loop_device_goes_with_its_unmount() {
             Err(docker_on_top::sys::SysError::Busy) if tries < 500 => {
                 std::thread::sleep(std::time::Duration::from_millis(10))
             }
-            result => break drop(result.unwrap()),
+            result => {
+                result.unwrap();
+                break;
+            }
         }
     }
     assert!(!sys.is_mount_root(&target).unwrap());
