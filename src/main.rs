@@ -481,12 +481,14 @@ fn generate(what: Generated, dir: &Path) -> Result<()> {
 }
 
 /// One man page: clap_mangen's sections, then EXIT STATUS and SEE ALSO.
-fn man_page(cmd: &clap::Command, title: &str, sub: bool, w: &mut dyn Write) -> io::Result<()> {
+fn man_page(cmd: &clap::Command, title: &str, sub: bool, out: &mut dyn Write) -> io::Result<()> {
     let man = clap_mangen::Man::new(cmd.clone())
         .title(title.to_uppercase())
         .section("8")
         .manual("System Administration")
         .source(format!("docker-on-top {}", env!("CARGO_PKG_VERSION")));
+    let mut page = Vec::new();
+    let w = &mut page;
     man.render_title(w)?;
     man.render_name_section(w)?;
     man.render_synopsis_section(w)?;
@@ -504,15 +506,23 @@ fn man_page(cmd: &clap::Command, title: &str, sub: bool, w: &mut dyn Write) -> i
     if sub {
         writeln!(w, "\\fBdocker-on-top\\fR(8)")?;
     } else {
-        let pages: Vec<String> = (cmd.get_subcommands())
-            .filter(|c| !c.is_hide_set())
-            .map(|c| format!("\\fBdocker-on-top-{}\\fR(8)", c.get_name()))
-            .collect();
         writeln!(
             w,
-            "{}, /usr/share/doc/docker-on-top/README.md",
-            pages.join(", ")
+            "\\fBdocker-volume-create\\fR(1), \\fBpodman-volume-create\\fR(1), \
+             /usr/share/doc/docker-on-top/README.md"
         )?;
+    }
+    // Each section came with roff's preamble (the apostrophe string `Aq`): only the first stays.
+    let text = String::from_utf8_lossy(&page);
+    let mut seen = Vec::new();
+    for line in text.lines() {
+        if line.ends_with(".ds Aq \\(aq") || line.ends_with(".ds Aq '") {
+            if seen.contains(&line) {
+                continue;
+            }
+            seen.push(line);
+        }
+        writeln!(out, "{line}")?;
     }
     Ok(())
 }
