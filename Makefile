@@ -2,35 +2,58 @@
 #
 #   make                      build target/release/docker-on-top (cargo build --release)
 #   sudo make install         install the binary and the units, enable and start the socket
-#   sudo make uninstall       stop and disable, remove the binary and the units;
+#   sudo make uninstall       stop and disable, remove what install installed;
 #                             never touches the volumes in /var/lib/docker-on-top
+#   make generated            write dist/man/*.8 and dist/completions/* again from the
+#                             binary's clap definitions (tests/units.rs checks they are current)
 #
-# PREFIX (default /usr/local) decides where the binary and the README (DOCDIR) go; the
-# installed service's ExecStart and Documentation= follow them. DESTDIR stages the files
-# elsewhere (for packaging) and skips systemctl.
-# UNITDIR (default /etc/systemd/system) is where the units go.
+# PREFIX (default /usr/local) decides where everything goes: the binary (BINDIR), the units
+# (UNITDIR, $(PREFIX)/lib/systemd/system: systemd reads /usr/local/lib/systemd/system, and
+# /etc/systemd/system stays the administrator's), the README (DOCDIR), the man pages (MANDIR)
+# and the bash, zsh and fish completions. The installed service's ExecStart and
+# Documentation= follow BINDIR and DOCDIR. DESTDIR stages the files elsewhere (for packaging)
+# and skips systemctl.
 
 PREFIX ?= /usr/local
 BINDIR ?= $(PREFIX)/bin
-UNITDIR ?= /etc/systemd/system
+UNITDIR ?= $(PREFIX)/lib/systemd/system
 DOCDIR ?= $(PREFIX)/share/doc/docker-on-top
+MANDIR ?= $(PREFIX)/share/man/man8
+BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
+# zsh's fpath: Debian's zsh reads /usr/local/share/zsh/site-functions (its own packages use
+# /usr/share/zsh/vendor-completions).
+ZSHCOMPDIR ?= $(PREFIX)/share/zsh/site-functions
+FISHCOMPDIR ?= $(PREFIX)/share/fish/vendor_completions.d
 DESTDIR ?=
 BIN ?= target/release/docker-on-top
 STATE_DIR := /var/lib/docker-on-top
 SYSTEMCTL ?= systemctl
 
-.PHONY: all build install uninstall
+MANPAGES := $(notdir $(wildcard dist/man/*.8))
+
+.PHONY: all build install uninstall generated
 
 all: build
 
 build:
 	cargo build --release --locked
 
+generated:
+	@test -x "$(BIN)" || { echo "make generated: $(BIN) is missing: run 'make' first" >&2; exit 1; }
+	rm -f dist/man/*.8 dist/completions/*
+	"$(BIN)" generate man dist/man
+	"$(BIN)" generate completions dist/completions
+
 install:
 	@test -x "$(BIN)" || { echo "make install: $(BIN) is missing: run 'make' (or cargo build --release) first" >&2; exit 1; }
-	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(DOCDIR)"
+	install -d "$(DESTDIR)$(BINDIR)" "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(DOCDIR)" "$(DESTDIR)$(MANDIR)" \
+		"$(DESTDIR)$(BASHCOMPDIR)" "$(DESTDIR)$(ZSHCOMPDIR)" "$(DESTDIR)$(FISHCOMPDIR)"
 	install -m 0755 "$(BIN)" "$(DESTDIR)$(BINDIR)/docker-on-top"
 	install -m 0644 README.md "$(DESTDIR)$(DOCDIR)/README.md"
+	install -m 0644 $(addprefix dist/man/,$(MANPAGES)) "$(DESTDIR)$(MANDIR)/"
+	install -m 0644 dist/completions/docker-on-top.bash "$(DESTDIR)$(BASHCOMPDIR)/docker-on-top"
+	install -m 0644 dist/completions/_docker-on-top "$(DESTDIR)$(ZSHCOMPDIR)/_docker-on-top"
+	install -m 0644 dist/completions/docker-on-top.fish "$(DESTDIR)$(FISHCOMPDIR)/docker-on-top.fish"
 	sed -e 's|^ExecStart=/usr/local/bin/docker-on-top|ExecStart=$(BINDIR)/docker-on-top|' \
 		-e 's|^Documentation=file:///usr/local/share/doc/docker-on-top/|Documentation=file://$(DOCDIR)/|' \
 		docker-on-top.service > "$(DESTDIR)$(UNITDIR)/docker-on-top.service"
@@ -52,6 +75,9 @@ uninstall:
 	fi
 	rm -f "$(DESTDIR)$(UNITDIR)/docker-on-top.service" "$(DESTDIR)$(UNITDIR)/docker-on-top.socket"
 	rm -f "$(DESTDIR)$(BINDIR)/docker-on-top" "$(DESTDIR)$(DOCDIR)/README.md"
+	rm -f $(addprefix "$(DESTDIR)$(MANDIR)/,$(addsuffix ",$(MANPAGES)))
+	rm -f "$(DESTDIR)$(BASHCOMPDIR)/docker-on-top" "$(DESTDIR)$(ZSHCOMPDIR)/_docker-on-top" \
+		"$(DESTDIR)$(FISHCOMPDIR)/docker-on-top.fish"
 	rmdir "$(DESTDIR)$(DOCDIR)" 2>/dev/null || true
 	@if [ -z "$(DESTDIR)" ]; then set -x; $(SYSTEMCTL) daemon-reload; fi
 	@echo "make uninstall: kept $(STATE_DIR) (the volumes and their changes); delete it yourself once you are sure nothing in it is needed"

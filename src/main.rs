@@ -1,7 +1,9 @@
 //! The `docker-on-top` daemon: parses the command line, opens the driver, acquires the plugin
 //! socket and serves until a signal (or the idle timeout) arrives. The admin subcommands
 //! (`ls`, `inspect`, `changes`, `recover`, `export`, `reset`, `commit`) print what
-//! `docker_on_top::admin` does; any failure is one line on stderr and exit code 1.
+//! `docker_on_top::admin` does; any failure is one line on stderr and exit status 1, or 3
+//! when the volume does not exist (clap's usage errors are 2). The hidden `generate`
+//! subcommand writes the man pages and shell completions (for packaging: `make generated`).
 //!
 //! Wiring only: anything worth testing belongs in the library.
 
@@ -13,9 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
-use docker_on_top::admin::{self, Admin, Change, ChangeKind};
-use docker_on_top::driver::{Driver, DriverConfig};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use docker_on_top::admin::{self, Admin, AdminError};
+use docker_on_top::driver::{Driver, DriverConfig, DriverError};
 use docker_on_top::logging;
 use docker_on_top::names::VolumeName;
 use docker_on_top::options::AllowedBases;
@@ -24,30 +26,59 @@ use log::{error, info};
 use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 
+/// Exit status of a failure.
+const EXIT_FAILURE: u8 = 1;
+/// Exit status when the named volume does not exist.
+const EXIT_NO_SUCH_VOLUME: u8 = 3;
+
+/// `--help` of every command ends with this, and the man pages have it as EXIT STATUS.
+const EXIT_STATUS: &str = "\
+Exit status:
+  0  success
+  1  failure (one line on stderr says why)
+  2  usage error (unknown command or option, missing argument)
+  3  no such volume";
+
 /// Docker volume plugin: a copy-on-write (overlayfs) view of a host directory.
+///
+/// With no command, serves the plugin socket: `docker-on-top [OPTIONS]` is
+/// `docker-on-top serve [OPTIONS]`. The other commands inspect and manage the volumes in the
+/// state directory, with or without the daemon running.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "docker-on-top", version, about, after_long_help = EXIT_STATUS)]
 struct Cli {
+    /// The state directory.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        default_value = "/var/lib/docker-on-top"
+    )]
+    root: PathBuf,
+    /// `serve`'s options, for `docker-on-top` with no command (hidden here: see `serve --help`).
     #[command(flatten)]
-    opts: Opts,
+    serve: ServeArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Serve the plugin socket (the default).
-    Serve,
+    /// Serve the plugin socket (the default command).
+    Serve(ServeArgs),
     /// List every volume: base, volatile, mounted, active mounts, size of its changes.
     Ls {
-        /// JSON instead of a table.
+        /// JSON (an array of `inspect` objects) instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Show one volume as JSON.
+    /// Show one volume, as JSON (the default and only format; `--json` is accepted).
     Inspect {
         /// The volume.
         name: String,
+        /// JSON (already the default).
+        #[arg(long)]
+        json: bool,
     },
     /// What a volume changed, one line per path: A added, C changed, D deleted.
     Changes {
@@ -57,12 +88,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Copy a volume's added and changed entries into DEST (new or empty); list the deleted.
+    /// Copy a volume's added and changed entries into DEST (new or empty).
     Recover {
         /// The volume.
         name: String,
         /// Where to copy them: a new directory (its parent must exist) or an empty one.
         dest: PathBuf,
+        #[command(flatten)]
+        verbose: Verbose,
     },
     /// Write a volume's changes as a tar stream (OCI layer whiteouts).
     Export {
@@ -76,48 +109,77 @@ enum Command {
     Reset {
         /// The volume.
         name: String,
+        #[command(flatten)]
+        verbose: Verbose,
     },
     /// Apply the changes of a volume that is not mounted to its base, then reset it.
     Commit {
         /// The volume.
         name: String,
-        /// Really do it; without it, only show what would change.
+        /// Really do it; without it, only list what would change.
         #[arg(long)]
         yes: bool,
+        #[command(flatten)]
+        verbose: Verbose,
+    },
+    /// Write the man pages or the shell completions into DIR (for packaging).
+    #[command(hide = true)]
+    Generate {
+        what: Generated,
+        /// An existing directory.
+        dir: PathBuf,
     },
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Generated {
+    /// docker-on-top.8 and docker-on-top-COMMAND.8.
+    Man,
+    /// docker-on-top.bash, _docker-on-top (zsh) and docker-on-top.fish.
+    Completions,
+}
+
 #[derive(Debug, Args)]
-struct Opts {
+struct Verbose {
+    /// One line per action taken, then the summary.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+/// The daemon's options.
+#[derive(Debug, Args)]
+struct ServeArgs {
     /// The plugin socket to create (ignored when systemd passes one).
     #[arg(
         long,
-        global = true,
         value_name = "PATH",
         default_value = "/run/docker/plugins/docker-on-top.sock"
     )]
     socket: PathBuf,
-    /// The state directory.
-    #[arg(
-        long,
-        global = true,
-        value_name = "DIR",
-        default_value = "/var/lib/docker-on-top"
-    )]
-    root: PathBuf,
     /// Exit once no request has arrived for this long (e.g. 30s, 5min).
-    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_timeout)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
     idle_timeout: Option<Duration>,
     /// Mount with legacy mount(2) even where the new mount API works.
-    #[arg(long, global = true)]
+    #[arg(long)]
     legacy_mount_api: bool,
     /// How long a client may take to send a request's headers, and then its body (default
     /// 30s); a connection that takes longer is closed. Advanced: the tests shorten it.
-    #[arg(long, global = true, hide = true, value_name = "DURATION", value_parser = parse_timeout)]
+    #[arg(long, hide = true, value_name = "DURATION", value_parser = parse_timeout)]
     read_timeout: Option<Duration>,
     /// Only create volumes whose base is DIR or lies inside it (repeatable; default: any
     /// directory). Paths are compared after resolving symlinks, component by component.
-    #[arg(long = "allowed-base", global = true, value_name = "DIR")]
+    #[arg(long = "allowed-base", value_name = "DIR")]
+    allowed_bases: Vec<PathBuf>,
+}
+
+/// What `serve` runs with.
+#[derive(Debug)]
+struct Opts {
+    socket: PathBuf,
+    root: PathBuf,
+    idle_timeout: Option<Duration>,
+    legacy_mount_api: bool,
+    read_timeout: Option<Duration>,
     allowed_bases: Vec<PathBuf>,
 }
 
@@ -129,38 +191,117 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
     }
 }
 
+/// The command line, as `--help`, the man pages and the completions show it: the top level's
+/// copy of the serve options is hidden (documented once, under `serve`), and every command's
+/// `--help` ends with the exit statuses.
+fn cli() -> clap::Command {
+    let serve_ids: Vec<String> = (ServeArgs::augment_args(clap::Command::new("serve")))
+        .get_arguments()
+        .map(|a| a.get_id().to_string())
+        .collect();
+    Cli::command()
+        .mut_args(|a| {
+            if serve_ids.iter().any(|id| id == a.get_id()) {
+                a.hide(true)
+            } else {
+                a
+            }
+        })
+        .mut_subcommands(|c| c.after_long_help(EXIT_STATUS))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => {
+    let mut cmd = cli();
+    let matches = cmd.get_matches_mut();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
+    // A serve option before another command is a usage error, not silently ignored.
+    if let Some((sub, _)) = matches.subcommand() {
+        let ids: Vec<String> = (ServeArgs::augment_args(clap::Command::new("serve")))
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect();
+        for id in ids {
+            if matches.value_source(&id) == Some(clap::parser::ValueSource::CommandLine) {
+                cmd.error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    format!(
+                        "--{0} goes after `serve` (`docker-on-top serve --{0} ...`), not before `{sub}`",
+                        id.replace('_', "-")
+                    ),
+                )
+                .exit();
+            }
+        }
+    }
+    let command = cli.command.unwrap_or(Command::Serve(cli.serve));
+    match command {
+        Command::Serve(args) => {
             logging::init();
-            match serve(cli.opts) {
+            let opts = Opts {
+                socket: args.socket,
+                root: cli.root,
+                idle_timeout: args.idle_timeout,
+                legacy_mount_api: args.legacy_mount_api,
+                read_timeout: args.read_timeout,
+                allowed_bases: args.allowed_bases,
+            };
+            match serve(opts) {
                 Ok(()) => {
                     info!("exiting");
                     ExitCode::SUCCESS
                 }
                 Err(err) => {
                     error!("{err:#}");
-                    ExitCode::FAILURE
+                    ExitCode::from(EXIT_FAILURE)
                 }
             }
         }
+        Command::Generate { what, dir } => match generate(what, &dir) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("docker-on-top: {err:#}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
         command => {
             logging::init_with_default("warn");
-            match admin(&cli.opts.root, command) {
+            match admin(&cli.root, command) {
                 Ok(()) => ExitCode::SUCCESS,
                 // The reader went away (`changes | head`): nothing to say.
-                Err(err) if is_broken_pipe(&err) => ExitCode::FAILURE,
+                Err(err) if is_broken_pipe(&err) => ExitCode::from(EXIT_FAILURE),
                 Err(err) => {
                     eprintln!("docker-on-top: {err:#}");
-                    ExitCode::FAILURE
+                    ExitCode::from(exit_status(&err))
                 }
             }
         }
     }
 }
 
-/// The admin commands: the library does the work, this prints it.
+/// 3 when the volume named does not exist, else 1.
+fn exit_status(err: &anyhow::Error) -> u8 {
+    let missing = err.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<AdminError>(),
+            Some(AdminError::Driver(DriverError::NoSuchVolume(_)))
+        ) || matches!(
+            cause.downcast_ref::<DriverError>(),
+            Some(DriverError::NoSuchVolume(_))
+        )
+    });
+    if missing {
+        EXIT_NO_SUCH_VOLUME
+    } else {
+        EXIT_FAILURE
+    }
+}
+
+/// The admin commands: the library does the work, this prints it. Reading commands print
+/// what they read; changing ones a one-line summary on stdout (after one line per action with
+/// `-v`), warnings and skipped paths on stderr.
 fn admin(root: &Path, command: Command) -> Result<()> {
     let admin = Admin::open(root)?;
     let name = |n: &str| VolumeName::parse(n).context("invalid volume name");
@@ -170,11 +311,18 @@ fn admin(root: &Path, command: Command) -> Result<()> {
             eprintln!("docker-on-top: warning: {w}");
         }
     };
+    let skipped = |skipped: &[(PathBuf, &str)]| {
+        for (path, why) in skipped {
+            eprintln!("docker-on-top: skipped {}: {why}", path.display());
+        }
+    };
     match command {
-        Command::Serve => unreachable!("served by main"),
+        Command::Serve(_) | Command::Generate { .. } => unreachable!("run by main"),
         Command::Ls { json: true } => admin::write_json(&mut out, &admin.list()?)?,
         Command::Ls { json: false } => admin::write_table(&mut out, &admin.list()?)?,
-        Command::Inspect { name: n } => admin::write_json(&mut out, &admin.inspect(&name(&n)?)?)?,
+        Command::Inspect { name: n, json: _ } => {
+            admin::write_json(&mut out, &admin.inspect(&name(&n)?)?)?
+        }
         Command::Changes { name: n, json } => {
             let changes = admin.changes(&name(&n)?)?;
             warn(&changes.warnings);
@@ -184,28 +332,35 @@ fn admin(root: &Path, command: Command) -> Result<()> {
                 admin::write_changes(&mut out, &changes.changes)?;
             }
         }
-        Command::Recover { name: n, dest } => {
+        Command::Recover {
+            name: n,
+            dest,
+            verbose,
+        } => {
             let done = admin.recover(&name(&n)?, &dest)?;
             warn(&done.warnings);
-            let deleted: Vec<Change> = done
-                .deleted
-                .iter()
-                .map(|path| Change {
-                    kind: ChangeKind::Deleted,
-                    path: path.clone(),
-                })
-                .collect();
-            admin::write_changes(&mut out, &deleted)?;
-            for (path, why) in &done.skipped {
-                eprintln!("docker-on-top: skipped {}: {why}", path.display());
+            skipped(&done.skipped);
+            if verbose.verbose {
+                for path in &done.copied {
+                    writeln!(out, "copied {}", path.display())?;
+                }
+                for path in &done.deleted {
+                    writeln!(out, "not copied, deleted in the volume: {}", path.display())?;
+                }
             }
-            eprintln!(
-                "recovered {} entries ({}) of volume {n} into {}; {} deleted path(s) listed",
+            writeln!(
+                out,
+                "volume {n}: recovered {} entries ({}) into {}; {} deleted path(s) not recoverable{}",
                 done.entries,
                 admin::human_bytes(done.bytes),
                 dest.display(),
-                done.deleted.len()
-            );
+                done.deleted.len(),
+                if done.deleted.is_empty() || verbose.verbose {
+                    ""
+                } else {
+                    " (-v lists them)"
+                }
+            )?;
         }
         Command::Export { name: n, output } => {
             let name = name(&n)?;
@@ -217,18 +372,30 @@ fn admin(root: &Path, command: Command) -> Result<()> {
                 None => admin.export(&name, &mut out)?,
             };
             warn(&done.warnings);
-            for (path, why) in &done.skipped {
-                eprintln!("docker-on-top: skipped {}: {why}", path.display());
-            }
+            skipped(&done.skipped);
         }
-        Command::Reset { name: n } => {
-            let done = admin.reset(&name(&n)?)?;
+        Command::Reset { name: n, verbose } => {
+            let vol = name(&n)?;
+            let upper = admin.driver().root().volume(&vol).upper();
+            let done = admin.reset(&vol)?;
             warn(&done.warnings);
-            eprintln!("volume {n}: changes discarded");
+            match (&done.trashed, verbose.verbose) {
+                (Some(trashed), true) => {
+                    writeln!(out, "moved {} to {}", upper.display(), trashed.display())?;
+                    if done.warnings.is_empty() {
+                        writeln!(out, "deleted {}", trashed.display())?;
+                    }
+                    writeln!(out, "made {} anew, empty", upper.display())?;
+                }
+                (None, true) => writeln!(out, "made {} anew, empty", upper.display())?,
+                (_, false) => {}
+            }
+            writeln!(out, "volume {n}: changes discarded")?;
         }
         Command::Commit {
             name: n,
             yes: false,
+            verbose: _,
         } => {
             let changes = admin.changes(&name(&n)?)?;
             warn(&changes.warnings);
@@ -239,21 +406,124 @@ fn admin(root: &Path, command: Command) -> Result<()> {
                 changes.base.display()
             );
         }
-        Command::Commit { name: n, yes: true } => {
+        Command::Commit {
+            name: n,
+            yes: true,
+            verbose,
+        } => {
             let done = admin.commit(&name(&n)?)?;
             warn(&done.warnings);
-            admin::write_changes(&mut out, &done.changes)?;
-            for (path, why) in &done.applied.skipped {
-                eprintln!("docker-on-top: skipped {}: {why}", path.display());
+            skipped(&done.applied.skipped);
+            if verbose.verbose {
+                admin::write_changes(&mut out, &done.changes)?;
             }
-            eprintln!(
-                "volume {n}: {} change(s) applied to {}; the volume now has no changes",
+            writeln!(
+                out,
+                "volume {n}: {} change(s) applied to {} ({} written, {} deleted, {} skipped); the volume now has no changes",
                 done.changes.len(),
-                done.base.display()
-            );
+                done.base.display(),
+                done.applied.written,
+                done.applied.deleted,
+                done.applied.skipped.len()
+            )?;
         }
     }
     out.flush()?;
+    Ok(())
+}
+
+/// `generate man DIR`: a page for the program and one per (visible) command, section 8.
+/// `generate completions DIR`: bash, zsh and fish.
+fn generate(what: Generated, dir: &Path) -> Result<()> {
+    let write = |file: &str, render: &dyn Fn(&mut dyn Write) -> io::Result<()>| -> Result<()> {
+        let path = dir.join(file);
+        let mut f = io::BufWriter::new(
+            File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
+        );
+        render(&mut f)
+            .and_then(|()| f.flush())
+            .with_context(|| format!("cannot write {}", path.display()))
+    };
+    let mut cmd = cli().disable_help_subcommand(true);
+    cmd.build();
+    match what {
+        Generated::Man => {
+            let pages = std::iter::once((cmd.clone(), None)).chain(
+                (cmd.get_subcommands())
+                    .filter(|c| !c.is_hide_set())
+                    .map(|c| (c.clone(), Some(c.get_name().to_owned()))),
+            );
+            for (page, sub) in pages {
+                let title = match &sub {
+                    Some(s) => format!("docker-on-top-{s}"),
+                    None => "docker-on-top".into(),
+                };
+                write(&format!("{title}.8"), &|w| {
+                    man_page(&page, &title, sub.is_some(), w)
+                })?;
+            }
+        }
+        Generated::Completions => {
+            use clap_complete::Shell;
+            for (shell, file) in [
+                (Shell::Bash, "docker-on-top.bash"),
+                (Shell::Zsh, "_docker-on-top"),
+                (Shell::Fish, "docker-on-top.fish"),
+            ] {
+                write(file, &|w| {
+                    clap_complete::generate(shell, &mut cmd.clone(), "docker-on-top", w);
+                    Ok(())
+                })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One man page: clap_mangen's sections, then EXIT STATUS and SEE ALSO.
+fn man_page(cmd: &clap::Command, title: &str, sub: bool, out: &mut dyn Write) -> io::Result<()> {
+    let man = clap_mangen::Man::new(cmd.clone())
+        .title(title.to_uppercase())
+        .section("8")
+        .manual("System Administration")
+        .source(format!("docker-on-top {}", env!("CARGO_PKG_VERSION")));
+    let mut page = Vec::new();
+    let w = &mut page;
+    man.render_title(w)?;
+    man.render_name_section(w)?;
+    man.render_synopsis_section(w)?;
+    man.render_description_section(w)?;
+    man.render_options_section(w)?;
+    if cmd.get_subcommands().any(|c| !c.is_hide_set()) {
+        man.render_subcommands_section(w)?;
+    }
+    writeln!(w, ".SH \"EXIT STATUS\"")?;
+    for line in EXIT_STATUS.lines().skip(1) {
+        let (code, what) = line.trim().split_once("  ").unwrap_or(("", line));
+        writeln!(w, ".TP\n\\fB{code}\\fR\n{}", what.trim())?;
+    }
+    writeln!(w, ".SH \"SEE ALSO\"")?;
+    if sub {
+        writeln!(w, "\\fBdocker-on-top\\fR(8)")?;
+    } else {
+        writeln!(
+            w,
+            "\\fBdocker-volume-create\\fR(1), \\fBpodman-volume-create\\fR(1), \
+             /usr/share/doc/docker-on-top/README.md"
+        )?;
+    }
+    // Each section came with roff's preamble (the apostrophe string `Aq`): only the first stays.
+    let text = String::from_utf8_lossy(&page);
+    let mut seen = Vec::new();
+    for line in text.lines() {
+        if line.ends_with(".ds Aq \\(aq") || line.ends_with(".ds Aq '") {
+            if seen.contains(&line) {
+                continue;
+            }
+            seen.push(line);
+        }
+        writeln!(out, "{line}")?;
+    }
     Ok(())
 }
 

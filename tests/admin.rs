@@ -111,6 +111,18 @@ impl Env {
         err
     }
 
+    /// Runs the binary; it must fail with exit status 3 (no such volume) and one line on
+    /// stderr, which is returned.
+    fn missing(&self, args: &[&str]) -> String {
+        let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+        let out = self.run(&args);
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "not one line: {err}");
+        assert!(out.stdout.is_empty(), "{args:?} printed to stdout");
+        err
+    }
+
     /// Whether the trash holds nothing but what a last Unmount leaves there for the daemon's
     /// janitor (its record and overlayfs' `work/`, renamed): no discarded changes.
     fn trash_is_empty(&self) -> bool {
@@ -476,7 +488,7 @@ fn ls_and_inspect_report_volumes() {
         "{table}"
     );
 
-    let err = e.fails(&["inspect", "nope"]);
+    let err = e.missing(&["inspect", "nope"]);
     assert!(err.contains("volume nope does not exist"), "{err}");
     let err = e.fails(&["inspect", "../etc"]);
     assert!(err.contains("invalid volume name"), "{err}");
@@ -488,9 +500,45 @@ fn recover_copies_added_and_changed_entries_with_their_attributes() {
     let (base, merged) = scenario(&e);
     let dest = e.path("recovered");
     let out = e.ok(&["recover", "v", dest.to_str().unwrap()]);
+    let summary = format!(
+        "into {}; 4 deleted path(s) not recoverable (-v lists them)\n",
+        dest.display()
+    );
+    assert!(
+        out.starts_with("volume v: recovered ")
+            && out.ends_with(&summary)
+            && out.lines().count() == 1,
+        "{out}"
+    );
+    // -v: a line per entry made, and the deleted paths, then the summary.
+    let dest_v = e.path("recovered-v");
+    let out = e.ok(&["recover", "v", dest_v.to_str().unwrap(), "-v"]);
+    let lines: Vec<&str> = out.lines().collect();
+    let copied: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("copied "))
+        .collect();
+    let deleted: Vec<&str> = (lines.iter())
+        .filter_map(|l| l.strip_prefix("not copied, deleted in the volume: "))
+        .collect();
     assert_eq!(
-        out, "D /dir/c.txt\nD /dir/sub/b.txt\nD /gone.txt\nD /olddir\n",
-        "deleted paths"
+        deleted,
+        ["/dir/c.txt", "/dir/sub/b.txt", "/gone.txt", "/olddir"],
+        "{out}"
+    );
+    assert_eq!(copied.len() + deleted.len() + 1, lines.len(), "{out}");
+    assert!(
+        (lines.last().unwrap())
+            .starts_with(&format!("volume v: recovered {} entries ", copied.len())),
+        "{out}"
+    );
+    for path in &copied {
+        let at = dest_v.join(path.trim_start_matches('/'));
+        assert!(at.symlink_metadata().is_ok(), "{path} listed, not made");
+    }
+    assert!(
+        copied.contains(&"/new.txt") && copied.contains(&"/deep/nested/file.txt"),
+        "{out}"
     );
 
     // Exactly the added and changed entries and the directories leading to them.
@@ -761,7 +809,14 @@ fn commit_writes_the_changes_into_the_base_and_resets() {
     assert_eq!(snapshot(&base, true), before, "base changed");
     e.unmount("v", "c1");
 
-    assert_eq!(e.ok(&["commit", "v", "--yes"]), EXPECTED);
+    let summary = format!(
+        "volume v: 18 change(s) applied to {} (14 written, 4 deleted, 0 skipped); the volume now has no changes\n",
+        std::fs::canonicalize(&base).unwrap().display()
+    );
+    assert_eq!(
+        e.ok(&["commit", "v", "--yes", "-v"]),
+        format!("{EXPECTED}{summary}")
+    );
     // The base is now what the containers saw, times included.
     assert_eq!(snapshot(&base, true), merged);
     let root = std::fs::metadata(&base).unwrap();
@@ -850,7 +905,19 @@ fn reset_discards_the_changes_of_an_unmounted_volume_only() {
     assert_eq!(e.ok(&["changes", "v"]), EXPECTED);
     e.unmount("v", "c1");
 
-    assert_eq!(e.ok(&["reset", "v"]), "");
+    assert_eq!(e.ok(&["reset", "v"]), "volume v: changes discarded\n");
+    // -v: what was done to the upper directory, a line each, then the summary.
+    let upper = e.upper("v");
+    let out = e.ok(&["reset", "v", "-v"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.last(), Some(&"volume v: changes discarded"), "{out}");
+    assert!(lines.len() >= 2, "{out}");
+    assert!(
+        lines[..lines.len() - 1]
+            .iter()
+            .all(|l| l.contains(upper.to_str().unwrap()) || l.starts_with("deleted ")),
+        "{out}"
+    );
     assert_eq!(e.ok(&["changes", "v"]), "");
     assert_eq!(std::fs::read_dir(e.upper("v")).unwrap().count(), 0);
     let upper = std::fs::metadata(e.upper("v")).unwrap();
@@ -864,7 +931,7 @@ fn reset_discards_the_changes_of_an_unmounted_volume_only() {
     );
     e.unmount("v", "c2");
 
-    let err = e.fails(&["reset", "nope"]);
+    let err = e.missing(&["reset", "nope"]);
     assert!(err.contains("volume nope does not exist"), "{err}");
 }
 
@@ -885,8 +952,11 @@ fn volatile_changes_are_recoverable_until_the_next_mount() {
     );
     let dest = e.path("saved");
     assert_eq!(
-        e.ok(&["recover", "scratch", dest.to_str().unwrap()]),
-        "D /gone.txt\n"
+        e.ok(&["recover", "scratch", dest.to_str().unwrap(), "--verbose"]),
+        format!(
+            "copied /result.txt\nnot copied, deleted in the volume: /gone.txt\nvolume scratch: recovered 1 entries (8 B) into {}; 1 deleted path(s) not recoverable\n",
+            dest.display()
+        )
     );
     assert_eq!(
         std::fs::read_to_string(dest.join("result.txt")).unwrap(),
@@ -983,12 +1053,14 @@ fn errors_are_one_line_and_name_what_to_do() {
     );
     assert_eq!(e.ok(&["ls", "--json"]).trim(), "[]");
     for cmd in ["changes", "reset", "export", "inspect"] {
-        let err = e.fails(&[cmd, "ghost"]);
+        let err = e.missing(&[cmd, "ghost"]);
         assert!(err.contains("volume ghost does not exist"), "{cmd}: {err}");
     }
-    let err = e.fails(&["commit", "ghost", "--yes"]);
+    let err = e.missing(&["commit", "ghost", "--yes"]);
     assert!(err.contains("volume ghost does not exist"), "{err}");
-    let err = e.fails(&["export", "ghost", "-o", e.path("x.tar").to_str().unwrap()]);
+    let err = e.missing(&["recover", "ghost", e.path("r").to_str().unwrap()]);
+    assert!(err.contains("volume ghost does not exist"), "{err}");
+    let err = e.missing(&["export", "ghost", "-o", e.path("x.tar").to_str().unwrap()]);
     assert!(err.contains("ghost"), "{err}");
     assert!(!e.path("x.tar").exists(), "failed export left its file");
 }
@@ -1110,4 +1182,72 @@ fn admin_commands_work_on_a_sized_volume_attached_or_not() {
     assert!(e.trash_is_empty());
     e.driver.remove(&name("s")).unwrap();
     assert!(!vol.path.exists());
+}
+
+/// The command line's conventions (issue 15): the daemon's options belong to `serve` (and to
+/// no command at all), `--root` to every command, usage errors exit with 2, `--version` works
+/// and `inspect` takes `--json`.
+#[test]
+fn usage_errors_exit_2_and_serve_options_belong_to_serve() {
+    let e = env();
+    let (_, _) = scenario(&e);
+    let bin = || Command::new(env!("CARGO_BIN_EXE_docker-on-top"));
+    for args in [
+        &["ls", "--socket", "/x"][..],
+        &["--socket", "/x", "ls"],
+        &["--idle-timeout", "5s", "reset", "v"],
+        &["changes", "v", "--allowed-base", "/"],
+        &["no-such-command"],
+        &["inspect"],
+        &["serve", "--idle-timeout", "0s"],
+    ] {
+        let out = bin().args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    let out = bin().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("docker-on-top {}\n", env!("CARGO_PKG_VERSION"))
+    );
+    let help = |args: &[&str]| {
+        let out = bin().args(args).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let serve = help(&["serve"]);
+    for opt in [
+        "--socket",
+        "--idle-timeout",
+        "--allowed-base",
+        "--legacy-mount-api",
+        "--root",
+    ] {
+        assert!(serve.contains(opt), "serve --help lacks {opt}: {serve}");
+    }
+    assert!(serve.contains("3  no such volume"), "{serve}");
+    for cmd in [
+        "ls", "inspect", "changes", "recover", "export", "reset", "commit",
+    ] {
+        let text = help(&[cmd]);
+        assert!(text.contains("--root"), "{cmd} --help lacks --root: {text}");
+        assert!(
+            !text.contains("--socket"),
+            "{cmd} --help shows --socket: {text}"
+        );
+    }
+    let top = help(&[]);
+    assert!(!top.contains("--socket") && top.contains("serve"), "{top}");
+    // The same JSON with or without --json; --root after the command too.
+    let root = e.root.to_str().unwrap();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let out = bin().args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    assert_eq!(
+        json(&["--root", root, "inspect", "v"]),
+        json(&["inspect", "v", "--json", "--root", root])
+    );
 }

@@ -5,11 +5,14 @@
 //! 5 s, can parse only JSON errors and uses the container ID as the mount ID.
 //!
 //! Isolation (see `tests/common/host.rs`): the plugin runs in a private mount namespace with its
-//! own `--root` and `--socket` under a temporary directory; every podman command runs in that
-//! namespace too (`nsenter`), with a private containers.conf (`CONTAINERS_CONF`: the plugin,
-//! cgroupfs, a file events log, ulimits the host allows), private `--root`, `--runroot` and
-//! `--tmpdir` storage and the vfs storage driver, and a busybox image made with `podman import`.
-//! Nothing touches the host's Podman storage, and the overlays vanish with the namespace.
+//! own `--root` under a temporary directory, on its default socket in a private tmpfs on
+//! /run/docker/plugins; every podman command runs in that namespace too (`nsenter`), where a
+//! private tmpfs on /etc/containers/containers.conf.d holds the package's drop-in
+//! (dist/podman/50-docker-on-top.conf, verbatim: so the plugin is registered exactly as
+//! `apt install` registers it) and the test's own settings (cgroupfs, a file events log, ulimits
+//! the host allows); private `--root`, `--runroot` and `--tmpdir` storage and the vfs storage
+//! driver, and a busybox image made with `podman import`. Nothing touches the host's Podman
+//! storage, and the overlays vanish with the namespace.
 //!
 //! Steps: create (and a refused create with its message), run (reads the base, writes; the
 //! base is unchanged; a second container sees the change), two containers at once (one mount
@@ -33,7 +36,6 @@ const LONG_RUNNING: &str = "trap 'exit 0' TERM INT; while :; do sleep 1 & wait $
 
 struct Podman {
     sandbox: Sandbox,
-    conf: PathBuf,
     root: PathBuf,
     bases: PathBuf,
     plugin_log: PathBuf,
@@ -44,7 +46,8 @@ impl Podman {
     fn cmd(&self) -> Command {
         let t = &self.sandbox.tmp;
         let mut cmd = self.sandbox.ns_command("podman");
-        cmd.env("CONTAINERS_CONF", &self.conf)
+        // No CONTAINERS_CONF: with it, Podman would read no drop-in.
+        cmd.env_remove("CONTAINERS_CONF")
             .env_remove("CONTAINER_HOST")
             .env_remove("CONTAINER_CONNECTION")
             .arg("--root")
@@ -154,10 +157,13 @@ fn setup() -> Res<Podman> {
         .map(PathBuf::from)
         .find(|p| p.is_file())
         .ok_or("no /bin/busybox: install Debian's busybox-static (scripts/test does)")?;
-    let mut sandbox = Sandbox::new("podman", &[])?;
+    let mut sandbox = Sandbox::new(
+        "podman",
+        &["/etc/containers/containers.conf.d", "/run/docker/plugins"],
+    )?;
     let t = sandbox.tmp.clone();
     let root = t.join("state");
-    let socket = t.join("plugin/docker-on-top.sock");
+    let socket = PathBuf::from(host::PLUGIN_SOCKET);
     let plugin_log = t.join("plugin.log");
     for d in [
         "bases",
@@ -171,9 +177,16 @@ fn setup() -> Res<Podman> {
     }
     // The host lacks CAP_SYS_RESOURCE: Podman's default (raise nofile and nproc to the
     // maximum) is refused there, so ask for limits anyone may set.
-    let conf = t.join("containers.conf");
+    // Debian's Podman 4.3 reads /etc/containers/containers.conf.d (not yet
+    // /usr/share/containers/containers.conf.d), in name order.
+    let drop_ins = sandbox.ns_path("/etc/containers/containers.conf.d");
+    fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/podman/50-docker-on-top.conf"),
+        drop_ins.join("50-docker-on-top.conf"),
+    )
+    .ctx("copying the package's containers.conf drop-in")?;
     fs::write(
-        &conf,
+        drop_ins.join("00-dot-test.conf"),
         format!(
             r#"[containers]
 default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
@@ -182,15 +195,11 @@ default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
 cgroup_manager = "cgroupfs"
 events_logger = "file"
 events_logfile_path = "{events}"
-
-[engine.volume_plugins]
-docker-on-top = "{socket}"
 "#,
             events = t.join("events.log").display(),
-            socket = socket.display()
         ),
     )
-    .ctx("writing containers.conf")?;
+    .ctx("writing the test's containers.conf drop-in")?;
 
     let mut cmd = sandbox.ns_command(BIN);
     cmd.arg("--root")
@@ -222,7 +231,6 @@ docker-on-top = "{socket}"
 
     let podman = Podman {
         sandbox,
-        conf,
         root,
         bases: t.join("bases"),
         plugin_log,

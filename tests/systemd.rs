@@ -470,6 +470,14 @@ docker run --rm --network none {INNER_IMAGE} echo ok"#
         ] {
             fs::copy(crate_dir.join(f), src.join(f)).ctx(format!("copying {f}"))?;
         }
+        for dir in ["dist/man", "dist/completions"] {
+            fs::create_dir_all(src.join(dir)).ctx(format!("creating {dir}"))?;
+            for entry in fs::read_dir(crate_dir.join(dir)).ctx(format!("reading {dir}"))? {
+                let entry = entry.ctx(format!("reading {dir}"))?;
+                fs::copy(entry.path(), src.join(dir).join(entry.file_name()))
+                    .ctx(format!("copying {dir}"))?;
+            }
+        }
         fs::copy(BIN, m.share.join("docker-on-top")).ctx("copying the binary")?;
         let out = m.ok("make -C /share/src install BIN=/share/docker-on-top 2>&1")?;
         ensure!(
@@ -477,11 +485,20 @@ docker run --rm --network none {INNER_IMAGE} echo ok"#
             "make install did not enable the socket: {out}"
         );
         m.ok("test -x /usr/local/bin/docker-on-top")?;
-        m.ok("grep -qx 'ExecStart=/usr/local/bin/docker-on-top serve $DOCKER_ON_TOP_OPTS' /etc/systemd/system/docker-on-top.service")?;
-        m.ok("grep -qx 'Documentation=file:///usr/local/share/doc/docker-on-top/README.md' /etc/systemd/system/docker-on-top.service && test -f /usr/local/share/doc/docker-on-top/README.md")?;
+        // The units in /usr/local/lib/systemd/system (systemd reads it), not in /etc.
+        m.ok("test ! -e /etc/systemd/system/docker-on-top.service && test ! -e /etc/systemd/system/docker-on-top.socket")?;
+        m.ok("grep -qx 'ExecStart=/usr/local/bin/docker-on-top serve $DOCKER_ON_TOP_OPTS' /usr/local/lib/systemd/system/docker-on-top.service")?;
+        m.ok("grep -qx 'Documentation=file:///usr/local/share/doc/docker-on-top/README.md' /usr/local/lib/systemd/system/docker-on-top.service && test -f /usr/local/share/doc/docker-on-top/README.md")?;
+        let unit = m.ok("systemctl show -P FragmentPath docker-on-top.service")?;
+        ensure!(
+            unit.trim() == "/usr/local/lib/systemd/system/docker-on-top.service",
+            "systemd loaded the service from {unit:?}"
+        );
+        m.ok("test -f /usr/local/share/man/man8/docker-on-top.8 && test -f /usr/local/share/man/man8/docker-on-top-commit.8")?;
+        m.ok("test -f /usr/local/share/bash-completion/completions/docker-on-top && test -f /usr/local/share/zsh/site-functions/_docker-on-top && test -f /usr/local/share/fish/vendor_completions.d/docker-on-top.fish")?;
         m.expect_active("docker-on-top.socket", "active", "after make install")?;
         m.expect_active("docker-on-top.service", "inactive", "after make install")?;
-        m.ok("systemd-analyze verify /etc/systemd/system/docker-on-top.socket /etc/systemd/system/docker-on-top.service")?;
+        m.ok("systemd-analyze verify /usr/local/lib/systemd/system/docker-on-top.socket /usr/local/lib/systemd/system/docker-on-top.service")?;
         m.ok("mkdir -p /srv/made && echo made > /srv/made/f && docker volume create --driver docker-on-top -o base=/srv/made made >/dev/null")?;
         m.expect_active("docker-on-top.service", "active", "after a request")?;
         let seen = m.ok(&format!(
@@ -496,7 +513,10 @@ docker run --rm --network none {INNER_IMAGE} echo ok"#
             out.contains("kept /var/lib/docker-on-top"),
             "make uninstall does not say it keeps the state: {out}"
         );
-        m.ok("test ! -e /usr/local/bin/docker-on-top && test ! -e /etc/systemd/system/docker-on-top.service && test ! -e /etc/systemd/system/docker-on-top.socket && test ! -e /usr/local/share/doc/docker-on-top")?;
+        m.ok("test ! -e /usr/local/bin/docker-on-top && test ! -e /usr/local/lib/systemd/system/docker-on-top.service && test ! -e /usr/local/lib/systemd/system/docker-on-top.socket && test ! -e /usr/local/share/doc/docker-on-top")?;
+        // Nothing of it is left anywhere under /usr/local.
+        let left = m.ok("find /usr/local -name '*docker-on-top*'")?;
+        ensure!(left.trim().is_empty(), "make uninstall left {left}");
         m.expect_active("docker-on-top.socket", "inactive", "after make uninstall")?;
         m.expect_active("docker-on-top.service", "inactive", "after make uninstall")?;
         ensure!(
@@ -512,6 +532,12 @@ docker run --rm --network none {INNER_IMAGE} echo ok"#
         fs::copy(&deb, m.share.join(&name)).ctx("copying the package")?;
         m.ok(&format!("dpkg -i /share/{name} >/dev/null 2>&1"))?;
         m.ok("test -x /usr/bin/docker-on-top")?;
+        // Man pages (gzipped), completions, the Podman drop-in (a conffile).
+        m.ok("test -f /usr/share/man/man8/docker-on-top.8.gz && test -f /usr/share/man/man8/docker-on-top-recover.8.gz")?;
+        m.ok("test -f /usr/share/bash-completion/completions/docker-on-top && test -f /usr/share/zsh/vendor-completions/_docker-on-top && test -f /usr/share/fish/vendor_completions.d/docker-on-top.fish")?;
+        m.ok("grep -qx 'docker-on-top = \"/run/docker/plugins/docker-on-top.sock\"' /etc/containers/containers.conf.d/50-docker-on-top.conf")?;
+        m.ok("dpkg-query -W -f '${Conffiles}' docker-on-top | grep -q /etc/containers/containers.conf.d/50-docker-on-top.conf")?;
+        m.ok("test -f /usr/share/doc/docker-on-top/changelog.Debian.gz")?;
         m.ok("systemctl is-enabled docker-on-top.socket >/dev/null")?;
         m.expect_active("docker-on-top.socket", "active", "after dpkg -i")?;
         m.expect_active(
@@ -764,6 +790,7 @@ systemctl restart docker-on-top.service"#)?;
             );
             m.ok("docker volume rm data >/dev/null")?;
             m.ok("dpkg -P docker-on-top >/dev/null 2>&1")?;
+            m.ok("test ! -e /etc/containers/containers.conf.d/50-docker-on-top.conf")?;
             ensure!(
             m.ok("test ! -e /var/lib/docker-on-top/.trash && ls -A /var/lib/docker-on-top | wc -l")?
                 .trim()

@@ -164,8 +164,10 @@ fn make_install_follows_prefix_and_destdir() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(dest.join("opt/dot/bin/docker-on-top").is_file());
-    let service =
-        std::fs::read_to_string(dest.join("etc/systemd/system/docker-on-top.service")).unwrap();
+    // Units under PREFIX (/etc/systemd/system is the administrator's).
+    let units = dest.join("opt/dot/lib/systemd/system");
+    assert!(!dest.join("etc").exists(), "make install wrote into /etc");
+    let service = std::fs::read_to_string(units.join("docker-on-top.service")).unwrap();
     assert!(
         service
             .lines()
@@ -181,9 +183,38 @@ fn make_install_follows_prefix_and_destdir() {
     let readme = dest.join("opt/dot/share/doc/docker-on-top/README.md");
     assert_eq!(std::fs::read_to_string(&readme).unwrap(), read("README.md"));
     assert_eq!(
-        std::fs::read_to_string(dest.join("etc/systemd/system/docker-on-top.socket")).unwrap(),
+        std::fs::read_to_string(units.join("docker-on-top.socket")).unwrap(),
         read("docker-on-top.socket")
     );
+    // The man pages and the completions, as dist/ has them.
+    let man = dest.join("opt/dot/share/man/man8");
+    for page in [
+        "docker-on-top.8",
+        "docker-on-top-serve.8",
+        "docker-on-top-commit.8",
+    ] {
+        assert_eq!(
+            std::fs::read_to_string(man.join(page)).unwrap(),
+            read(&format!("dist/man/{page}"))
+        );
+    }
+    for (installed, source) in [
+        (
+            "bash-completion/completions/docker-on-top",
+            "docker-on-top.bash",
+        ),
+        ("zsh/site-functions/_docker-on-top", "_docker-on-top"),
+        (
+            "fish/vendor_completions.d/docker-on-top.fish",
+            "docker-on-top.fish",
+        ),
+    ] {
+        assert_eq!(
+            std::fs::read_to_string(dest.join("opt/dot/share").join(installed)).unwrap(),
+            read(&format!("dist/completions/{source}")),
+            "{installed}"
+        );
+    }
     // With DESTDIR nothing runs systemctl.
     assert!(String::from_utf8_lossy(&out.stdout).contains("not running systemctl"));
 
@@ -200,10 +231,61 @@ fn make_install_follows_prefix_and_destdir() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("kept /var/lib/docker-on-top"));
     assert!(!dest.join("opt/dot/bin/docker-on-top").exists());
     assert!(!dest.join("opt/dot/share/doc/docker-on-top").exists());
-    assert!(
-        !dest
-            .join("etc/systemd/system/docker-on-top.service")
-            .exists()
-    );
+    // Exactly what install installed is gone: no file is left (directories it may have
+    // made, such as share/man/man8, stay: others use them too).
+    let left: Vec<_> = walk(dest).into_iter().filter(|p| !p.is_dir()).collect();
+    assert!(left.is_empty(), "make uninstall left {left:?}");
     assert!(state.is_dir(), "uninstall touched the state directory");
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() && !path.is_symlink() {
+            out.extend(walk(&path));
+        }
+        out.push(path);
+    }
+    out
+}
+
+/// dist/man and dist/completions are what `docker-on-top generate` writes now: regenerate
+/// them with `make generated` after changing the command line.
+#[test]
+fn the_man_pages_and_completions_in_dist_are_current() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (what, dir) in [("man", "dist/man"), ("completions", "dist/completions")] {
+        let out = tmp.path().join(what);
+        std::fs::create_dir(&out).unwrap();
+        let status = Command::new(env!("CARGO_BIN_EXE_docker-on-top"))
+            .args(["generate", what])
+            .arg(&out)
+            .status()
+            .unwrap();
+        assert!(status.success(), "generate {what}");
+        let names = |d: &Path| {
+            let mut v: Vec<String> = (std::fs::read_dir(d).unwrap())
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            v.sort();
+            v
+        };
+        let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
+        assert_eq!(
+            names(&out),
+            names(&committed),
+            "{dir}: run `make generated`"
+        );
+        for name in names(&out) {
+            assert_eq!(
+                std::fs::read_to_string(out.join(&name)).unwrap(),
+                read(&format!("{dir}/{name}")),
+                "{dir}/{name} is stale: run `make generated`"
+            );
+        }
+    }
+    // The exit statuses are in the man page.
+    let page = read("dist/man/docker-on-top.8");
+    assert!(page.contains(".SH \"EXIT STATUS\"") && page.contains("no such volume"));
 }

@@ -19,6 +19,8 @@ pub struct Recovered {
     pub entries: u64,
     /// Bytes of regular files copied.
     pub bytes: u64,
+    /// The paths created (absolute, as in a container), in the order they were made.
+    pub copied: Vec<PathBuf>,
     /// Deleted paths (absolute, as in a container), not copied.
     pub deleted: Vec<PathBuf>,
     /// Paths not copied, with the reason.
@@ -40,13 +42,18 @@ pub fn recover(plan: &Plan, dest: &Path) -> Result<Recovered, PathError> {
                 fsops::make_dir(&src, meta, &at)?;
                 dirs.push((at, meta));
                 done.entries += 1;
+                done.copied.push(Path::new("/").join(&item.path));
             }
             What::Entry { meta, .. } => match copier.copy_entry(&src, meta, &at, &at)? {
                 Made::Created { bytes } => {
                     done.entries += 1;
                     done.bytes += bytes;
+                    done.copied.push(Path::new("/").join(&item.path));
                 }
-                Made::Linked => done.entries += 1,
+                Made::Linked => {
+                    done.entries += 1;
+                    done.copied.push(Path::new("/").join(&item.path));
+                }
                 Made::Skipped(why) => done.skipped.push((Path::new("/").join(&item.path), why)),
             },
             What::Deleted { .. } => done.deleted.push(Path::new("/").join(&item.path)),
