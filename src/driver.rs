@@ -368,17 +368,7 @@ impl<S: Sys> Driver<S> {
     /// Unmounts the overlay at `mountpoint` (never lazily: a busy mountpoint stays mounted),
     /// and marks it as leaving no copy when the kernel says none is left (see the module doc).
     fn unmount_overlay(&self, name: &VolumeName, vol: &VolumeDir) -> Result<(), DriverError> {
-        let mountpoint = vol.mountpoint();
-        let unmounted = self.sys.unmount(&mountpoint).map_err(|e| match e {
-            SysError::Busy => DriverError::Busy {
-                name: name.clone(),
-                mountpoint: mountpoint.clone(),
-            },
-            source => DriverError::Unmount {
-                name: name.clone(),
-                source,
-            },
-        })?;
+        let unmounted = self.unmount_at(name, &vol.mountpoint())?;
         failpoint!("unmount.unmounted");
         if unmounted.no_copy_left {
             // Into the trash, for the janitor to delete: a rename costs a request a fraction
@@ -401,6 +391,25 @@ impl<S: Sys> Driver<S> {
             );
         }
         Ok(())
+    }
+
+    /// Unmounts whatever is mounted at `target` (never lazily): [`DriverError::Busy`] while a
+    /// process uses files under it.
+    fn unmount_at(
+        &self,
+        name: &VolumeName,
+        target: &Path,
+    ) -> Result<crate::sys::Unmounted, DriverError> {
+        self.sys.unmount(target).map_err(|e| match e {
+            SysError::Busy => DriverError::Busy {
+                name: name.clone(),
+                mountpoint: target.to_owned(),
+            },
+            source => DriverError::Unmount {
+                name: name.clone(),
+                source,
+            },
+        })
     }
 
     fn is_mounted(&self, name: &VolumeName, mountpoint: &Path) -> Result<bool, DriverError> {

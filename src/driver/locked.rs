@@ -244,16 +244,7 @@ impl<S: Sys> Driver<S> {
 
     /// Unmounts a sized volume's file system; the loop device goes with it.
     pub(super) fn detach(&self, name: &VolumeName, vol: &VolumeDir) -> Result<(), DriverError> {
-        self.sys.unmount(&vol.changes()).map_err(|e| match e {
-            SysError::Busy => DriverError::Busy {
-                name: name.clone(),
-                mountpoint: vol.changes(),
-            },
-            source => DriverError::Unmount {
-                name: name.clone(),
-                source,
-            },
-        })?;
+        self.unmount_at(name, &vol.changes())?;
         log::info!("detached the file system of volume {name}");
         Ok(())
     }
