@@ -306,11 +306,11 @@ impl FsType {
         }
     }
     /// The smallest image made: ext4 needs room for its journal; mkfs.xfs refuses less than
-    /// 300 MB.
+    /// 300 MiB.
     pub fn min_size(self) -> (u64, &'static str) {
         match self {
             FsType::Ext4 => (8 << 20, "8Mi"),
-            FsType::Xfs => (300_000_000, "300M"),
+            FsType::Xfs => (300 << 20, "300Mi"),
         }
     }
 }

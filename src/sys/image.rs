@@ -170,8 +170,9 @@ pub fn attach(image: &Path, fs: FsType, target: &Path) -> Result<(), SysError> {
         .map_err(failed("no loop devices are available (/dev/loop-control)"))?;
     let device = loop {
         // SAFETY: GetFree passes no pointer.
-        let number = unsafe { rustix::ioctl::ioctl(control.as_fd(), GetFree) }
-            .map_err(|e| failed("no free loop device")(e.into()))?;
+        let number = unsafe { rustix::ioctl::ioctl(control.as_fd(), GetFree) }.map_err(|e| {
+            failed("no loop devices are available (no free one from /dev/loop-control)")(e.into())
+        })?;
         let path = format!("/dev/loop{number}");
         let device = match File::options().read(true).write(true).open(&path) {
             Ok(device) => device,
