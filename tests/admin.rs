@@ -1153,7 +1153,8 @@ fn admin_commands_work_on_a_sized_volume_attached_or_not() {
         assert_eq!(inspect["Size"]["Cap"], 16u64 << 20, "{inspect}");
         assert_eq!(inspect["Size"]["Fs"], "ext4", "{inspect}");
         assert!(inspect["Size"]["Used"].as_u64().is_some(), "{inspect}");
-        assert!(e.ok(&["ls"]).contains('s'));
+        let ls = e.ok(&["ls"]);
+        assert!(ls.contains("(cap 16.0 MiB ext4, "), "{ls}");
         let dest = e.path(&format!("recovered-{attached}"));
         e.ok(&["recover", "s", dest.to_str().unwrap()]);
         assert_eq!(

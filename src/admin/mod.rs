@@ -511,9 +511,23 @@ pub fn write_table(out: &mut dyn Write, volumes: &[VolumeReport]) -> io::Result<
                 },
                 if v.mounted { "yes" } else { "no" }.into(),
                 v.active_mounts.to_string(),
-                v.changes_size.map_or("?".into(), |u| {
-                    format!("{} files, {}", u.files, human_bytes(u.bytes))
-                }),
+                {
+                    let changes = v.changes_size.map_or("?".into(), |u| {
+                        format!("{} files, {}", u.files, human_bytes(u.bytes))
+                    });
+                    // A sized volume: its cap, file system, and what that holds in all.
+                    match &v.size {
+                        Some(cap) => format!(
+                            "{changes} (cap {} {}{})",
+                            human_bytes(cap.cap),
+                            cap.fs.name(),
+                            cap.used
+                                .map(|u| format!(", {} used", human_bytes(u)))
+                                .unwrap_or_default()
+                        ),
+                        None => changes,
+                    }
+                },
                 match (&v.base, &v.error) {
                     (Some(b), None) => b.display().to_string(),
                     (Some(b), Some(e)) => format!("{} (error: {e})", b.display()),
