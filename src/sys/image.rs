@@ -168,18 +168,21 @@ pub fn attach(image: &Path, fs: FsType, target: &Path) -> Result<(), SysError> {
         .write(true)
         .open("/dev/loop-control")
         .map_err(failed("no loop devices are available (/dev/loop-control)"))?;
-    let device = loop {
+    let (device, path) = loop {
         // SAFETY: GetFree passes no pointer.
         let number = unsafe { rustix::ioctl::ioctl(control.as_fd(), GetFree) }.map_err(|e| {
             failed("no loop devices are available (no free one from /dev/loop-control)")(e.into())
         })?;
         let path = format!("/dev/loop{number}");
-        let device = match File::options().read(true).write(true).open(&path) {
-            Ok(device) => device,
-            // Taken and released by another process meanwhile: ask again.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(failed(format!("cannot open {path}"))(e)),
-        };
+        // The kernel makes the device; its node appears only where /dev is a devtmpfs (in a
+        // container with a /dev of its own it does not: then say so, never ask again forever).
+        let device = File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(failed(format!(
+                "no loop devices are available (cannot open {path}, which the kernel made)"
+            )))?;
         match configure(&device, &backing) {
             Ok(()) => break (device, path),
             // Another process configured it first.
@@ -193,7 +196,6 @@ pub fn attach(image: &Path, fs: FsType, target: &Path) -> Result<(), SysError> {
         }
     };
     failpoint!("image.attached");
-    let (device, path) = device;
     let mounted = mount_block(&path, fs, target);
     // The mount holds the device now (or nothing does, and closing it detaches it).
     drop(device);
