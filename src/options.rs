@@ -316,12 +316,16 @@ impl FsType {
 }
 
 /// The cap on a volume's changes (`-o size=`): its upper and work directories live on a file
-/// system of this size, in an image file of the volume's own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// system of this size, in an image file of the volume's own. `metadata.json` keeps it as
+/// `"Size": {"Bytes", "Fs", "Sparse"}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SizeCap {
+    #[serde(rename = "Bytes")]
     pub bytes: u64,
+    #[serde(rename = "Fs")]
     pub fs: FsType,
     /// `false`: the image's space is reserved at Create (`fallocate`).
+    #[serde(rename = "Sparse")]
     pub sparse: bool,
 }
 

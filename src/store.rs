@@ -70,18 +70,7 @@ pub struct Metadata {
     /// Sized volumes only: absent otherwise, so that an unsized volume's metadata is what the
     /// Go version writes and reads.
     #[serde(rename = "Size", default, skip_serializing_if = "Option::is_none")]
-    pub size: Option<SizeRecord>,
-}
-
-/// The cap of a sized volume, as `metadata.json` keeps it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SizeRecord {
-    #[serde(rename = "Bytes")]
-    pub bytes: u64,
-    #[serde(rename = "Fs")]
-    pub fs: crate::options::FsType,
-    #[serde(rename = "Sparse")]
-    pub sparse: bool,
+    pub size: Option<crate::options::SizeCap>,
 }
 
 /// `activemounts/ID`. `BootId` and `Client` are new: records from the Go version lack them.
@@ -251,7 +240,7 @@ impl Root {
         self.path.join(TRASH_DIR)
     }
 
-    /// The volume `name`'s directory; whether it is sized is seen from its image file.
+    /// The volume `name`'s directory.
     pub fn volume(&self, name: &VolumeName) -> VolumeDir {
         VolumeDir::at(self.path.join(name))
     }
@@ -271,8 +260,9 @@ impl Root {
 #[derive(Debug, Clone)]
 pub struct VolumeDir {
     pub path: PathBuf,
-    /// Its changes live in an image of their own ([`VolumeDir::image`]).
-    pub sized: bool,
+    /// Whether its changes live in an image of their own; looked at when first asked (a
+    /// query such as Path never needs it).
+    sized: std::cell::OnceCell<bool>,
 }
 
 /// The image file of a sized volume, in its directory.
@@ -285,12 +275,23 @@ impl VolumeDir {
     /// (made at Create and never removed: the image itself is missing for a moment when a
     /// volatile volume's is swapped for a fresh one).
     pub fn at(path: PathBuf) -> Self {
-        let sized = std::fs::symlink_metadata(path.join(CHANGES)).is_ok();
-        Self { path, sized }
+        Self {
+            path,
+            sized: std::cell::OnceCell::new(),
+        }
     }
     /// The directory at `path` (being built), of the kind given.
     pub fn new(path: PathBuf, sized: bool) -> Self {
-        Self { path, sized }
+        Self {
+            path,
+            sized: sized.into(),
+        }
+    }
+    /// Whether its changes live in an image of their own ([`VolumeDir::image`]).
+    pub fn sized(&self) -> bool {
+        *self
+            .sized
+            .get_or_init(|| std::fs::symlink_metadata(self.changes()).is_ok())
     }
     /// A sized volume's image file.
     pub fn image(&self) -> PathBuf {
@@ -302,7 +303,7 @@ impl VolumeDir {
     }
     /// The directory the layers live in: the volume's own, or its image's file system.
     fn layers(&self) -> PathBuf {
-        if self.sized {
+        if self.sized() {
             self.changes()
         } else {
             self.path.clone()
@@ -315,7 +316,7 @@ impl VolumeDir {
         self.layers().join("upper")
     }
     pub fn work(&self) -> PathBuf {
-        if self.sized {
+        if self.sized() {
             self.changes().join("work")
         } else {
             self.path.join("workdir")

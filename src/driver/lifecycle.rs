@@ -36,11 +36,7 @@ impl<S: Sys> Driver<S> {
             base: opts.base.path().to_owned(),
             volatile: opts.volatile,
             created_at: Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
-            size: opts.size.map(|cap| store::SizeRecord {
-                bytes: cap.bytes,
-                fs: cap.fs,
-                sparse: cap.sparse,
-            }),
+            size: opts.size,
         };
         let staging = VolumeDir::new(self.root.staging_slot(name), opts.size.is_some());
         let mut image_err = None;
@@ -125,9 +121,7 @@ impl<S: Sys> Driver<S> {
         let meta = self.read_metadata(name, vol)?;
         // Go-created volumes store the base as given; compare canonical forms.
         let stored = std::fs::canonicalize(&meta.base).unwrap_or(meta.base.clone());
-        let size = opts.size.map(|cap| (cap.bytes, cap.fs, cap.sparse));
-        let stored_size = meta.size.map(|s| (s.bytes, s.fs, s.sparse));
-        if stored == opts.base.path() && meta.volatile == opts.volatile && size == stored_size {
+        if stored == opts.base.path() && meta.volatile == opts.volatile && meta.size == opts.size {
             Ok(())
         } else {
             Err(DriverError::Conflict {
@@ -155,7 +149,7 @@ impl<S: Sys> Driver<S> {
             log::info!("unmounted leftover mount of volume {name}");
             failpoint!("remove.unmounted");
         }
-        if vol.sized && self.is_attached(name, &vol)? {
+        if vol.sized() && self.is_attached(name, &vol)? {
             self.detach(name, &vol)?;
             failpoint!("remove.detached");
         }

@@ -77,7 +77,7 @@ impl<S: Sys> Driver<S> {
     /// changes can be read.
     pub fn lock_volume(&self, name: &VolumeName) -> Result<LockedVolume, DriverError> {
         let (dir, lock) = self.lock(name)?;
-        if dir.sized {
+        if dir.sized() {
             self.ensure_attached(name, &dir, &self.read_metadata(name, &dir)?)?;
         }
         Ok(LockedVolume {
@@ -182,7 +182,7 @@ impl<S: Sys> Driver<S> {
                 source,
             }
         };
-        if vol.sized {
+        if vol.sized() {
             return self.swap_image(name, vol, meta);
         }
         let upper = vol.upper();
@@ -258,7 +258,7 @@ impl<S: Sys> Driver<S> {
         vol: &VolumeDir,
         meta: &Metadata,
     ) -> Result<(), DriverError> {
-        if !vol.sized || self.is_attached(name, vol)? {
+        if !vol.sized() || self.is_attached(name, vol)? {
             return Ok(());
         }
         let Some(size) = meta.size else {

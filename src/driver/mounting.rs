@@ -316,16 +316,14 @@ impl<S: Sys> Driver<S> {
             }
         }
     }
-}
 
-impl<S: Sys> Driver<S> {
     /// After the last Unmount of a volatile sized volume: its image's file system is detached
     /// now, while the Unmount syncs anyway, so that the next Mount, which swaps in a fresh
     /// image, costs the same however much was written (unmounting a file system that cached a
     /// gigabyte takes tens of milliseconds). The changes stay in the image until then, for the
     /// admin commands, which attach it again.
     fn detach_if_volatile(&self, name: &VolumeName, vol: &VolumeDir) -> Result<(), DriverError> {
-        if !vol.sized || !self.read_metadata(name, vol)?.volatile {
+        if !vol.sized() || !self.read_metadata(name, vol)?.volatile {
             return Ok(());
         }
         if self.is_attached(name, vol)? {

@@ -598,7 +598,7 @@ fn a_sized_volume_keeps_its_changes_in_an_image_attached_when_first_needed() {
     let f = fixture();
     f.create_sized("s", false, "64Mi").unwrap();
     let vol = f.vol("s");
-    assert!(vol.sized);
+    assert!(vol.sized());
     assert_eq!(std::fs::metadata(vol.image()).unwrap().len(), 64 << 20);
     assert!(!vol.path.join("upper").exists() && !vol.path.join("workdir").exists());
     let size = vol.read_metadata().unwrap().size.unwrap();
