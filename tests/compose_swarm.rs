@@ -161,7 +161,7 @@ impl Env {
         Ok(names)
     }
 
-    /// Waits (the plugin unmounts after its reply to the last Unmount) until the volume is
+    /// Waits (dockerd's Unmount may trail the CLI's return) until the volume is
     /// mounted (`want`) or not, with as many records as containers use it.
     fn expect_mounted(&self, volume: &str, want: bool, records: usize, when: &str) -> Res {
         let ok = wait_until(Duration::from_secs(15), || {

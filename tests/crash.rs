@@ -6,9 +6,8 @@
 //! Each case checks:
 //!
 //! - the request's connection dropped and the process died of SIGKILL at that very failpoint
-//!   (its log says so): a case whose failpoint never fires fails. A failpoint that fires after
-//!   the reply may have been sent (`unmount.unmounted`, in the work a last Unmount leaves for
-//!   after its reply) may also see the request answered OK, never with an error;
+//!   (its log says so): a case whose failpoint never fires fails. Every step comes before the
+//!   answer, so the interrupted request is never answered;
 //! - at every point, at most one overlay is mounted on the volume's mountpoint (never stacked)
 //!   and nothing else is mounted there;
 //! - after the restart, the volume either works or refuses with an error; `Get` and `Path`
@@ -331,9 +330,7 @@ fn effective(env: &Env, name: &str) -> BTreeMap<String, u64> {
     }
 }
 
-/// `Get` and `Path` agree with the kernel; `None` when the volume does not exist. The kernel
-/// is read after the Get: like any client's, it waits for the unmount a last Unmount leaves
-/// for after its reply.
+/// `Get` and `Path` agree with the kernel; `None` when the volume does not exist.
 fn check_reports(env: &Env, name: &str) -> Option<bool> {
     let get = call(env, "/VolumeDriver.Get", json!({ "Name": name }));
     let mounted = overlays(env, name) == 1;
@@ -701,7 +698,7 @@ fn set_up(env: &mut Env, case: &Case, base: &Path) {
             wait_until(Duration::from_secs(10), "the shell to enter", || {
                 std::fs::read_link(format!("/proc/{}/cwd", busy.pid())).is_ok_and(|cwd| cwd == mp)
             });
-            // Answered OK: the unmount comes after the reply, and fails (busy).
+            // Answered OK (the mount is released), but the unmount fails: busy.
             env.unmount_ok(VOL, &id("a"));
             let logs = env.logs();
             assert!(
@@ -724,7 +721,7 @@ fn set_up(env: &mut Env, case: &Case, base: &Path) {
                 // Unmounted for real before the daemon is killed.
                 assert_eq!(overlays(env, name), 0);
             }
-            // The last Unmount's record goes through the trash after the reply.
+            // The last Unmount's record and overlayfs' work/ go through the trash.
             let trash = env.root.join(".trash");
             wait_until(Duration::from_secs(10), "the trash to be emptied", || {
                 names(&trash).is_empty()

@@ -765,8 +765,8 @@ impl Suite {
     }
 
     fn expect_mounted(&self, volume: &str, want: bool, when: &str) -> Res {
-        // dockerd's Unmount may trail the CLI's return by a moment, and the plugin unmounts
-        // after its reply to the last Unmount.
+        // dockerd's Unmount may trail the CLI's return by a moment (the plugin has unmounted
+        // when it answers the last one).
         let ok = wait_until(Duration::from_secs(5), || {
             self.mounted(volume).is_ok_and(|m| m == want)
         });

@@ -159,7 +159,7 @@ fn read_only_state_directory_refuses_changes_clearly_and_recovers() {
     let err = env.unmount("m", "m1").expect_err("Unmount, read-only");
     println!("read-only: Unmount m: {err}");
     assert_mentions("Unmount m", &err, &["m", "state directory", "read-only"]);
-    // The overlay goes after the answer, as after any last Unmount: a Get waits for that.
+    // The overlay went before the answer, as at any last Unmount, though the record could not.
     env.assert_not_mounted("m");
     assert_eq!(get_status(&env, "m")["Mounted"], false);
     assert!(

@@ -354,7 +354,6 @@ fn sixty_four_clients_mount_and_unmount_without_error_or_leak() {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert!(left.is_empty(), "volume {}: records left {left:?}", v.name);
-        // Get first: it waits for the unmount the last Unmount left for after its reply.
         let status = env.get_ok(&v.name)["Status"].clone();
         assert_eq!(
             (&status["Mounted"], &status["ActiveMounts"]),

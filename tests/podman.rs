@@ -378,7 +378,7 @@ fn main() -> ExitCode {
                     == "new\n",
                 "the upper does not hold the change"
             );
-            // The plugin unmounts after its reply to the last Unmount: a moment later.
+            // Podman's last Unmount may trail the container's end by a moment.
             ensure!(
                 wait_until(Duration::from_secs(10), || p
                     .mounted("data")

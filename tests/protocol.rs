@@ -488,9 +488,9 @@ fn mount_writes_to_upper_and_counts_mount_ids() {
     );
     assert_eq!(vol["Status"]["ActiveMounts"], 1, "{vol}");
     env.unmount_ok("v", &id(1));
-    // The overlay goes after the reply; Get waits for that, and then the kernel agrees.
-    assert_eq!(env.get_ok("v")["Status"]["Mounted"], false);
+    // Unmounted when the last Unmount answers: the kernel first, then Get agrees.
     env.assert_not_mounted("v");
+    assert_eq!(env.get_ok("v")["Status"]["Mounted"], false);
     assert_eq!(
         names(&env.volume_dir("v").join("activemounts")),
         Vec::<String>::new()
@@ -1027,8 +1027,8 @@ fn overlay_mount_id(env: &Env, name: &str) -> String {
     line.split(' ').next().unwrap().to_owned()
 }
 
-/// The last Unmount of a busy mountpoint answers OK (the unmount comes after the reply, and
-/// dockerd would never repeat it): the record goes, the overlay stays mounted, the log says
+/// The last Unmount of a busy mountpoint answers OK (its mount is released, and dockerd would
+/// never repeat it): the record goes, the overlay stays mounted, the log says
 /// why. The next Mount of a persistent volume reuses that overlay; a volatile one's is refused
 /// while busy and discards the changes once it is free.
 #[test]
@@ -1047,7 +1047,7 @@ fn busy_last_unmount_leaves_the_overlay_mounted_and_recovers() {
     let mounted_at = overlay_mount_id(&env, "v");
     for name in ["v", "t"] {
         env.unmount_ok(name, &id(1));
-        // Get waits for the unmount that follows the reply: it failed, busy.
+        // The unmount before the answer failed, busy: still mounted, nobody on record.
         let vol = env.get_ok(name);
         assert_eq!(vol["Status"]["Mounted"], true, "{vol}");
         assert_eq!(vol["Status"]["ActiveMounts"], 0, "{vol}");
@@ -1282,10 +1282,10 @@ fn socket_activation_serves_fd_3_and_leaves_the_socket() {
     assert_eq!(mounted["Mountpoint"], s(&env.mountpoint("v")));
     env.assert_mounted_once("v");
     call("/VolumeDriver.Unmount", json!({ "Name": "v", "ID": id(1) })).unwrap();
-    // The overlay goes after the reply: Get waits for that.
+    // Unmounted when the last Unmount answers: the kernel first, then Get agrees.
+    env.assert_not_mounted("v");
     let vol = call("/VolumeDriver.Get", json!({ "Name": "v" })).unwrap();
     assert_eq!(vol["Volume"]["Status"]["Mounted"], false, "{vol}");
-    env.assert_not_mounted("v");
 
     let status = daemon
         .wait_timeout(Duration::from_secs(15))
