@@ -4,6 +4,9 @@
 #   sudo make install         install the binary and the units, enable and start the socket
 #   sudo make uninstall       stop and disable, remove what install installed;
 #                             never touches the volumes in /var/lib/docker-on-top
+#   make plugin               build the managed-plugin bundle in target/plugin/ (config.json and
+#                             rootfs/); then: docker plugin create docker-on-top target/plugin
+#   make plugin-tar           the same, and target/docker-on-top-plugin.tar.gz to copy elsewhere
 #   make generated            write dist/man/*.8 and dist/completions/* again from the
 #                             binary's clap definitions (tests/units.rs checks they are current)
 #
@@ -31,12 +34,18 @@ SYSTEMCTL ?= systemctl
 
 MANPAGES := $(notdir $(wildcard dist/man/*.8))
 
-.PHONY: all build install uninstall generated
+.PHONY: all build install uninstall generated plugin plugin-tar
 
 all: build
 
 build:
 	cargo build --release --locked
+
+plugin: build
+	scripts/plugin-bundle "$(BIN)" target/plugin
+
+plugin-tar: build
+	scripts/plugin-bundle "$(BIN)" target/plugin target/docker-on-top-plugin.tar.gz
 
 generated:
 	@test -x "$(BIN)" || { echo "make generated: $(BIN) is missing: run 'make' first" >&2; exit 1; }

@@ -63,7 +63,7 @@ use thiserror::Error;
 
 use crate::janitor::Janitor;
 use crate::names::{MountId, VolumeName};
-use crate::options::{AllowedBases, OpenedBase, OptionsError, VolumeOptions};
+use crate::options::{AllowedBases, HostRoot, OpenedBase, OptionsError, VolumeOptions};
 use crate::store::{self, Client, Metadata, MountRecord, Root, VolumeDir};
 use crate::sys::{Holder, OverlaySpec, RealSys, Sys, SysError};
 
@@ -222,6 +222,11 @@ pub struct DriverConfig {
     /// Where Create accepts bases (`--allowed-base`); anywhere when empty. Volumes that
     /// already exist are not affected.
     pub allowed_bases: AllowedBases,
+    /// Where the host's file system is seen (`--host-root`; a managed plugin's).
+    pub host_root: HostRoot,
+    /// Where overlays are mounted, one directory per volume (`--mount-dir`; a managed
+    /// plugin's propagated mount); `None`: in each volume's directory, as always.
+    pub mount_dir: Option<PathBuf>,
 }
 
 /// The driver. Cheap to open: it reads nothing per volume until asked about one.
@@ -231,16 +236,24 @@ pub struct Driver<S: Sys = RealSys> {
     boot_id: String,
     janitor: OnceLock<Janitor>,
     allowed_bases: AllowedBases,
+    host_root: HostRoot,
 }
 
 impl Driver<RealSys> {
     /// Opens (creating if needed) the state root. Does no work proportional to the number of
     /// volumes: the service may be socket-activated for every request.
     pub fn open(config: DriverConfig) -> Result<Self, DriverError> {
-        Ok(
-            Self::with_sys(&config.root, RealSys::new(config.legacy_mount_api))?
-                .with_allowed_bases(config.allowed_bases),
-        )
+        let mut driver = Self::with_sys(&config.root, RealSys::new(config.legacy_mount_api))?
+            .with_allowed_bases(config.allowed_bases);
+        driver.host_root = config.host_root;
+        if let Some(dir) = &config.mount_dir {
+            driver.root =
+                (driver.root.with_mount_dir(dir)).map_err(|source| DriverError::Root {
+                    root: dir.clone(),
+                    source,
+                })?;
+        }
+        Ok(driver)
     }
 }
 
@@ -259,6 +272,7 @@ impl<S: Sys> Driver<S> {
             boot_id,
             janitor: OnceLock::new(),
             allowed_bases: AllowedBases::anywhere(),
+            host_root: HostRoot::default(),
         })
     }
 
@@ -431,7 +445,8 @@ impl<S: Sys> Driver<S> {
         strict: bool,
     ) -> Result<OpenedBase, DriverError> {
         let allowed = &self.allowed_bases;
-        OpenedBase::open(&meta.base, allowed, strict || allowed.restricts()).map_err(|e| match e {
+        let strict = strict || allowed.restricts();
+        OpenedBase::open(&meta.base, allowed, strict, &self.host_root).map_err(|e| match e {
             OptionsError::BaseUnusable { source, .. } => DriverError::BaseGone {
                 name: name.clone(),
                 base: meta.base.clone(),

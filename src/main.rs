@@ -20,7 +20,7 @@ use docker_on_top::admin::{self, Admin, AdminError};
 use docker_on_top::driver::{Driver, DriverConfig, DriverError};
 use docker_on_top::logging;
 use docker_on_top::names::VolumeName;
-use docker_on_top::options::AllowedBases;
+use docker_on_top::options::{AllowedBases, HostRoot};
 use docker_on_top::server::{self, Listening, ServeOptions};
 use log::{error, info};
 use sd_notify::NotifyState;
@@ -167,10 +167,23 @@ struct ServeArgs {
     #[arg(long, hide = true, value_name = "DURATION", value_parser = parse_timeout)]
     read_timeout: Option<Duration>,
     /// Only create volumes whose base is DIR or lies inside it (repeatable; default: any
-    /// directory). Paths are compared after resolving symlinks, component by component.
+    /// directory, or the colon-separated list in DOCKER_ON_TOP_ALLOWED_BASES). Paths are
+    /// compared after resolving symlinks, component by component.
     #[arg(long = "allowed-base", value_name = "DIR")]
     allowed_bases: Vec<PathBuf>,
+    /// The host's / is mounted at DIR (a managed plugin's view): bases are host paths, looked
+    /// up under DIR as if it were /.
+    #[arg(long, value_name = "DIR")]
+    host_root: Option<PathBuf>,
+    /// Mount each volume at DIR/NAME instead of in its directory under --root (a managed
+    /// plugin's propagated mount).
+    #[arg(long, value_name = "DIR")]
+    mount_dir: Option<PathBuf>,
 }
+
+/// `docker plugin set NAME DOCKER_ON_TOP_ALLOWED_BASES=/a:/b`: the managed plugin's (and
+/// anyone's) allowed bases when no `--allowed-base` is given.
+const ALLOWED_BASES_ENV: &str = "DOCKER_ON_TOP_ALLOWED_BASES";
 
 /// What `serve` runs with.
 #[derive(Debug)]
@@ -181,6 +194,8 @@ struct Opts {
     legacy_mount_api: bool,
     read_timeout: Option<Duration>,
     allowed_bases: Vec<PathBuf>,
+    host_root: Option<PathBuf>,
+    mount_dir: Option<PathBuf>,
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {
@@ -246,7 +261,16 @@ fn main() -> ExitCode {
                 idle_timeout: args.idle_timeout,
                 legacy_mount_api: args.legacy_mount_api,
                 read_timeout: args.read_timeout,
-                allowed_bases: args.allowed_bases,
+                allowed_bases: if args.allowed_bases.is_empty() {
+                    let listed = std::env::var_os(ALLOWED_BASES_ENV).unwrap_or_default();
+                    std::env::split_paths(&listed)
+                        .filter(|p| !p.as_os_str().is_empty())
+                        .collect()
+                } else {
+                    args.allowed_bases
+                },
+                host_root: args.host_root,
+                mount_dir: args.mount_dir,
             };
             match serve(opts) {
                 Ok(()) => {
@@ -558,7 +582,12 @@ fn serve(opts: Opts) -> Result<()> {
     if let Some(files) = server::raise_fd_limit() {
         log::debug!("may open {files} files");
     }
-    let allowed_bases = AllowedBases::new(&opts.allowed_bases)?;
+    let host_root = match &opts.host_root {
+        Some(dir) => HostRoot::at(dir)
+            .with_context(|| format!("cannot use --host-root {}", dir.display()))?,
+        None => HostRoot::default(),
+    };
+    let allowed_bases = AllowedBases::new(&opts.allowed_bases, &host_root)?;
     if !allowed_bases.dirs().is_empty() {
         let dirs: Vec<String> = (allowed_bases.dirs().iter())
             .map(|d| d.display().to_string())
@@ -569,6 +598,8 @@ fn serve(opts: Opts) -> Result<()> {
         root: opts.root.clone(),
         legacy_mount_api: opts.legacy_mount_api,
         allowed_bases,
+        host_root,
+        mount_dir: opts.mount_dir.clone(),
     })
     .with_context(|| format!("cannot open the state directory {}", opts.root.display()))?;
     let driver = Arc::new(driver);

@@ -113,19 +113,20 @@ impl AllowedBases {
     }
 
     /// Canonicalises `dirs`, each of which must be an existing directory given by an absolute
-    /// path. An empty list allows any base.
-    pub fn new(dirs: &[PathBuf]) -> Result<Self, AllowedBaseError> {
+    /// path (of the host's, seen through `host`). An empty list allows any base.
+    pub fn new(dirs: &[PathBuf], host: &HostRoot) -> Result<Self, AllowedBaseError> {
         let mut out = Vec::with_capacity(dirs.len());
         for dir in dirs {
             if !dir.is_absolute() {
                 return Err(AllowedBaseError::Relative { path: dir.clone() });
             }
             let canonical =
-                std::fs::canonicalize(dir).map_err(|source| AllowedBaseError::Unusable {
-                    path: dir.clone(),
-                    source,
-                })?;
-            if !canonical.is_dir() {
+                host.canonicalize(dir)
+                    .map_err(|source| AllowedBaseError::Unusable {
+                        path: dir.clone(),
+                        source,
+                    })?;
+            if !host.local(&canonical).is_dir() {
                 return Err(AllowedBaseError::NotDirectory { path: dir.clone() });
             }
             if !out.contains(&canonical) {
@@ -166,24 +167,133 @@ impl AllowedBases {
     }
 }
 
+/// Where this process sees the host's file system. Bases are host paths, as users give them;
+/// the service sees them where they are ([`HostRoot::default`]), a managed plugin sees the
+/// host's `/` bound under a prefix (`--host-root /host`). The prefix is added here and
+/// removed here: paths stored, compared and shown are the host's. Paths are resolved inside
+/// the prefix as if it were `/` (`RESOLVE_IN_ROOT`), so a host symlink `/data -> /srv/data`
+/// leads to the host's `/srv/data`, and no `..` or symlink leads out of the host's tree.
+#[derive(Debug, Clone, Default)]
+pub struct HostRoot {
+    /// The prefix (canonical) and an open handle of it; `None`: the host's `/` is ours.
+    prefix: Option<(PathBuf, std::sync::Arc<std::os::fd::OwnedFd>)>,
+}
+
+impl HostRoot {
+    /// The host's `/` is at `prefix`, an existing directory.
+    pub fn at(prefix: &Path) -> io::Result<Self> {
+        let canonical = std::fs::canonicalize(prefix)?;
+        if canonical == Path::new("/") {
+            return Ok(Self::default());
+        }
+        use rustix::fs::OFlags;
+        let fd = rustix::fs::open(
+            &canonical,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )?;
+        Ok(Self {
+            prefix: Some((canonical, fd.into())),
+        })
+    }
+
+    /// The prefix, if the host's `/` is not ours.
+    pub fn prefix(&self) -> Option<&Path> {
+        self.prefix.as_ref().map(|(p, _)| p.as_path())
+    }
+
+    /// Where this process finds the host path `host` (already resolved).
+    pub fn local(&self, host: &Path) -> PathBuf {
+        match self.prefix() {
+            None => host.to_owned(),
+            Some(prefix) => prefix.join(host.strip_prefix("/").unwrap_or(host)),
+        }
+    }
+
+    /// Opens the directory at the host path `path` (`O_PATH`), resolving with `resolve`
+    /// added.
+    pub fn open_dir(
+        &self,
+        path: &Path,
+        resolve: rustix::fs::ResolveFlags,
+    ) -> rustix::io::Result<std::os::fd::OwnedFd> {
+        use rustix::fs::{OFlags, ResolveFlags};
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let mode = rustix::fs::Mode::empty();
+        match &self.prefix {
+            None if resolve.is_empty() => rustix::fs::open(path, flags, mode),
+            None => rustix::fs::openat2(rustix::fs::CWD, path, flags, mode, resolve),
+            Some((_, root)) => rustix::fs::openat2(
+                root.as_ref(),
+                path,
+                flags,
+                mode,
+                resolve | ResolveFlags::IN_ROOT,
+            ),
+        }
+    }
+
+    /// The host path of the open `dir`, as the kernel names it now.
+    pub fn host_path_of(&self, dir: &impl std::os::fd::AsRawFd) -> io::Result<PathBuf> {
+        let real = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))?;
+        match self.prefix() {
+            None => Ok(real),
+            Some(prefix) => match real.strip_prefix(prefix) {
+                Ok(rest) => Ok(Path::new("/").join(rest)),
+                // Opened inside the prefix, so it is inside unless the host's tree moved.
+                Err(_) => Err(io::Error::other(format!(
+                    "{} is outside the host's file system at {}",
+                    real.display(),
+                    prefix.display()
+                ))),
+            },
+        }
+    }
+
+    /// The metadata of the directory at the host path `path` (symlinks followed); an error
+    /// for anything but a directory.
+    pub fn dir_metadata(&self, path: &Path) -> io::Result<std::fs::Metadata> {
+        let dir = self.open_dir(path, rustix::fs::ResolveFlags::empty())?;
+        std::fs::File::from(dir).metadata()
+    }
+
+    /// The host path `path` with every symlink resolved, for a directory (the one kind of
+    /// path this is asked about).
+    pub fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        if self.prefix.is_none() {
+            return std::fs::canonicalize(path);
+        }
+        let dir = self.open_dir(path, rustix::fs::ResolveFlags::empty())?;
+        self.host_path_of(&dir)
+    }
+}
+
 /// A base directory: canonical, absolute, an existing directory outside the state root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BaseDir(PathBuf);
 
 impl BaseDir {
-    /// Validates `raw` against the (canonical) state root `root`.
-    pub fn parse(raw: &str, root: &Path) -> Result<Self, OptionsError> {
+    /// Validates `raw` against the (canonical) state root `root`; `raw` is a path of the host's,
+    /// seen through `host`.
+    pub fn parse(raw: &str, root: &Path, host: &HostRoot) -> Result<Self, OptionsError> {
         if !raw.starts_with('/') {
             return Err(OptionsError::RelativeBase {
                 path: raw.to_owned(),
             });
         }
-        let canonical =
-            std::fs::canonicalize(raw).map_err(|source| OptionsError::BaseUnusable {
-                path: raw.to_owned(),
-                source,
-            })?;
-        if !canonical.is_dir() {
+        let canonical = match host.canonicalize(Path::new(raw)) {
+            Ok(path) => path,
+            Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
+                return Err(OptionsError::BaseNotDirectory { path: raw.into() });
+            }
+            Err(source) => {
+                return Err(OptionsError::BaseUnusable {
+                    path: raw.to_owned(),
+                    source,
+                });
+            }
+        };
+        if !host.local(&canonical).is_dir() {
             return Err(OptionsError::BaseNotDirectory { path: canonical });
         }
         if canonical.starts_with(root) || root.starts_with(&canonical) {
@@ -218,26 +328,23 @@ impl OpenedBase {
     /// anything, and for the admin commands), no symlink on the path is followed; without it
     /// (no `--allowed-base`: the behaviour of earlier versions) the path is opened as it is.
     /// Either way the opened directory's real path must be one that `allowed` permits.
-    pub fn open(stored: &Path, allowed: &AllowedBases, strict: bool) -> Result<Self, OptionsError> {
-        use rustix::fs::{OFlags, ResolveFlags};
-        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    pub fn open(
+        stored: &Path,
+        allowed: &AllowedBases,
+        strict: bool,
+        host: &HostRoot,
+    ) -> Result<Self, OptionsError> {
+        use rustix::fs::ResolveFlags;
         let unusable = |source: rustix::io::Errno| OptionsError::BaseUnusable {
             path: stored.display().to_string(),
             source: source.into(),
         };
-        let opened = if strict {
-            let resolve = ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
-            rustix::fs::openat2(
-                rustix::fs::CWD,
-                stored,
-                flags,
-                rustix::fs::Mode::empty(),
-                resolve,
-            )
+        let resolve = if strict {
+            ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS
         } else {
-            rustix::fs::open(stored, flags, rustix::fs::Mode::empty())
+            ResolveFlags::empty()
         };
-        let dir = match opened {
+        let dir = match host.open_dir(stored, resolve) {
             Ok(dir) => dir,
             Err(rustix::io::Errno::LOOP) if strict => {
                 return Err(OptionsError::BaseSymlinked {
@@ -251,13 +358,11 @@ impl OpenedBase {
             }
             Err(e) => return Err(unusable(e)),
         };
-        use std::os::fd::AsRawFd;
-        let real =
-            std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).map_err(|source| {
-                OptionsError::BaseUnusable {
-                    path: stored.display().to_string(),
-                    source,
-                }
+        let real = host
+            .host_path_of(&dir)
+            .map_err(|source| OptionsError::BaseUnusable {
+                path: stored.display().to_string(),
+                source,
             })?;
         allowed.check(&BaseDir(real.clone()))?;
         Ok(Self { dir, real })
@@ -270,7 +375,7 @@ impl OpenedBase {
         PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()))
     }
 
-    /// Where the directory is, as the kernel names it now.
+    /// Where the directory is, as the kernel names it now (a path of the host's).
     pub fn real_path(&self) -> &Path {
         &self.real
     }
@@ -379,11 +484,12 @@ pub struct VolumeOptions {
 
 impl VolumeOptions {
     /// Validates the options of a Create request; `root` is the canonical state root, and the
-    /// base must be one that `allowed` permits.
+    /// base (a host path, seen through `host`) must be one that `allowed` permits.
     pub fn parse(
         raw: &BTreeMap<String, String>,
         root: &Path,
         allowed: &AllowedBases,
+        host: &HostRoot,
     ) -> Result<Self, OptionsError> {
         if let Some(key) = raw
             .keys()
@@ -401,7 +507,7 @@ impl VolumeOptions {
         };
         let size = Self::parse_size_cap(raw)?;
         let base = raw.get("base").ok_or(OptionsError::MissingBase)?;
-        let base = BaseDir::parse(base, root)?;
+        let base = BaseDir::parse(base, root, host)?;
         allowed.check(&base)?;
         Ok(Self {
             base,
@@ -527,13 +633,20 @@ mod tests {
             &opts(&[("base", tmp.path().join("link").to_str().unwrap())]),
             &root,
             &AllowedBases::anywhere(),
+            &HostRoot::default(),
         )
         .unwrap();
         assert_eq!(ok.base.path(), std::fs::canonicalize(&data).unwrap());
         assert!(!ok.volatile);
 
         let err = |o: &[(&str, &str)]| {
-            VolumeOptions::parse(&opts(o), &root, &AllowedBases::anywhere()).unwrap_err()
+            VolumeOptions::parse(
+                &opts(o),
+                &root,
+                &AllowedBases::anywhere(),
+                &HostRoot::default(),
+            )
+            .unwrap_err()
         };
         assert!(matches!(err(&[]), OptionsError::MissingBase));
         assert!(matches!(
@@ -586,7 +699,8 @@ mod tests {
         std::os::unix::fs::symlink(t.join("srv/data/sub"), t.join("inward")).unwrap();
         // Allowed through a spelling with `..` and a trailing slash: canonicalised.
         let spelled = PathBuf::from(format!("{}/srv/other/../data/", t.display()));
-        let allowed = AllowedBases::new(&[spelled, t.join("srv/data")]).unwrap();
+        let allowed =
+            AllowedBases::new(&[spelled, t.join("srv/data")], &HostRoot::default()).unwrap();
         assert_eq!(
             allowed.dirs(),
             [t.join("srv/data")],
@@ -594,7 +708,12 @@ mod tests {
         );
 
         let parse = |base: &Path| {
-            VolumeOptions::parse(&opts(&[("base", base.to_str().unwrap())]), &root, &allowed)
+            VolumeOptions::parse(
+                &opts(&[("base", base.to_str().unwrap())]),
+                &root,
+                &allowed,
+                &HostRoot::default(),
+            )
         };
         for ok in [t.join("srv/data"), t.join("srv/data/sub"), t.join("inward")] {
             let parsed = parse(&ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
@@ -625,7 +744,11 @@ mod tests {
             OptionsError::BaseUnusable { .. }
         ));
         // No list: anywhere.
-        assert!(AllowedBases::new(&[]).unwrap().permits(Path::new("/")));
+        assert!(
+            AllowedBases::new(&[], &HostRoot::default())
+                .unwrap()
+                .permits(Path::new("/"))
+        );
         assert!(AllowedBases::anywhere().permits(&t.join("elsewhere")));
     }
 
@@ -634,15 +757,15 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("file"), "x").unwrap();
         assert!(matches!(
-            AllowedBases::new(&[PathBuf::from("srv/data")]),
+            AllowedBases::new(&[PathBuf::from("srv/data")], &HostRoot::default()),
             Err(AllowedBaseError::Relative { .. })
         ));
         assert!(matches!(
-            AllowedBases::new(&[tmp.path().join("missing")]),
+            AllowedBases::new(&[tmp.path().join("missing")], &HostRoot::default()),
             Err(AllowedBaseError::Unusable { .. })
         ));
         assert!(matches!(
-            AllowedBases::new(&[tmp.path().join("file")]),
+            AllowedBases::new(&[tmp.path().join("file")], &HostRoot::default()),
             Err(AllowedBaseError::NotDirectory { .. })
         ));
     }

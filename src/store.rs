@@ -216,6 +216,9 @@ fn read_small_at<Fd: std::os::fd::AsFd>(dir: Fd, path: &Path) -> io::Result<Vec<
 #[derive(Debug, Clone)]
 pub struct Root {
     path: PathBuf,
+    /// Where overlays are mounted (`MOUNTS/NAME`) instead of `NAME/mountpoint/`: a managed
+    /// plugin's propagated mount, the one place whose mounts dockerd sees.
+    mount_dir: Option<PathBuf>,
 }
 
 impl Root {
@@ -229,11 +232,29 @@ impl Root {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
-        Ok(Self { path })
+        Ok(Self {
+            path,
+            mount_dir: None,
+        })
+    }
+
+    /// Mounts overlays at `dir/NAME` (created if missing) instead of `NAME/mountpoint/`.
+    pub fn with_mount_dir(self, dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let dir = std::fs::canonicalize(dir)?;
+        Ok(Self {
+            mount_dir: Some(dir),
+            ..self
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Where overlays are mounted, if not in the volumes' own directories.
+    pub fn mount_dir(&self) -> Option<&Path> {
+        self.mount_dir.as_deref()
     }
 
     pub fn trash(&self) -> PathBuf {
@@ -242,7 +263,9 @@ impl Root {
 
     /// The volume `name`'s directory.
     pub fn volume(&self, name: &VolumeName) -> VolumeDir {
-        VolumeDir::at(self.path.join(name))
+        let mut vol = VolumeDir::at(self.path.join(name));
+        vol.mountpoint = self.mount_dir.as_ref().map(|dir| dir.join(name));
+        vol
     }
 
     /// A fresh path in the trash for something that used to be `what`.
@@ -263,6 +286,8 @@ pub struct VolumeDir {
     /// Whether its changes live in an image of their own; looked at when first asked (a
     /// query such as Path never needs it).
     sized: std::cell::OnceCell<bool>,
+    /// Where its overlay is mounted when not at `mountpoint/` (see [`Root::with_mount_dir`]).
+    mountpoint: Option<PathBuf>,
 }
 
 /// The image file of a sized volume, in its directory.
@@ -278,6 +303,7 @@ impl VolumeDir {
         Self {
             path,
             sized: std::cell::OnceCell::new(),
+            mountpoint: None,
         }
     }
     /// The directory at `path` (being built), of the kind given.
@@ -285,6 +311,7 @@ impl VolumeDir {
         Self {
             path,
             sized: sized.into(),
+            mountpoint: None,
         }
     }
     /// Whether its changes live in an image of their own ([`VolumeDir::image`]).
@@ -329,7 +356,10 @@ impl VolumeDir {
         self.work().join("work")
     }
     pub fn mountpoint(&self) -> PathBuf {
-        self.path.join("mountpoint")
+        match &self.mountpoint {
+            Some(path) => path.clone(),
+            None => self.path.join("mountpoint"),
+        }
     }
     pub fn active_mounts(&self) -> PathBuf {
         self.path.join("activemounts")
@@ -538,6 +568,7 @@ mod tests {
     fn staging_names_carry_their_creator() {
         let root = Root {
             path: PathBuf::from("/r"),
+            mount_dir: None,
         };
         let slot = root.staging_slot(&VolumeName::parse("a-b.c").unwrap());
         let name = slot.file_name().unwrap().to_str().unwrap();

@@ -210,6 +210,18 @@ impl Sys for RealSys {
         let own_ns = std::fs::metadata("/proc/self/ns/mnt")
             .map_err(inspect)?
             .ino();
+        // A copy in our mount's peer group is no holder: our unmount takes it away too (a
+        // managed plugin's mounts reach dockerd's namespace this way, through the propagated
+        // mount).
+        let own_info = std::fs::read("/proc/self/mountinfo").map_err(inspect)?;
+        let own_groups: Vec<Vec<u64>> = (uppers.iter())
+            .map(|upper| {
+                overlay_mounts_of(&own_info, upper)
+                    .into_iter()
+                    .flatten()
+                    .collect()
+            })
+            .collect();
         let mut seen = HashSet::from([own_ns]);
         let mut holders = vec![Vec::new(); uppers.len()];
         for entry in std::fs::read_dir("/proc").map_err(inspect)? {
@@ -232,8 +244,9 @@ impl Sys for RealSys {
                 continue;
             };
             let mut command = None;
-            for (upper, holders) in uppers.iter().zip(&mut holders) {
-                if mountinfo_has_overlay_upper(&info, upper) {
+            for ((upper, holders), own) in uppers.iter().zip(&mut holders).zip(&own_groups) {
+                let copies = overlay_mounts_of(&info, upper);
+                if copies.iter().any(|g| g.is_none_or(|g| !own.contains(&g))) {
                     let command = command.get_or_insert_with(|| {
                         std::fs::read_to_string(format!("/proc/{pid}/comm"))
                             .map(|s| s.trim_end().to_owned())
@@ -553,30 +566,75 @@ fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Whether a mountinfo text lists an overlay with `upperdir` equal to `upper`. The kernel shows
-/// the string it was given: the plain path for the new mount API, the escaped one for mount(2).
+/// Whether a mountinfo text lists an overlay with `upperdir` equal to `upper`.
 pub fn mountinfo_has_overlay_upper(info: &[u8], upper: &Path) -> bool {
-    let plain = upper.as_os_str().as_bytes();
-    let escaped = escape_option_path(upper.as_os_str());
-    info.split(|&b| b == b'\n').any(|line| {
-        // "... - overlay SOURCE SUPER_OPTIONS"
+    overlay_mounts(info).iter().any(|m| m.shows_upper(upper))
+}
+
+/// The shared peer groups (`shared:N`, or `None`) of the mounts a mountinfo text lists of an
+/// overlay with `upperdir` equal to `upper`.
+pub fn overlay_mounts_of(info: &[u8], upper: &Path) -> Vec<Option<u64>> {
+    (overlay_mounts(info).into_iter())
+        .filter(|m| m.shows_upper(upper))
+        .map(|m| m.peer_group)
+        .collect()
+}
+
+/// One overlay mount of a mountinfo text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayMount {
+    pub mount_point: PathBuf,
+    /// Its `upperdir=` option (unescaped), as the mounter gave it.
+    pub upper: Vec<u8>,
+    /// Its shared peer group (`shared:N`), if it has one.
+    pub peer_group: Option<u64>,
+}
+
+impl OverlayMount {
+    /// Whether its upper is `upper`. The kernel shows the string it was given: the plain
+    /// path for the new mount API, the escaped one for mount(2).
+    pub fn shows_upper(&self, upper: &Path) -> bool {
+        let plain = upper.as_os_str().as_bytes();
+        self.upper == plain || self.upper == escape_option_path(upper.as_os_str())
+    }
+}
+
+/// The overlay mounts a mountinfo text lists.
+pub fn overlay_mounts(info: &[u8]) -> Vec<OverlayMount> {
+    let mut found = Vec::new();
+    for line in info.split(|&b| b == b'\n') {
+        // "ID PARENT DEV ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - overlay SOURCE SUPER_OPTIONS"
         let Some(pos) = line.windows(3).position(|w| w == b" - ") else {
-            return false;
+            continue;
         };
         let mut rest = line[pos + 3..].split(|&b| b == b' ');
         if rest.next() != Some(b"overlay") {
-            return false;
+            continue;
         }
         let _source = rest.next();
         let Some(options) = rest.next() else {
-            return false;
+            continue;
         };
-        options.split(|&b| b == b',').any(|opt| {
-            opt.strip_prefix(b"upperdir=")
-                .map(unescape_mountinfo)
-                .is_some_and(|v| v == plain || v == escaped)
-        })
-    })
+        let Some(upper) = (options.split(|&b| b == b','))
+            .find_map(|opt| opt.strip_prefix(b"upperdir="))
+            .map(unescape_mountinfo)
+        else {
+            continue;
+        };
+        let mut fields = line[..pos].split(|&b| b == b' ');
+        let Some(mount_point) = fields.nth(4) else {
+            continue;
+        };
+        let peer_group = (fields.skip(1))
+            .filter_map(|field| field.strip_prefix(b"shared:"))
+            .find_map(|n| std::str::from_utf8(n).ok()?.parse().ok());
+        found.push(OverlayMount {
+            mount_point: PathBuf::from(OsStr::from_bytes(&unescape_mountinfo(mount_point))),
+            upper,
+            peer_group,
+        });
+    }
+    found
 }
 
 /// A test double that keeps a mount table in memory and records every call.
@@ -789,5 +847,17 @@ mod tests {
             Path::new("/var/x y,z/upper2")
         ));
         assert!(!mountinfo_has_overlay_upper(info, Path::new("/b")));
+    }
+
+    #[test]
+    fn tells_the_peer_group_of_each_copy() {
+        let info = b"22 1 8:1 / / rw shared:1 - ext4 /dev/root rw\n\
+            99 22 0:77 / /m rw,relatime shared:41 master:3 - overlay dot rw,upperdir=/u,workdir=/w\n\
+            98 22 0:77 / /n rw,relatime master:41 - overlay dot rw,upperdir=/u,workdir=/w\n\
+            97 22 0:78 / /o rw - overlay dot rw,upperdir=/v,workdir=/w\n";
+        assert_eq!(overlay_mounts_of(info, Path::new("/u")), [Some(41), None]);
+        assert_eq!(overlay_mounts_of(info, Path::new("/v")), [None]);
+        assert_eq!(overlay_mounts(info)[1].mount_point, Path::new("/n"));
+        assert!(overlay_mounts_of(info, Path::new("/w")).is_empty());
     }
 }

@@ -50,7 +50,7 @@ _docker__on__top() {
 
     case "${cmd}" in
         docker__on__top)
-            opts="-h -V --root --socket --idle-timeout --legacy-mount-api --read-timeout --allowed-base --help --version serve ls inspect changes recover export reset commit generate"
+            opts="-h -V --root --socket --idle-timeout --legacy-mount-api --read-timeout --allowed-base --host-root --mount-dir --help --version serve ls inspect changes recover export reset commit generate"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -73,6 +73,14 @@ _docker__on__top() {
                     return 0
                     ;;
                 --allowed-base)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --host-root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --mount-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -236,7 +244,7 @@ _docker__on__top() {
             return 0
             ;;
         docker__subcmd__on__subcmd__top__subcmd__serve)
-            opts="-h --socket --idle-timeout --legacy-mount-api --read-timeout --allowed-base --root --help"
+            opts="-h --socket --idle-timeout --legacy-mount-api --read-timeout --allowed-base --host-root --mount-dir --root --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -255,6 +263,14 @@ _docker__on__top() {
                     return 0
                     ;;
                 --allowed-base)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --host-root)
+                    COMPREPLY=($(compgen -f "${cur}"))
+                    return 0
+                    ;;
+                --mount-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

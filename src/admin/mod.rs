@@ -188,12 +188,33 @@ impl Admin<RealSys> {
                 root: root.to_owned(),
             });
         }
+        let mount_dir = std::fs::canonicalize(root)
+            .ok()
+            .and_then(|root| plugin_mount_dir(&root));
         Ok(Self::new(Driver::open(DriverConfig {
             root: root.to_owned(),
             legacy_mount_api: false,
             allowed_bases: Default::default(),
+            host_root: Default::default(),
+            mount_dir,
         })?))
     }
+}
+
+/// Where a managed plugin mounts the volumes of `root`, as this mount namespace sees it: the
+/// directory of a mount of some volume's overlay at `DIR/NAME` rather than at its
+/// `NAME/mountpoint/` (dockerd's `plugins/ID/propagated-mount/`). `None` while the plugin has
+/// none mounted, which is all the admin commands need to know then.
+fn plugin_mount_dir(root: &Path) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let info = std::fs::read("/proc/self/mountinfo").ok()?;
+    crate::sys::overlay_mounts(&info).into_iter().find_map(|m| {
+        let upper = Path::new(std::ffi::OsStr::from_bytes(&m.upper));
+        let name = upper.strip_prefix(root).ok()?.components().next()?;
+        let elsewhere = m.mount_point.file_name()? == name.as_os_str()
+            && m.mount_point != root.join(name).join("mountpoint");
+        elsewhere.then(|| m.mount_point.parent().map(Path::to_owned))?
+    })
 }
 
 impl<S: Sys> Admin<S> {

@@ -16,18 +16,24 @@ impl<S: Sys> Driver<S> {
         name: &VolumeName,
         options: &BTreeMap<String, String>,
     ) -> Result<(), DriverError> {
-        let opts = VolumeOptions::parse(options, self.root.path(), &self.allowed_bases).map_err(
-            |source| DriverError::Options {
-                name: name.clone(),
-                source,
-            },
-        )?;
+        let opts = VolumeOptions::parse(
+            options,
+            self.root.path(),
+            &self.allowed_bases,
+            &self.host_root,
+        )
+        .map_err(|source| DriverError::Options {
+            name: name.clone(),
+            source,
+        })?;
         let vol = self.root.volume(name);
         if vol.path.exists() {
             return self.check_same_options(name, &vol, &opts);
         }
-        let base_meta =
-            std::fs::metadata(opts.base.path()).map_err(|source| DriverError::BaseGone {
+        let base_meta = self
+            .host_root
+            .dir_metadata(opts.base.path())
+            .map_err(|source| DriverError::BaseGone {
                 name: name.clone(),
                 base: opts.base.path().to_owned(),
                 source,
@@ -120,7 +126,7 @@ impl<S: Sys> Driver<S> {
     ) -> Result<(), DriverError> {
         let meta = self.read_metadata(name, vol)?;
         // Go-created volumes store the base as given; compare canonical forms.
-        let stored = std::fs::canonicalize(&meta.base).unwrap_or(meta.base.clone());
+        let stored = (self.host_root.canonicalize(&meta.base)).unwrap_or(meta.base.clone());
         if stored == opts.base.path() && meta.volatile == opts.volatile && meta.size == opts.size {
             Ok(())
         } else {
@@ -157,6 +163,11 @@ impl<S: Sys> Driver<S> {
             .map_err(Self::io_err(name, "removing the volume directory"))?;
         log::info!("removed volume {name}");
         failpoint!("remove.renamed");
+        if self.root.mount_dir().is_some() {
+            // Its mountpoint in the mount directory, empty (it was not mounted); busy if a
+            // volume of the same name was created and mounted meanwhile, and then kept.
+            let _ = std::fs::remove_dir(vol.mountpoint());
+        }
         self.kick_janitor();
         Ok(())
     }

@@ -157,11 +157,7 @@ impl<S: Sys> Driver<S> {
             base: meta.base.clone(),
             source,
         };
-        let base = std::fs::metadata(&meta.base).map_err(gone)?;
-        if !base.is_dir() {
-            return Err(gone(io::Error::from(rustix::io::Errno::NOTDIR)));
-        }
-        Ok(base)
+        self.host_root.dir_metadata(&meta.base).map_err(gone)
     }
 
     /// Moves the upper (if any) into the trash and installs a fresh one whose root has the

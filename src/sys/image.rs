@@ -79,10 +79,18 @@ fn failed(what: impl Into<String>) -> impl FnOnce(io::Error) -> SysError {
     move |source| SysError::Image { reason, source }
 }
 
+const LOOP_CONTROL: &str = "/dev/loop-control";
+/// Where it is missing: a managed plugin, a container.
+const NO_LOOP_CONTROL: &str = "no loop devices are available (/dev/loop-control); sized volumes need docker-on-top running as a host service, not as a managed plugin";
+
 /// Makes an image of `size` bytes at `image` (which must not exist) holding an empty `fs`:
 /// sparse (a limit only), or with its space reserved now (`fallocate`). The image is left
 /// complete or not at all.
 pub fn format(image: &Path, size: u64, sparse: bool, fs: FsType) -> Result<(), SysError> {
+    // An image that could never be attached is refused before anything is made.
+    if let Err(e) = std::fs::metadata(LOOP_CONTROL) {
+        return Err(failed(NO_LOOP_CONTROL)(e));
+    }
     let file = File::options()
         .write(true)
         .create_new(true)
@@ -166,8 +174,8 @@ pub fn attach(image: &Path, fs: FsType, target: &Path) -> Result<(), SysError> {
     let control = File::options()
         .read(true)
         .write(true)
-        .open("/dev/loop-control")
-        .map_err(failed("no loop devices are available (/dev/loop-control)"))?;
+        .open(LOOP_CONTROL)
+        .map_err(failed(NO_LOOP_CONTROL))?;
     let (device, path) = loop {
         // SAFETY: GetFree passes no pointer.
         let number = unsafe { rustix::ioctl::ioctl(control.as_fd(), GetFree) }.map_err(|e| {
