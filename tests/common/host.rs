@@ -531,6 +531,22 @@ impl Sandbox {
         Ok(sandbox)
     }
 
+    /// Bind-mounts `source` on `target` inside the namespace (creating a missing `target` on
+    /// the host, removed again at the end): the namespace sees `source` there, the host does
+    /// not.
+    pub fn bind(&mut self, source: &Path, target: &str) -> Res {
+        create_missing_dirs(Path::new(target), |d| self.made_dirs.push(d))?;
+        run_ok(
+            self.ns_command("mount")
+                .arg("--bind")
+                .arg(source)
+                .arg(target),
+            Duration::from_secs(30),
+        )
+        .ctx(format!("bind-mounting {} on {target}", source.display()))?;
+        Ok(())
+    }
+
     /// `nsenter -t ANCHOR -m [-n] -- program`.
     pub fn ns_command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         nsenter_namespaces(self.anchor_pid, self.network, program)
@@ -611,6 +627,12 @@ impl Sandbox {
 
     /// [`Sandbox::start_dockerd`] with `env` set for dockerd.
     pub fn start_dockerd_env(&mut self, env: &[(&str, &str)]) -> Res<Dockerd> {
+        self.start_dockerd_with(env, &[])
+    }
+
+    /// [`Sandbox::start_dockerd`] with `env` set for dockerd and `extra` flags (e.g.
+    /// `--live-restore`).
+    pub fn start_dockerd_with(&mut self, env: &[(&str, &str)], extra: &[&str]) -> Res<Dockerd> {
         let t = self.tmp.clone();
         fs::write(t.join("daemon.json"), "{}\n").ctx("writing daemon.json")?;
         let mut dockerd = Dockerd {
@@ -621,7 +643,7 @@ impl Sandbox {
         };
         fs::create_dir_all(&dockerd.config).ctx("creating the docker CLI config")?;
         let mut cmd = self.ns_command("dockerd");
-        private_dockerd_args(&mut cmd, &t, &dockerd.sock, &self.cgroup_parent);
+        private_dockerd_args(&mut cmd, &t, &dockerd.sock, &self.cgroup_parent).args(extra);
         cmd.envs(env.iter().copied());
         let pid = self.spawn(&mut cmd, &dockerd.log)?;
         dockerd.pid = pid;
