@@ -769,4 +769,211 @@ mod tests {
             Err(AllowedBaseError::NotDirectory { .. })
         ));
     }
+
+    /// A host's tree under a prefix, as a managed plugin sees it (`--host-root`), and a state
+    /// root outside it. Its symlinks only lead where they should when resolved inside it.
+    struct HostTree {
+        _tmp: tempfile::TempDir,
+        prefix: PathBuf,
+        root: PathBuf,
+        host: HostRoot,
+    }
+
+    fn host_tree() -> HostTree {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = std::fs::canonicalize(tmp.path()).unwrap();
+        let prefix = t.join("host");
+        std::fs::create_dir_all(prefix.join("data/real")).unwrap();
+        std::fs::write(prefix.join("data/real/marker"), "inside").unwrap();
+        std::fs::write(prefix.join("data/file"), "x").unwrap();
+        // Absolute: outside the prefix it names the real host's /data/real, which is not
+        // this one (and on a test machine is not there at all).
+        std::os::unix::fs::symlink("/data/real", prefix.join("data/link")).unwrap();
+        std::os::unix::fs::symlink("real", prefix.join("data/rel")).unwrap();
+        // Enough `..` to reach this process's / from the prefix, and then /usr.
+        std::os::unix::fs::symlink("../../../../../../../../usr", prefix.join("data/up")).unwrap();
+        let root = t.join("state");
+        std::fs::create_dir(&root).unwrap();
+        let host = HostRoot::at(&prefix).unwrap();
+        HostTree {
+            _tmp: tmp,
+            prefix,
+            root,
+            host,
+        }
+    }
+
+    impl HostTree {
+        fn parse(&self, base: &str) -> Result<VolumeOptions, OptionsError> {
+            self.parse_allowed(base, &AllowedBases::anywhere())
+        }
+        fn parse_allowed(
+            &self,
+            base: &str,
+            allowed: &AllowedBases,
+        ) -> Result<VolumeOptions, OptionsError> {
+            VolumeOptions::parse(&opts(&[("base", base)]), &self.root, allowed, &self.host)
+        }
+    }
+
+    #[test]
+    fn bases_are_host_paths_resolved_inside_the_host_root() {
+        let h = host_tree();
+        assert_eq!(h.host.prefix(), Some(h.prefix.as_path()));
+        assert_eq!(
+            h.host.local(Path::new("/data/real")),
+            h.prefix.join("data/real")
+        );
+        for spelling in [
+            "/data/real",
+            "/data/link",
+            "/data/rel",
+            "/data/real/",
+            "/data/./real",
+            "/../../data/real",
+        ] {
+            let parsed = h
+                .parse(spelling)
+                .unwrap_or_else(|e| panic!("{spelling}: {e}"));
+            // Stored as the host names it: the prefix is this process's business only.
+            assert_eq!(parsed.base.path(), Path::new("/data/real"), "{spelling}");
+        }
+        assert!(matches!(
+            h.parse("/data/file").unwrap_err(),
+            OptionsError::BaseNotDirectory { .. }
+        ));
+        assert!(matches!(
+            h.parse("/data/missing").unwrap_err(),
+            OptionsError::BaseUnusable { .. }
+        ));
+        // This process's /etc and /usr exist; the host tree's do not, and `..` and a symlink
+        // full of `..` stop at the prefix as at a /.
+        assert!(Path::new("/etc").is_dir() && Path::new("/usr").is_dir());
+        for escape in ["/../../etc", "/data/../../../etc", "/data/up"] {
+            let e = h.parse(escape).unwrap_err();
+            assert!(
+                matches!(e, OptionsError::BaseUnusable { .. }),
+                "{escape}: {e:?}"
+            );
+        }
+        std::fs::create_dir(h.prefix.join("etc")).unwrap();
+        std::fs::create_dir(h.prefix.join("usr")).unwrap();
+        assert_eq!(
+            h.parse("/../../etc").unwrap().base.path(),
+            Path::new("/etc")
+        );
+        assert_eq!(h.parse("/data/up").unwrap().base.path(), Path::new("/usr"));
+        // No prefix is added to a relative path, which would make it absolute.
+        assert!(matches!(
+            h.parse("data/real").unwrap_err(),
+            OptionsError::RelativeBase { .. }
+        ));
+    }
+
+    #[test]
+    fn allowed_bases_are_canonicalised_inside_the_host_root() {
+        let h = host_tree();
+        std::fs::create_dir(h.prefix.join("etc")).unwrap();
+        let allowed = AllowedBases::new(&[PathBuf::from("/data/link")], &h.host).unwrap();
+        assert_eq!(allowed.dirs(), [PathBuf::from("/data/real")]);
+        for ok in ["/data/real", "/data/link", "/data/rel"] {
+            let parsed = h
+                .parse_allowed(ok, &allowed)
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(parsed.base.path(), Path::new("/data/real"));
+        }
+        let e = h.parse_allowed("/etc", &allowed).unwrap_err();
+        assert!(matches!(e, OptionsError::BaseNotAllowed { .. }), "{e:?}");
+        assert!(e.to_string().contains("--allowed-base /data/real"), "{e}");
+
+        // Looked up in the host's tree, not this process's: /usr is here, not there.
+        assert!(Path::new("/usr").is_dir());
+        assert!(matches!(
+            AllowedBases::new(&[PathBuf::from("/usr")], &h.host),
+            Err(AllowedBaseError::Unusable { .. })
+        ));
+        assert!(matches!(
+            AllowedBases::new(&[PathBuf::from("/data/up")], &h.host),
+            Err(AllowedBaseError::Unusable { .. })
+        ));
+        assert!(matches!(
+            AllowedBases::new(&[PathBuf::from("/data/file")], &h.host),
+            Err(AllowedBaseError::Unusable { .. } | AllowedBaseError::NotDirectory { .. })
+        ));
+    }
+
+    #[test]
+    fn an_opened_base_is_found_inside_the_host_root_and_named_as_the_host_names_it() {
+        let h = host_tree();
+        let anywhere = AllowedBases::anywhere();
+        for strict in [false, true] {
+            let opened = OpenedBase::open(Path::new("/data/real"), &anywhere, strict, &h.host)
+                .unwrap_or_else(|e| panic!("strict {strict}: {e}"));
+            assert_eq!(opened.real_path(), Path::new("/data/real"));
+            assert_eq!(
+                std::fs::read_to_string(opened.fd_path().join("marker")).unwrap(),
+                "inside"
+            );
+        }
+        // Followed when not strict, and the real path is where it led.
+        let followed =
+            OpenedBase::open(Path::new("/data/link"), &anywhere, false, &h.host).unwrap();
+        assert_eq!(followed.real_path(), Path::new("/data/real"));
+        for link in ["/data/link", "/data/rel"] {
+            let e = OpenedBase::open(Path::new(link), &anywhere, true, &h.host).unwrap_err();
+            assert!(
+                matches!(e, OptionsError::BaseSymlinked { .. }),
+                "{link}: {e:?}"
+            );
+        }
+        assert!(matches!(
+            OpenedBase::open(Path::new("/data/file"), &anywhere, true, &h.host).unwrap_err(),
+            OptionsError::BaseNotDirectory { .. }
+        ));
+        assert!(matches!(
+            OpenedBase::open(Path::new("/usr"), &anywhere, true, &h.host).unwrap_err(),
+            OptionsError::BaseUnusable { .. }
+        ));
+        // The allowed list is of host paths too.
+        std::fs::create_dir(h.prefix.join("etc")).unwrap();
+        let allowed = AllowedBases::new(&[PathBuf::from("/data")], &h.host).unwrap();
+        OpenedBase::open(Path::new("/data/real"), &allowed, true, &h.host).unwrap();
+        assert!(matches!(
+            OpenedBase::open(Path::new("/etc"), &allowed, true, &h.host).unwrap_err(),
+            OptionsError::BaseNotAllowed { .. }
+        ));
+    }
+
+    #[test]
+    fn a_host_root_at_slash_is_no_prefix() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = std::fs::canonicalize(tmp.path()).unwrap();
+        std::os::unix::fs::symlink("/", t.join("slash")).unwrap();
+        std::fs::create_dir(t.join("real")).unwrap();
+        std::os::unix::fs::symlink(t.join("real"), t.join("link")).unwrap();
+        std::fs::create_dir(t.join("state")).unwrap();
+        let link = t.join("link");
+        for spelling in [Path::new("/"), &t.join("slash")] {
+            let host = HostRoot::at(spelling).unwrap();
+            assert_eq!(host.prefix(), None, "{spelling:?}");
+            assert_eq!(host.local(&link), link);
+            assert_eq!(host.canonicalize(&link).unwrap(), t.join("real"));
+            let parsed = VolumeOptions::parse(
+                &opts(&[("base", link.to_str().unwrap())]),
+                &t.join("state"),
+                &AllowedBases::anywhere(),
+                &host,
+            )
+            .unwrap();
+            assert_eq!(parsed.base.path(), t.join("real"));
+            let opened =
+                OpenedBase::open(&t.join("real"), &AllowedBases::anywhere(), true, &host).unwrap();
+            assert_eq!(opened.real_path(), t.join("real"));
+            assert!(matches!(
+                OpenedBase::open(&link, &AllowedBases::anywhere(), true, &host).unwrap_err(),
+                OptionsError::BaseSymlinked { .. }
+            ));
+        }
+        assert!(HostRoot::at(&t.join("missing")).is_err());
+    }
 }

@@ -14,7 +14,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use docker_on_top::driver::Driver;
+use docker_on_top::driver::{Driver, DriverConfig};
 use docker_on_top::names::{MountId, VolumeName};
 use docker_on_top::sys::{OverlaySpec, RealSys, Sys, SysError};
 
@@ -492,6 +492,60 @@ fn ls_and_inspect_report_volumes() {
     assert!(err.contains("volume nope does not exist"), "{err}");
     let err = e.fails(&["inspect", "../etc"]);
     assert!(err.contains("invalid volume name"), "{err}");
+}
+
+/// A managed plugin (`serve --mount-dir DIR`) mounts its volumes at `DIR/NAME`, which the
+/// commands, run without that option, find in their mount namespace.
+#[test]
+fn ls_and_inspect_find_the_mounts_of_a_managed_plugin() {
+    let e = env();
+    let base = e.path("base");
+    make_base(&base);
+    e.create("v", &base, false);
+    e.create("w", &base, false);
+    let dir = e.path("propagated-mount");
+    let plugin = Driver::open(DriverConfig {
+        root: e.root.clone(),
+        legacy_mount_api: false,
+        allowed_bases: Default::default(),
+        host_root: Default::default(),
+        mount_dir: Some(dir.clone()),
+    })
+    .unwrap();
+    let table = e.ok(&["ls"]);
+    assert!(
+        table.lines().all(|l| !l.contains(" yes ")),
+        "mounted before any Mount: {table}"
+    );
+    let mp = plugin.mount(&name("v"), &id("c1"), None).unwrap();
+    assert_eq!(mp, dir.join("v"));
+    assert!(!e.root.join("v/mountpoint").join("keep.txt").exists());
+
+    let table = e.ok(&["ls"]);
+    let row = |vol: &str| {
+        (table.lines())
+            .find(|l| l.starts_with(&format!("{vol} ")))
+            .unwrap_or_else(|| panic!("no {vol}: {table}"))
+            .to_owned()
+    };
+    assert!(row("v").contains(" yes "), "{table}");
+    assert!(row("w").contains(" no "), "{table}");
+    let v: serde_json::Value = serde_json::from_str(&e.ok(&["inspect", "v"])).unwrap();
+    assert_eq!(v["Mounted"], true, "{v}");
+    assert_eq!(v["Mountpoint"], mp.to_str().unwrap());
+    assert_eq!(v["ActiveMounts"], 1);
+    assert_eq!(v["MountIDs"], serde_json::json!({"c1": 1}));
+    assert_eq!(v["UpperDir"], e.upper("v").to_str().unwrap());
+    let w: serde_json::Value = serde_json::from_str(&e.ok(&["inspect", "w"])).unwrap();
+    assert_eq!(w["Mounted"], false, "{w}");
+    // Mounted there is mounted: what needs the volume unmounted is refused.
+    let err = e.fails(&["reset", "v"]);
+    assert!(err.contains("volume v is in use"), "{err}");
+    assert!(err.contains(mp.to_str().unwrap()), "{err}");
+
+    plugin.unmount(&name("v"), &id("c1")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&e.ok(&["inspect", "v"])).unwrap();
+    assert_eq!(v["Mounted"], false, "{v}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Kernel tests: real overlay mounts through `sys::RealSys`, each test in a private mount
-//! namespace of its own thread so nothing reaches the host's mount table.
+//! namespace of its own thread (or of its own process, where `/proc/self` is read) so nothing
+//! reaches the host's mount table.
 
 mod common;
 
@@ -259,4 +260,127 @@ fn a_reserved_image_takes_its_space_or_fails_leaving_nothing() {
     let text = docker_on_top::error_chain(&err);
     assert!(text.contains("No space left on device"), "{text}");
     assert!(!too_big.exists(), "a partial image was left");
+}
+
+/// Set in a copy of this test binary that runs one test as a process of its own.
+const WHOLE_PROCESS: &str = "DOCKER_ON_TOP_KERNEL_TEST_WHOLE_PROCESS";
+
+/// Runs the test `name` (the caller) in a private mount namespace as a whole process:
+/// `true` in that process, which then does the test's work; `false` in the test thread that
+/// started it, once it passed. `RealSys::overlay_holders` reads `/proc/self`, the namespace of
+/// the process's main thread, which no unshare of a test thread moves.
+fn as_whole_process(name: &str) -> bool {
+    let ns = |of: &str| std::fs::read_link(format!("/proc/{of}/ns/mnt")).unwrap();
+    if std::env::var_os(WHOLE_PROCESS).is_some() {
+        assert_eq!(
+            ns("self"),
+            ns("thread-self"),
+            "the process is not in one namespace"
+        );
+        return true;
+    }
+    common::private_mount_namespace();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(WHOLE_PROCESS, "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    // A filter that matched nothing would pass too.
+    assert!(stdout.contains("1 passed"), "{name} did not run: {stdout}");
+    false
+}
+
+/// Processes started for a test, killed however it ends.
+struct Children(Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts `unshare ARGS sleep 60` and waits until it sleeps in a mount namespace of its own,
+/// its propagation set. Its pid.
+fn in_new_namespace(children: &mut Children, args: &[&str]) -> u32 {
+    let child = std::process::Command::new("unshare")
+        .args(args)
+        .args(["sleep", "60"])
+        .spawn()
+        .expect("cannot run unshare (util-linux)");
+    let pid = child.id();
+    children.0.push(child);
+    let ns = |of: &str| std::fs::read_link(format!("/proc/{of}/ns/mnt")).ok();
+    let own = ns("self");
+    wait_for("the copy's namespace", || {
+        std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+            && ns(&pid.to_string()).is_some_and(|theirs| Some(theirs) != own)
+    });
+    pid
+}
+
+fn copies_in(pid: &str, upper: &Path) -> Vec<Option<u64>> {
+    let info = std::fs::read(format!("/proc/{pid}/mountinfo")).unwrap();
+    docker_on_top::sys::overlay_mounts_of(&info, upper)
+}
+
+/// A managed plugin mounts under its propagated mount, shared with dockerd's namespace: the
+/// copy there is a peer of its mount, and goes with its unmount, so it holds nothing. A copy
+/// in a namespace of its own (private) lives on after the unmount: a holder.
+#[test]
+fn a_copy_in_our_peer_group_is_no_holder_and_a_private_one_is() {
+    if !as_whole_process("a_copy_in_our_peer_group_is_no_holder_and_a_private_one_is") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let propagated = tmp.path().join("propagated");
+    std::fs::create_dir(&propagated).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "dot-propagated"])
+        .arg(&propagated)
+        .status()
+        .expect("cannot run mount");
+    assert!(status.success());
+    rustix::mount::mount_change(&propagated, rustix::mount::MountPropagationFlags::SHARED).unwrap();
+    let mut spec = layout(&tmp.path().join("v"));
+    spec.target = propagated.join("v");
+    std::fs::create_dir(&spec.target).unwrap();
+    let sys = RealSys::default();
+    sys.mount_overlay(&spec).unwrap();
+    // Mounted under a shared mount, it is in a peer group of its own.
+    let ours = copies_in("self", &spec.upper);
+    assert!(matches!(ours[..], [Some(_)]), "{ours:?}");
+
+    let mut children = Children(Vec::new());
+    let peer = in_new_namespace(&mut children, &["-m", "--propagation", "unchanged"]);
+    assert_eq!(
+        copies_in(&peer.to_string(), &spec.upper),
+        ours,
+        "not a peer"
+    );
+    assert_eq!(sys.overlay_holders(&spec.upper).unwrap(), []);
+
+    let private = in_new_namespace(&mut children, &["-m"]);
+    assert_eq!(copies_in(&private.to_string(), &spec.upper), [None]);
+    let holders = sys.overlay_holders(&spec.upper).unwrap();
+    let pids: Vec<u32> = holders.iter().map(|h| h.pid).collect();
+    assert_eq!(pids, [private], "{holders:?}");
+    assert_eq!(holders[0].command, "sleep");
+    let of = sys.overlay_holders_of(std::slice::from_ref(&spec.upper));
+    assert_eq!(of.unwrap(), std::slice::from_ref(&holders));
+
+    // Why the peer is none: the unmount took its copy away, and left the private one's.
+    let unmounted = sys.unmount(&spec.target).unwrap();
+    assert!(!unmounted.no_copy_left, "the private copy went unseen");
+    assert_eq!(copies_in(&peer.to_string(), &spec.upper), []);
+    assert_eq!(copies_in(&private.to_string(), &spec.upper), [None]);
+    assert_eq!(sys.overlay_holders(&spec.upper).unwrap(), holders);
+    drop(children);
+    assert_eq!(sys.overlay_holders(&spec.upper).unwrap(), []);
+    rustix::mount::unmount(&propagated, rustix::mount::UnmountFlags::empty()).unwrap();
 }

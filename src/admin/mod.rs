@@ -206,9 +206,14 @@ impl Admin<RealSys> {
 /// `NAME/mountpoint/` (dockerd's `plugins/ID/propagated-mount/`). `None` while the plugin has
 /// none mounted, which is all the admin commands need to know then.
 fn plugin_mount_dir(root: &Path) -> Option<PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
     let info = std::fs::read("/proc/self/mountinfo").ok()?;
-    crate::sys::overlay_mounts(&info).into_iter().find_map(|m| {
+    plugin_mount_dir_in(&info, root)
+}
+
+/// [`plugin_mount_dir`] as the mountinfo text `info` tells it.
+fn plugin_mount_dir_in(info: &[u8], root: &Path) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    crate::sys::overlay_mounts(info).into_iter().find_map(|m| {
         let upper = Path::new(std::ffi::OsStr::from_bytes(&m.upper));
         let name = upper.strip_prefix(root).ok()?.components().next()?;
         let elsewhere = m.mount_point.file_name()? == name.as_os_str()
@@ -636,5 +641,55 @@ mod tests {
         write_json(&mut out, &changes[..1]).unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(v, serde_json::json!([{"Kind": "C", "Path": "/etc"}]));
+    }
+
+    #[test]
+    fn the_plugin_mount_dir_is_where_a_volume_is_mounted_by_its_name() {
+        let line = |point: &str, upper: &str| {
+            format!(
+                "99 22 0:77 / {point} rw,relatime shared:41 - overlay docker-on-top:v \
+                 rw,lowerdir=/proc/self/fd/9,upperdir={upper},workdir=/w\n"
+            )
+        };
+        let root = Path::new("/var/lib/docker-on-top");
+        let found = |lines: &[String]| plugin_mount_dir_in(lines.concat().as_bytes(), root);
+        let plugin = line(
+            "/var/lib/docker/plugins/abc/propagated-mount/v",
+            "/var/lib/docker-on-top/v/upper",
+        );
+        assert_eq!(
+            found(std::slice::from_ref(&plugin)),
+            Some(PathBuf::from(
+                "/var/lib/docker/plugins/abc/propagated-mount"
+            ))
+        );
+        // A sized volume's upper is deeper in its directory.
+        assert_eq!(
+            found(&[line("/m/s", "/var/lib/docker-on-top/s/changes/upper")]),
+            Some(PathBuf::from("/m"))
+        );
+        // Found past the mounts that say nothing of it.
+        let service = line(
+            "/var/lib/docker-on-top/w/mountpoint",
+            "/var/lib/docker-on-top/w/upper",
+        );
+        assert_eq!(
+            found(&[service.clone(), plugin]),
+            Some(PathBuf::from(
+                "/var/lib/docker/plugins/abc/propagated-mount"
+            ))
+        );
+        for nothing in [
+            // The service's own place.
+            service,
+            // Not named after the volume whose upper it has: a bind someone made.
+            line("/srv/x", "/var/lib/docker-on-top/v/upper"),
+            // Another root's volume, one whose name shares a prefix with ours.
+            line("/m/v", "/var/lib/other/v/upper"),
+            line("/m/v", "/var/lib/docker-on-top-2/v/upper"),
+        ] {
+            assert_eq!(found(std::slice::from_ref(&nothing)), None, "{nothing}");
+        }
+        assert_eq!(found(&[]), None);
     }
 }

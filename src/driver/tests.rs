@@ -716,3 +716,80 @@ fn sized_options_are_checked_and_a_repeat_with_another_size_conflicts() {
         "{err}"
     );
 }
+
+/// A managed plugin's driver (`--mount-dir`): overlays go to `DIR/NAME`, the one place whose
+/// mounts dockerd sees, while everything else stays in the volume's directory.
+#[test]
+fn a_mount_dir_holds_the_overlays_and_the_volume_directory_the_rest() {
+    let mut f = fixture();
+    let dir = f._tmp.path().join("propagated/volumes");
+    // As `Driver::open` does with `DriverConfig::mount_dir`.
+    f.driver.root = f.driver.root.clone().with_mount_dir(&dir).unwrap();
+    let dir = std::fs::canonicalize(&dir).unwrap();
+    assert_eq!(f.driver.root().mount_dir(), Some(dir.as_path()));
+    let root = f.driver.root().path().to_owned();
+    f.create("v", false);
+    f.create("w", true);
+    assert_eq!(f.vol("v").mountpoint(), dir.join("v"));
+    assert_eq!(f.driver.path(&name("v")).unwrap(), None);
+    assert!(!dir.join("v").exists(), "made before the first Mount");
+
+    let mp = f.driver.mount(&name("v"), &id("a"), None).unwrap();
+    assert_eq!(mp, dir.join("v"));
+    assert!(mp.is_dir());
+    {
+        let s = f.driver.sys().state.lock().unwrap();
+        assert_eq!(s.mounted.len(), 1);
+        let spec = &s.mounted[0];
+        assert_eq!(spec.target, dir.join("v"));
+        assert_eq!(spec.upper, root.join("v/upper"));
+        assert!(spec.work.starts_with(root.join("v")), "{spec:?}");
+    }
+    assert_eq!(f.driver.path(&name("v")).unwrap(), Some(dir.join("v")));
+    let info = f.driver.get(&name("v")).unwrap();
+    assert_eq!(info.mountpoint, Some(dir.join("v")));
+    assert!(info.mounted);
+    assert_eq!(info.active_mounts, 1);
+    assert_eq!(info.upper, root.join("v/upper"));
+    for kept in ["metadata.json", "upper", "workdir", "activemounts"] {
+        assert!(
+            root.join("v").join(kept).exists(),
+            "{kept} is not in ROOT/v"
+        );
+    }
+    assert_eq!(f.count("v", "a"), Some(1));
+    assert!(
+        std::fs::read_dir(root.join("v/activemounts"))
+            .unwrap()
+            .any(|e| e.unwrap().file_name() == "a"),
+        "the record is not in ROOT/v/activemounts"
+    );
+    // Nothing but the volumes' mountpoints in the mount directory.
+    let entries: Vec<_> = (std::fs::read_dir(&dir).unwrap())
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, ["v"]);
+
+    f.unmount(&name("v"), &id("a")).unwrap();
+    assert_eq!(f.driver.path(&name("v")).unwrap(), None);
+    assert_eq!(f.driver.get(&name("v")).unwrap().mountpoint, None);
+    f.driver.remove(&name("v")).unwrap();
+    assert!(!dir.join("v").exists(), "Remove left DIR/v");
+    assert!(!root.join("v").exists());
+
+    // A leftover mount (a crash before the last Unmount's reply) is unmounted at DIR/NAME,
+    // and its mountpoint goes too.
+    f.driver.mount(&name("w"), &id("b"), None).unwrap();
+    f.vol("w").clear_records().unwrap();
+    f.driver.remove(&name("w")).unwrap();
+    let (mounted, calls) = {
+        let s = f.driver.sys().state.lock().unwrap();
+        (s.mounted.len(), s.calls.clone())
+    };
+    assert_eq!(mounted, 0);
+    let unmounted = format!("unmount {}", dir.join("w").display());
+    assert!(calls.contains(&unmounted), "{calls:?}");
+    assert!(!dir.join("w").exists(), "Remove left DIR/w");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    assert!(f.driver.list().unwrap().is_empty());
+}
