@@ -19,6 +19,8 @@ use thiserror::Error;
 use crate::options::FsType;
 
 mod image;
+mod mountinfo;
+pub use mountinfo::{OverlayMount, mountinfo_has_overlay_upper, overlay_mounts, overlay_mounts_of};
 
 /// `statfs(2)` magic of overlayfs.
 const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
@@ -210,17 +212,12 @@ impl Sys for RealSys {
         let own_ns = std::fs::metadata("/proc/self/ns/mnt")
             .map_err(inspect)?
             .ino();
-        // A copy in our mount's peer group is no holder: our unmount takes it away too (a
-        // managed plugin's mounts reach dockerd's namespace this way, through the propagated
-        // mount).
+        // A copy that our unmount takes away too is no holder (see `mountinfo::Reach`): a
+        // managed plugin's mounts reach dockerd's namespace that way.
         let own_info = std::fs::read("/proc/self/mountinfo").map_err(inspect)?;
-        let own_groups: Vec<Vec<u64>> = (uppers.iter())
-            .map(|upper| {
-                overlay_mounts_of(&own_info, upper)
-                    .into_iter()
-                    .flatten()
-                    .collect()
-            })
+        let own_mounts = mountinfo::parse(&own_info);
+        let reach: Vec<Vec<mountinfo::Reach>> = (uppers.iter())
+            .map(|upper| mountinfo::Reach::of(&own_mounts, upper))
             .collect();
         let mut seen = HashSet::from([own_ns]);
         let mut holders = vec![Vec::new(); uppers.len()];
@@ -244,9 +241,9 @@ impl Sys for RealSys {
                 continue;
             };
             let mut command = None;
-            for ((upper, holders), own) in uppers.iter().zip(&mut holders).zip(&own_groups) {
-                let copies = overlay_mounts_of(&info, upper);
-                if copies.iter().any(|g| g.is_none_or(|g| !own.contains(&g))) {
+            let mounts = mountinfo::parse(&info);
+            for ((upper, holders), reach) in uppers.iter().zip(&mut holders).zip(&reach) {
+                if mountinfo::holds(&mounts, upper, reach) {
                     let command = command.get_or_insert_with(|| {
                         std::fs::read_to_string(format!("/proc/{pid}/comm"))
                             .map(|s| s.trim_end().to_owned())
@@ -540,101 +537,6 @@ pub fn escape_option_path(path: &OsStr) -> Vec<u8> {
         out.push(b);
     }
     out
-}
-
-/// Undoes the octal escapes (`\040` and the like) of `/proc/*/mountinfo`.
-fn unescape_mountinfo(field: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(field.len());
-    let mut i = 0;
-    while i < field.len() {
-        if field[i] == b'\\'
-            && i + 3 < field.len()
-            && field[i + 1..i + 4]
-                .iter()
-                .all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = field[i + 1..i + 4]
-                .iter()
-                .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(field[i]);
-            i += 1;
-        }
-    }
-    out
-}
-
-/// Whether a mountinfo text lists an overlay with `upperdir` equal to `upper`.
-pub fn mountinfo_has_overlay_upper(info: &[u8], upper: &Path) -> bool {
-    overlay_mounts(info).iter().any(|m| m.shows_upper(upper))
-}
-
-/// The shared peer groups (`shared:N`, or `None`) of the mounts a mountinfo text lists of an
-/// overlay with `upperdir` equal to `upper`.
-pub fn overlay_mounts_of(info: &[u8], upper: &Path) -> Vec<Option<u64>> {
-    (overlay_mounts(info).into_iter())
-        .filter(|m| m.shows_upper(upper))
-        .map(|m| m.peer_group)
-        .collect()
-}
-
-/// One overlay mount of a mountinfo text.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OverlayMount {
-    pub mount_point: PathBuf,
-    /// Its `upperdir=` option (unescaped), as the mounter gave it.
-    pub upper: Vec<u8>,
-    /// Its shared peer group (`shared:N`), if it has one.
-    pub peer_group: Option<u64>,
-}
-
-impl OverlayMount {
-    /// Whether its upper is `upper`. The kernel shows the string it was given: the plain
-    /// path for the new mount API, the escaped one for mount(2).
-    pub fn shows_upper(&self, upper: &Path) -> bool {
-        let plain = upper.as_os_str().as_bytes();
-        self.upper == plain || self.upper == escape_option_path(upper.as_os_str())
-    }
-}
-
-/// The overlay mounts a mountinfo text lists.
-pub fn overlay_mounts(info: &[u8]) -> Vec<OverlayMount> {
-    let mut found = Vec::new();
-    for line in info.split(|&b| b == b'\n') {
-        // "ID PARENT DEV ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - overlay SOURCE SUPER_OPTIONS"
-        let Some(pos) = line.windows(3).position(|w| w == b" - ") else {
-            continue;
-        };
-        let mut rest = line[pos + 3..].split(|&b| b == b' ');
-        if rest.next() != Some(b"overlay") {
-            continue;
-        }
-        let _source = rest.next();
-        let Some(options) = rest.next() else {
-            continue;
-        };
-        let Some(upper) = (options.split(|&b| b == b','))
-            .find_map(|opt| opt.strip_prefix(b"upperdir="))
-            .map(unescape_mountinfo)
-        else {
-            continue;
-        };
-        let mut fields = line[..pos].split(|&b| b == b' ');
-        let Some(mount_point) = fields.nth(4) else {
-            continue;
-        };
-        let peer_group = (fields.skip(1))
-            .filter_map(|field| field.strip_prefix(b"shared:"))
-            .find_map(|n| std::str::from_utf8(n).ok()?.parse().ok());
-        found.push(OverlayMount {
-            mount_point: PathBuf::from(OsStr::from_bytes(&unescape_mountinfo(mount_point))),
-            upper,
-            peer_group,
-        });
-    }
-    found
 }
 
 /// A test double that keeps a mount table in memory and records every call.

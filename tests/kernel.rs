@@ -330,8 +330,9 @@ fn copies_in(pid: &str, upper: &Path) -> Vec<Option<u64>> {
 }
 
 /// A managed plugin mounts under its propagated mount, shared with dockerd's namespace: the
-/// copy there is a peer of its mount, and goes with its unmount, so it holds nothing. A copy
-/// in a namespace of its own (private) lives on after the unmount: a holder.
+/// copy there is a peer of its mount, and goes with its unmount, so it holds nothing; so does
+/// a slave copy. A copy in a namespace of its own (private) lives on after the unmount: a
+/// holder.
 #[test]
 fn a_copy_in_our_peer_group_is_no_holder_and_a_private_one_is() {
     if !as_whole_process("a_copy_in_our_peer_group_is_no_holder_and_a_private_one_is") {
@@ -364,6 +365,10 @@ fn a_copy_in_our_peer_group_is_no_holder_and_a_private_one_is() {
         "not a peer"
     );
     assert_eq!(sys.overlay_holders(&spec.upper).unwrap(), []);
+    // A slave copy (what systemd's PrivateTmp= and ProtectSystem= make) goes too.
+    let slave = in_new_namespace(&mut children, &["-m", "--propagation", "slave"]);
+    assert_eq!(copies_in(&slave.to_string(), &spec.upper), [None]);
+    assert_eq!(sys.overlay_holders(&spec.upper).unwrap(), []);
 
     let private = in_new_namespace(&mut children, &["-m"]);
     assert_eq!(copies_in(&private.to_string(), &spec.upper), [None]);
@@ -378,9 +383,64 @@ fn a_copy_in_our_peer_group_is_no_holder_and_a_private_one_is() {
     let unmounted = sys.unmount(&spec.target).unwrap();
     assert!(!unmounted.no_copy_left, "the private copy went unseen");
     assert_eq!(copies_in(&peer.to_string(), &spec.upper), []);
+    assert_eq!(copies_in(&slave.to_string(), &spec.upper), []);
     assert_eq!(copies_in(&private.to_string(), &spec.upper), [None]);
     assert_eq!(sys.overlay_holders(&spec.upper).unwrap(), holders);
     drop(children);
     assert_eq!(sys.overlay_holders(&spec.upper).unwrap(), []);
+    rustix::mount::unmount(&propagated, rustix::mount::UnmountFlags::empty()).unwrap();
+}
+
+/// A bind of the volume made in the peer's namespace (say `mount --bind` of dockerd's
+/// propagated mount's `v` elsewhere on the host) joins the peer group too, but no unmount of
+/// ours reaches it: it holds the overlay.
+#[test]
+fn a_bind_of_a_peer_elsewhere_is_a_holder() {
+    if !as_whole_process("a_bind_of_a_peer_elsewhere_is_a_holder") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let propagated = tmp.path().join("propagated");
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir(&propagated).unwrap();
+    std::fs::create_dir(&elsewhere).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "dot-propagated"])
+        .arg(&propagated)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    rustix::mount::mount_change(&propagated, rustix::mount::MountPropagationFlags::SHARED).unwrap();
+    let mut spec = layout(&tmp.path().join("v"));
+    spec.target = propagated.join("v");
+    std::fs::create_dir(&spec.target).unwrap();
+    let sys = RealSys::default();
+    sys.mount_overlay(&spec).unwrap();
+    let mut children = Children(Vec::new());
+    let peer = in_new_namespace(&mut children, &["-m", "--propagation", "unchanged"]);
+    let status = std::process::Command::new("nsenter")
+        .args(["-t", &peer.to_string(), "-m", "mount", "--bind"])
+        .arg(&spec.target)
+        .arg(&elsewhere)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // Both of the peer's mounts are in our mount's peer group...
+    let ours = copies_in("self", &spec.upper);
+    assert_eq!(
+        copies_in(&peer.to_string(), &spec.upper),
+        [ours[0], ours[0]]
+    );
+    // ... but only the one on the shared tmpfs goes with our unmount.
+    let holders = sys.overlay_holders(&spec.upper).unwrap();
+    assert_eq!(
+        holders.iter().map(|h| h.pid).collect::<Vec<_>>(),
+        [peer],
+        "{holders:?}"
+    );
+    let unmounted = sys.unmount(&spec.target).unwrap();
+    assert!(!unmounted.no_copy_left, "the bind went unseen");
+    assert_eq!(copies_in(&peer.to_string(), &spec.upper), [ours[0]]);
+    drop(children);
     rustix::mount::unmount(&propagated, rustix::mount::UnmountFlags::empty()).unwrap();
 }

@@ -384,6 +384,39 @@ fn files_below(dir: &Path) -> Res<Vec<String>> {
     Ok(out)
 }
 
+/// The README's switch between the service and the managed plugin, first half: dockerd made
+/// to forget `volumes` while the driver they were made with still serves. Each volume's
+/// directory is moved aside, so that `volume rm` finds it gone in the driver and only drops
+/// dockerd's record (answering "no such volume"), and moved back. The driver that serves next
+/// hands them to dockerd again, under its own name, when dockerd lists volumes.
+fn forget_volumes(e: &Env, volumes: &[&str]) -> Res {
+    for v in volumes {
+        let aside = e.state.join(format!(".switching-{v}"));
+        fs::rename(e.state.join(v), &aside).ctx(format!("moving {v} aside"))?;
+        let dropped = run_cmd(e.docker.cmd().args(["volume", "rm", v]), TIMEOUT);
+        fs::rename(&aside, e.state.join(v)).ctx(format!("moving {v} back"))?;
+        let dropped = dropped?;
+        ensure!(
+            dropped.success() || dropped.stderr.contains("no such volume"),
+            "volume rm {v} with its directory moved aside: {}",
+            dropped.stderr
+        );
+    }
+    Ok(())
+}
+
+/// `docker volume ls` lists each of `volumes` with `driver`.
+fn expect_listed(e: &Env, volumes: &[&str], driver: &str) -> Res {
+    let listed = e.docker(&["volume", "ls", "--format", "{{.Name}} {{.Driver}}"])?;
+    for v in volumes {
+        ensure!(
+            listed.lines().any(|l| l == format!("{v} {driver}")),
+            "volume {v} is not listed with driver {driver}: {listed:?}"
+        );
+    }
+    Ok(())
+}
+
 fn the(env: &mut Option<Env>) -> Res<&mut Env> {
     env.as_mut()
         .ok_or_else(|| "no environment: setup failed".to_owned())
@@ -406,6 +439,30 @@ fn main() -> ExitCode {
         env = Some(setup()?);
         Ok(())
     });
+
+    report.step(
+        "the host service made a volume and its changes (before the switch to the managed plugin)",
+        || {
+            let e = the(&mut env)?;
+            let base = e.base("switch", &[("f.txt", "base\n")])?;
+            let log = e.sandbox.tmp.join("service.log");
+            let pid = e.sandbox.start_plugin(BIN, Path::new(STATE), &[], &log)?;
+            e.create("switch", &[format!("base={}", base.display())])?;
+            e.run("switch", "echo by-service > /x/service.txt")?;
+            let driver = e.docker(&["volume", "inspect", "-f", "{{.Driver}}", "switch"])?;
+            ensure!(
+                driver.trim() == PLUGIN,
+                "the service's volume has driver {driver:?}"
+            );
+            forget_volumes(e, &["switch"])?;
+            e.sandbox.terminate(pid, Duration::from_secs(30))?;
+            ensure!(
+                e.upper("switch").join("service.txt").exists(),
+                "dockerd's forgetting the volume changed its state"
+            );
+            Ok(())
+        },
+    );
 
     report.step(
         "make plugin: the bundle holds config.json, the binary and only the libraries it links",
@@ -448,13 +505,24 @@ fn main() -> ExitCode {
             );
             ensure!(e.tarball.is_file(), "no archive at {}", e.tarball.display());
             e.docker(&["plugin", "create", PLUGIN, &bundle.to_string_lossy()])?;
-            e.docker(&["plugin", "enable", PLUGIN])?;
             e.id = e
                 .docker(&["plugin", "inspect", "-f", "{{.Id}}", PLUGIN])?
                 .trim()
                 .to_owned();
+            e.docker(&["plugin", "enable", PLUGIN])?;
             ensure!(e.enabled()?, "the plugin is not enabled");
             Ok(())
+        },
+    );
+
+    report.step(
+        "the switch from the service (README): after dockerd's restart the managed plugin has the service's volume",
+        || {
+            let e = the(&mut env)?;
+            // dockerd keeps a driver it has used by name while it runs.
+            e.sandbox.terminate(e.docker.pid, Duration::from_secs(60))?;
+            e.restart_dockerd(&[])?;
+            expect_listed(e, &["switch"], DRIVER)
         },
     );
 
@@ -494,6 +562,27 @@ fn main() -> ExitCode {
             ensure!(
                 !inspect.contains("/host"),
                 "the plugin's host prefix shows in volume inspect: {inspect}"
+            );
+            Ok(())
+        },
+    );
+
+    report.step(
+        "the service's volume under the managed plugin: listed, its changes there",
+        || {
+            let e = the(&mut env)?;
+            let out = e.run(
+                "switch",
+                "cat /x/f.txt /x/service.txt && echo by-plugin > /x/plugin.txt",
+            )?;
+            ensure!(
+                out == "base\nby-service\n",
+                "the service's volume shows {out:?}"
+            );
+            let volumes = e.docker(&["volume", "ls", "--format", "{{.Name}} {{.Driver}}"])?;
+            ensure!(
+                volumes.lines().any(|l| l == format!("switch {DRIVER}")),
+                "volume ls under the managed plugin: {volumes:?}"
             );
             Ok(())
         },
@@ -749,7 +838,7 @@ fn main() -> ExitCode {
             e.docker(&["plugin", "disable", "-f", PLUGIN])?;
             e.docker(&["plugin", "enable", PLUGIN])?;
             let volumes = e.docker(&["volume", "ls", "-q"])?;
-            for v in ["cow", "shared", "volatile", "cp", "odd", "linked", "allowed"] {
+            for v in ["switch", "cow", "shared", "volatile", "cp", "odd", "linked", "allowed"] {
                 ensure!(
                     volumes.lines().any(|l| l == v),
                     "volume {v} is gone after disable and enable: {volumes:?}"
@@ -911,6 +1000,10 @@ fn main() -> ExitCode {
         "plugin rm: the volumes' data stays on the host, where the admin commands find it",
         || {
             let e = the(&mut env)?;
+            // The switch back to the service (README), first half.
+            let volumes = e.docker(&["volume", "ls", "-q"])?;
+            let volumes: Vec<&str> = volumes.lines().collect();
+            forget_volumes(e, &volumes)?;
             e.docker(&["plugin", "disable", "-f", PLUGIN])?;
             e.docker(&["plugin", "rm", "-f", PLUGIN])?;
             let plugins = e.docker(&["plugin", "ls", "-q"])?;
@@ -929,6 +1022,25 @@ fn main() -> ExitCode {
                 changes.contains("C /a.txt") && changes.contains("A /new.txt"),
                 "changes of cow after plugin rm: {changes:?}"
             );
+            Ok(())
+        },
+    );
+
+    report.step(
+        "back to the host service: the managed plugin's volumes and changes work with it",
+        || {
+            let e = the(&mut env)?;
+            let log = e.sandbox.tmp.join("service-again.log");
+            let pid = e.sandbox.start_plugin(BIN, Path::new(STATE), &[], &log)?;
+            expect_listed(e, &["switch", "cow", "restart"], PLUGIN)?;
+            let out = e.run("switch", "cat /x/service.txt /x/plugin.txt")?;
+            ensure!(
+                out == "by-service\nby-plugin\n",
+                "switch under the service again: {out:?}"
+            );
+            let out = e.run("cow", "cat /x/a.txt /x/new.txt")?;
+            ensure!(out == "changed\nnew\n", "cow under the service: {out:?}");
+            e.sandbox.terminate(pid, Duration::from_secs(30))?;
             Ok(())
         },
     );

@@ -1,0 +1,269 @@
+//! Reading `/proc/PID/mountinfo`: where a volume's overlay is mounted, and which copies of it
+//! in another mount namespace our own unmount takes away.
+//!
+//! Parsing and the propagation rule only: it reads no file and decides nothing about volumes.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use super::escape_option_path;
+
+/// One line of a mountinfo text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub id: u64,
+    pub parent: u64,
+    /// The directory of its file system mounted here (not `/` for a bind of a subdirectory).
+    pub root: PathBuf,
+    pub mount_point: PathBuf,
+    /// Its shared peer group (`shared:N`), if it has one.
+    pub shared: Option<u64>,
+    /// The peer group it receives mounts from (`master:N`), if it is a slave.
+    pub master: Option<u64>,
+    /// An overlay's `upperdir=` option (unescaped), as the mounter gave it.
+    pub upper: Option<Vec<u8>>,
+}
+
+impl Mount {
+    /// Whether it is an overlay whose upper is `upper`. The kernel shows the string it was
+    /// given: the plain path for the new mount API, the escaped one for mount(2).
+    pub fn shows_upper(&self, upper: &Path) -> bool {
+        self.upper.as_deref().is_some_and(|shown| {
+            shown == upper.as_os_str().as_bytes() || shown == escape_option_path(upper.as_os_str())
+        })
+    }
+}
+
+/// The mounts a mountinfo text lists ("ID PARENT DEV ROOT MOUNTPOINT OPTIONS [OPTIONAL...] -
+/// FSTYPE SOURCE SUPER_OPTIONS"); lines that do not parse are left out.
+pub fn parse(info: &[u8]) -> Vec<Mount> {
+    let mut found = Vec::new();
+    for line in info.split(|&b| b == b'\n') {
+        let Some(pos) = line.windows(3).position(|w| w == b" - ") else {
+            continue;
+        };
+        let mut fields = line[..pos].split(|&b| b == b' ');
+        let mut number =
+            || -> Option<u64> { std::str::from_utf8(fields.next()?).ok()?.parse().ok() };
+        let (Some(id), Some(parent)) = (number(), number()) else {
+            continue;
+        };
+        let path = |field: &[u8]| PathBuf::from(OsStr::from_bytes(&unescape(field)));
+        let (Some(_dev), Some(root), Some(mount_point), Some(_options)) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let tagged = |optional: &[u8], tag: &[u8]| -> Option<u64> {
+            std::str::from_utf8(optional.strip_prefix(tag)?)
+                .ok()?
+                .parse()
+                .ok()
+        };
+        let (mut shared, mut master) = (None, None);
+        for optional in fields {
+            shared = shared.or(tagged(optional, b"shared:"));
+            master = master.or(tagged(optional, b"master:"));
+        }
+        let mut rest = line[pos + 3..].split(|&b| b == b' ');
+        let upper = match (rest.next(), rest.next(), rest.next()) {
+            (Some(b"overlay"), Some(_source), Some(options)) => (options.split(|&b| b == b','))
+                .find_map(|opt| opt.strip_prefix(b"upperdir="))
+                .map(unescape),
+            _ => None,
+        };
+        found.push(Mount {
+            id,
+            parent,
+            root: path(root),
+            mount_point: path(mount_point),
+            shared,
+            master,
+            upper,
+        });
+    }
+    found
+}
+
+/// An overlay mount of a mountinfo text (see [`parse`]).
+pub type OverlayMount = Mount;
+
+/// The overlay mounts a mountinfo text lists.
+pub fn overlay_mounts(info: &[u8]) -> Vec<OverlayMount> {
+    parse(info)
+        .into_iter()
+        .filter(|m| m.upper.is_some())
+        .collect()
+}
+
+/// Whether a mountinfo text lists an overlay with `upperdir` equal to `upper`.
+pub fn mountinfo_has_overlay_upper(info: &[u8], upper: &Path) -> bool {
+    parse(info).iter().any(|m| m.shows_upper(upper))
+}
+
+/// The shared peer groups (`shared:N`, or `None`) of the mounts a mountinfo text lists of an
+/// overlay with `upperdir` equal to `upper`.
+pub fn overlay_mounts_of(info: &[u8], upper: &Path) -> Vec<Option<u64>> {
+    (parse(info).into_iter())
+        .filter(|m| m.shows_upper(upper))
+        .map(|m| m.shared)
+        .collect()
+}
+
+/// Where an unmount of one of our mounts of an overlay reaches. The kernel propagates an
+/// unmount from the mount it sits on to that mount's peers and slaves: a copy goes with ours
+/// when it sits, with no mount of its own on top, on a peer or slave of our mount's parent, at
+/// the same place in that file system. Anything else (a private copy, a bind made elsewhere,
+/// a copy with mounts on it) lives on after our unmount, and holds the overlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reach {
+    /// Our mount's peer group: the copies propagated from it are its peers or slaves.
+    group: u64,
+    /// The peer group of the mount it sits on.
+    parent_group: u64,
+    /// Where it sits in that mount's file system.
+    place: PathBuf,
+}
+
+impl Reach {
+    /// The reach of each of our mounts (`own`: our mountinfo) of the overlay on `upper`; none
+    /// for a mount that is not shared, or not on a shared mount (a private mount has no
+    /// copies that go with it).
+    pub fn of(own: &[Mount], upper: &Path) -> Vec<Reach> {
+        (own.iter())
+            .filter(|m| m.shows_upper(upper))
+            .filter_map(|m| {
+                let parent = own.iter().find(|p| p.id == m.parent)?;
+                Some(Reach {
+                    group: m.shared?,
+                    parent_group: parent.shared?,
+                    place: place_in(parent, m)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Whether the mounts of one mount namespace (`mounts`) hold the overlay on `upper`: some copy
+/// lives on after our unmount, which reaches as far as `reach`.
+pub fn holds(mounts: &[Mount], upper: &Path, reach: &[Reach]) -> bool {
+    let goes_with_ours = |copy: &Mount| {
+        let on_top = mounts.iter().any(|m| m.parent == copy.id);
+        let Some(parent) = mounts.iter().find(|p| p.id == copy.parent) else {
+            return false;
+        };
+        !on_top
+            && reach.iter().any(|r| {
+                let of_group = |m: &Mount| m.shared == Some(r.group) || m.master == Some(r.group);
+                let of_parent_group =
+                    parent.shared == Some(r.parent_group) || parent.master == Some(r.parent_group);
+                of_group(copy)
+                    && of_parent_group
+                    && place_in(parent, copy).as_ref() == Some(&r.place)
+            })
+    };
+    (mounts.iter())
+        .filter(|m| m.shows_upper(upper))
+        .any(|copy| !goes_with_ours(copy))
+}
+
+/// Where `child` sits in `parent`'s file system: the parent's root joined with the child's
+/// mount point below the parent's.
+fn place_in(parent: &Mount, child: &Mount) -> Option<PathBuf> {
+    let below = child.mount_point.strip_prefix(&parent.mount_point).ok()?;
+    Some(parent.root.join(below))
+}
+
+/// Undoes the octal escapes (`\040` and the like) of `/proc/*/mountinfo`.
+fn unescape(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        if field[i] == b'\\'
+            && i + 3 < field.len()
+            && field[i + 1..i + 4]
+                .iter()
+                .all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = field[i + 1..i + 4]
+                .iter()
+                .fold(0u32, |acc, c| acc * 8 + u32::from(c - b'0'));
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(field[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ours: a shared tmpfs (group 1) at /p, the overlay (group 2) on it at /p/v.
+    const OURS: &[u8] = b"20 1 8:1 / / rw - ext4 /dev/root rw\n\
+        30 20 0:40 / /p rw shared:1 - tmpfs t rw\n\
+        31 30 0:41 / /p/v rw shared:2 - overlay o rw,upperdir=/u,workdir=/w\n";
+
+    fn holds_in(theirs: &[u8]) -> bool {
+        let reach = Reach::of(&parse(OURS), Path::new("/u"));
+        assert_eq!(reach.len(), 1);
+        holds(&parse(theirs), Path::new("/u"), &reach)
+    }
+
+    #[test]
+    fn copies_that_go_with_our_unmount_hold_nothing() {
+        // A peer of our tmpfs seen elsewhere (dockerd's propagated mount), a bind of a
+        // subdirectory holding it, and a slave.
+        assert!(!holds_in(
+            b"40 1 0:40 / /data/plugins/x/propagated-mount rw shared:1 - tmpfs t rw\n\
+              41 40 0:41 / /data/plugins/x/propagated-mount/v rw shared:2 - overlay o rw,upperdir=/u\n"
+        ));
+        assert!(!holds_in(
+            b"40 1 0:40 / /q rw master:1 - tmpfs t rw\n\
+              41 40 0:41 / /q/v rw master:2 - overlay o rw,upperdir=/u\n"
+        ));
+        assert!(!holds_in(b"40 1 0:40 / /q rw shared:1 - tmpfs t rw\n"));
+    }
+
+    #[test]
+    fn copies_that_live_on_hold_the_overlay() {
+        // Private; a bind elsewhere in a peer; on a tmpfs of another group; at another
+        // place; with a mount on top.
+        for theirs in [
+            &b"40 1 0:40 / /q rw - tmpfs t rw\n41 40 0:41 / /q/v rw - overlay o rw,upperdir=/u\n"[..],
+            b"40 1 0:40 / /q rw shared:1 - tmpfs t rw\n\
+              41 40 0:41 / /q/v rw shared:2 - overlay o rw,upperdir=/u\n\
+              42 1 0:41 / /elsewhere rw shared:2 - overlay o rw,upperdir=/u\n",
+            b"40 1 0:40 / /q rw shared:9 - tmpfs t rw\n41 40 0:41 / /q/v rw shared:2 - overlay o rw,upperdir=/u\n",
+            b"40 1 0:40 / /q rw shared:1 - tmpfs t rw\n41 40 0:41 / /q/w rw shared:2 - overlay o rw,upperdir=/u\n",
+            b"40 1 0:40 / /q rw shared:1 - tmpfs t rw\n\
+              41 40 0:41 / /q/v rw shared:2 - overlay o rw,upperdir=/u\n\
+              42 41 0:42 / /q/v/sub rw - tmpfs t rw\n",
+        ] {
+            assert!(holds_in(theirs), "{}", String::from_utf8_lossy(theirs));
+        }
+    }
+
+    #[test]
+    fn a_private_mount_of_ours_reaches_no_copy() {
+        let ours =
+            b"30 1 0:40 / /p rw - tmpfs t rw\n31 30 0:41 / /p/v rw - overlay o rw,upperdir=/u\n";
+        assert!(Reach::of(&parse(ours), Path::new("/u")).is_empty());
+    }
+
+    #[test]
+    fn parses_escaped_fields_and_tags() {
+        let m = &parse(b"7 3 0:1 /sub\\040dir /m\\040p rw shared:4 master:2 - overlay o rw,upperdir=/a\\054b\n")[0];
+        assert_eq!(
+            (m.id, m.parent, m.shared, m.master),
+            (7, 3, Some(4), Some(2))
+        );
+        assert_eq!(m.root, Path::new("/sub dir"));
+        assert_eq!(m.mount_point, Path::new("/m p"));
+        assert!(m.shows_upper(Path::new("/a,b")));
+    }
+}
