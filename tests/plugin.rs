@@ -664,7 +664,7 @@ fn main() -> ExitCode {
     );
 
     report.step(
-        "docker cp into and out of a stopped container's volume",
+        "docker cp into and out of a volume, with its container running and stopped",
         || {
             let e = the(&mut env)?;
             let base = e.base("cp", &[("f.txt", "base\n")])?;
@@ -699,6 +699,25 @@ fn main() -> ExitCode {
             );
             e.expect_unmounted("cp", "after docker cp")?;
             e.docker(&["rm", "cp-c"])?;
+            // While a container runs, dockerd mounts the volume once more for the copy (with
+            // the container's mount ID) and unmounts it again.
+            e.start("cp-r", "cp")?;
+            let live = e.sandbox.tmp.join("live.txt");
+            fs::write(&live, "live\n").ctx("writing live.txt")?;
+            e.docker(&["cp", &live.to_string_lossy(), "cp-r:/x/live.txt"])?;
+            let seen = e.exec("cp-r", "cat /x/live.txt /x/copied.txt")?;
+            ensure!(
+                seen == "live\ncopied\n",
+                "the running container sees {seen:?}"
+            );
+            ensure!(
+                e.mounted("cp")? && e.records("cp")?.values().sum::<u64>() == 1,
+                "after docker cp while running: mounted {}, records {:?}",
+                e.mounted("cp")?,
+                e.records("cp")?
+            );
+            e.docker(&["rm", "-f", "cp-r"])?;
+            e.expect_unmounted("cp", "after the running container went")?;
             Ok(())
         },
     );
