@@ -34,8 +34,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use host::{
-    Context, Dockerd, PLUGIN_SOCKET, Report, Res, Sandbox, busybox_rootfs, ensure, find_busybox,
-    in_path, run_cmd, stdout_suffix, tail, tar_dir, wait_until,
+    Context, Dockerd, PLUGIN_SOCKET, Report, Res, Sandbox, ensure, find_busybox, in_path, run_cmd,
+    stdout_suffix, tail, wait_until,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_docker-on-top");
@@ -342,17 +342,7 @@ fn setup() -> Res<Env> {
         compose_file: compose_dir.join("docker-compose.yml"),
         swarm: false,
     };
-    // A busybox image, imported (no registry is reachable).
-    let rootfs = t.join("image");
-    busybox_rootfs(&busybox, &rootfs)?;
-    let tar = t.join("image.tar");
-    tar_dir(&rootfs, &tar)?;
-    env.docker(&["import", &tar.to_string_lossy(), IMAGE])?;
-    let hello = env.docker(&["run", "--rm", "--network", "none", IMAGE, "echo", "hello"])?;
-    ensure!(
-        hello == "hello\n",
-        "the test image does not work: {hello:?}"
-    );
+    env.docker.import_busybox(&busybox, &t, IMAGE)?;
     Ok(env)
 }
 

@@ -324,6 +324,26 @@ fn in_new_namespace(children: &mut Children, args: &[&str]) -> u32 {
     pid
 }
 
+/// A shared tmpfs at `DIR/propagated` (as a managed plugin's propagated mount is) with an
+/// overlay mounted on it at `propagated/v`.
+fn overlay_on_a_shared_mount(dir: &Path) -> (std::path::PathBuf, OverlaySpec, RealSys) {
+    let propagated = dir.join("propagated");
+    std::fs::create_dir(&propagated).unwrap();
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "dot-propagated"])
+        .arg(&propagated)
+        .status()
+        .expect("cannot run mount");
+    assert!(status.success());
+    rustix::mount::mount_change(&propagated, rustix::mount::MountPropagationFlags::SHARED).unwrap();
+    let mut spec = layout(&dir.join("v"));
+    spec.target = propagated.join("v");
+    std::fs::create_dir(&spec.target).unwrap();
+    let sys = RealSys::default();
+    sys.mount_overlay(&spec).unwrap();
+    (propagated, spec, sys)
+}
+
 fn copies_in(pid: &str, upper: &Path) -> Vec<Option<u64>> {
     let info = std::fs::read(format!("/proc/{pid}/mountinfo")).unwrap();
     docker_on_top::sys::overlay_mounts_of(&info, upper)
@@ -339,20 +359,7 @@ fn a_copy_in_our_peer_group_is_no_holder_and_a_private_one_is() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let propagated = tmp.path().join("propagated");
-    std::fs::create_dir(&propagated).unwrap();
-    let status = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "dot-propagated"])
-        .arg(&propagated)
-        .status()
-        .expect("cannot run mount");
-    assert!(status.success());
-    rustix::mount::mount_change(&propagated, rustix::mount::MountPropagationFlags::SHARED).unwrap();
-    let mut spec = layout(&tmp.path().join("v"));
-    spec.target = propagated.join("v");
-    std::fs::create_dir(&spec.target).unwrap();
-    let sys = RealSys::default();
-    sys.mount_overlay(&spec).unwrap();
+    let (propagated, spec, sys) = overlay_on_a_shared_mount(tmp.path());
     // Mounted under a shared mount, it is in a peer group of its own.
     let ours = copies_in("self", &spec.upper);
     assert!(matches!(ours[..], [Some(_)]), "{ours:?}");
@@ -400,22 +407,9 @@ fn a_bind_of_a_peer_elsewhere_is_a_holder() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let propagated = tmp.path().join("propagated");
+    let (propagated, spec, sys) = overlay_on_a_shared_mount(tmp.path());
     let elsewhere = tmp.path().join("elsewhere");
-    std::fs::create_dir(&propagated).unwrap();
     std::fs::create_dir(&elsewhere).unwrap();
-    let status = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "dot-propagated"])
-        .arg(&propagated)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    rustix::mount::mount_change(&propagated, rustix::mount::MountPropagationFlags::SHARED).unwrap();
-    let mut spec = layout(&tmp.path().join("v"));
-    spec.target = propagated.join("v");
-    std::fs::create_dir(&spec.target).unwrap();
-    let sys = RealSys::default();
-    sys.mount_overlay(&spec).unwrap();
     let mut children = Children(Vec::new());
     let peer = in_new_namespace(&mut children, &["-m", "--propagation", "unchanged"]);
     let status = std::process::Command::new("nsenter")

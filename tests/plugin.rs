@@ -27,8 +27,8 @@ use rustix::process::Signal;
 use serde_json::Value;
 
 use host::{
-    Context, Dockerd, Output, Report, Res, Sandbox, busybox_rootfs, ensure, find_busybox, kill,
-    kill_cgroup, remove_cgroups, run_cmd, run_ok, stdout_suffix, tail, tar_dir, wait_until,
+    Context, Dockerd, Output, Report, Res, Sandbox, ensure, find_busybox, kill, kill_cgroup,
+    remove_cgroups, run_cmd, run_ok, stdout_suffix, tail, wait_until,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_docker-on-top");
@@ -123,6 +123,17 @@ impl Env {
         args.push(volume);
         self.docker(&args)?;
         Ok(())
+    }
+
+    /// A volume over a fresh base holding `files` (both named `name`); returns the base.
+    fn volume(&self, name: &str, files: &[(&str, &str)], volatile: bool) -> Res<PathBuf> {
+        let base = self.base(name, files)?;
+        let mut opts = vec![format!("base={}", base.display())];
+        if volatile {
+            opts.push("volatile=true".into());
+        }
+        self.create(name, &opts)?;
+        Ok(base)
     }
 
     /// A fresh base directory holding `files`.
@@ -358,11 +369,7 @@ fn setup() -> Res<Env> {
         tarball: t.join("docker-on-top-plugin.tar.gz"),
         id: String::new(),
     };
-    let rootfs = t.join("image");
-    busybox_rootfs(&busybox, &rootfs)?;
-    let tar = t.join("image.tar");
-    tar_dir(&rootfs, &tar)?;
-    env.docker(&["import", &tar.to_string_lossy(), IMAGE])?;
+    env.docker.import_busybox(&busybox, &t, IMAGE)?;
     Ok(env)
 }
 
@@ -592,8 +599,7 @@ fn main() -> ExitCode {
         "two containers share live changes; the admin commands on the host see the mount",
         || {
             let e = the(&mut env)?;
-            let base = e.base("shared", &[("f.txt", "base\n")])?;
-            e.create("shared", &[format!("base={}", base.display())])?;
+            e.volume("shared", &[("f.txt", "base\n")], false)?;
             e.start("share-a", "shared")?;
             e.start("share-b", "shared")?;
             e.exec("share-a", "echo live > /x/live.txt")?;
@@ -644,11 +650,7 @@ fn main() -> ExitCode {
         "volatile: changes stay recoverable after the last container, and are gone at the next mount",
         || {
             let e = the(&mut env)?;
-            let base = e.base("volatile", &[("f.txt", "base\n")])?;
-            e.create(
-                "volatile",
-                &[format!("base={}", base.display()), "volatile=true".into()],
-            )?;
+            e.volume("volatile", &[("f.txt", "base\n")], true)?;
             e.run("volatile", "echo scratch > /x/scratch.txt")?;
             e.expect_unmounted("volatile", "after the container exited")?;
             let dest = e.sandbox.tmp.join("recovered");
@@ -667,8 +669,7 @@ fn main() -> ExitCode {
         "docker cp into and out of a volume, with its container running and stopped",
         || {
             let e = the(&mut env)?;
-            let base = e.base("cp", &[("f.txt", "base\n")])?;
-            e.create("cp", &[format!("base={}", base.display())])?;
+            e.volume("cp", &[("f.txt", "base\n")], false)?;
             e.docker(&[
                 "create",
                 "--name",
@@ -916,11 +917,7 @@ fn main() -> ExitCode {
         "dockerd killed and started again: the plugin and its volumes come back, the forgotten mount is released",
         || {
             let e = the(&mut env)?;
-            let base = e.base("restart", &[("base.txt", "base\n")])?;
-            e.create(
-                "restart",
-                &[format!("base={}", base.display()), "volatile=true".into()],
-            )?;
+            e.volume("restart", &[("base.txt", "base\n")], true)?;
             e.start("restart-a", "restart")?;
             e.exec("restart-a", "echo scratch > /x/scratch.txt")?;
             let saved = e.records("restart")?;
@@ -969,11 +966,7 @@ fn main() -> ExitCode {
             let e = the(&mut env)?;
             e.sandbox.terminate(e.docker.pid, Duration::from_secs(60))?;
             e.restart_dockerd(&["--live-restore"])?;
-            let base = e.base("live", &[("base.txt", "base\n")])?;
-            e.create(
-                "live",
-                &[format!("base={}", base.display()), "volatile=true".into()],
-            )?;
+            e.volume("live", &[("base.txt", "base\n")], true)?;
             e.start("live-a", "live")?;
             e.exec("live-a", "echo scratch > /x/scratch.txt")?;
             let container: u32 = e

@@ -737,6 +737,26 @@ impl Dockerd {
     pub fn ok(&self, args: &[&str], timeout: Duration) -> Res<String> {
         run_ok(self.cmd().args(args), timeout)
     }
+
+    /// Imports `image`, a root file system holding `busybox` and its applets, built in `dir`
+    /// (no registry is reachable), and checks that it runs.
+    pub fn import_busybox(&self, busybox: &Path, dir: &Path, image: &str) -> Res {
+        let rootfs = dir.join("image");
+        busybox_rootfs(busybox, &rootfs)?;
+        let tar = dir.join("image.tar");
+        tar_dir(&rootfs, &tar)?;
+        let timeout = Duration::from_secs(120);
+        self.ok(&["import", &tar.to_string_lossy(), image], timeout)?;
+        let hello = self.ok(
+            &["run", "--rm", "--network", "none", image, "echo", "hello"],
+            timeout,
+        )?;
+        ensure!(
+            hello == "hello\n",
+            "the test image does not work: {hello:?}"
+        );
+        Ok(())
+    }
 }
 
 /// `docker -H unix://SOCK` with the CLI config `config` and none of the caller's DOCKER_*.
