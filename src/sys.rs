@@ -241,9 +241,15 @@ impl Sys for RealSys {
                 continue;
             };
             let mut command = None;
-            let mounts = mountinfo::parse(&info);
+            let mut mounts = None;
             for ((upper, holders), reach) in uppers.iter().zip(&mut holders).zip(&reach) {
-                if mountinfo::holds(&mounts, upper, reach) {
+                // Most namespaces hold no copy: the whole table is parsed only for one that
+                // has one, to tell whether our unmount reaches it.
+                if !mountinfo_has_overlay_upper(&info, upper) {
+                    continue;
+                }
+                let mounts = mounts.get_or_insert_with(|| mountinfo::parse(&info));
+                if mountinfo::holds(mounts, upper, reach) {
                     let command = command.get_or_insert_with(|| {
                         std::fs::read_to_string(format!("/proc/{pid}/comm"))
                             .map(|s| s.trim_end().to_owned())
