@@ -360,12 +360,20 @@ fn setup() -> Res<Env> {
     let state = t.join("state");
     fs::create_dir(&state).ctx("creating the state directory")?;
     sandbox.bind(&state, STATE)?;
+    // The bases' directory a shared mount, as everything is on a host booted by systemd (the
+    // namespace made it private): what the host mounts there later must reach the plugin.
+    let bases = t.join("bases");
+    fs::create_dir(&bases).ctx("creating the bases' directory")?;
+    let b = bases.to_string_lossy();
+    for args in [&["--bind", &*b, &*b][..], &["--make-shared", &*b]] {
+        run_ok(sandbox.ns_command("mount").args(args), TIMEOUT)?;
+    }
     let docker = sandbox.start_dockerd()?;
     let env = Env {
         sandbox,
         docker,
         state,
-        bases: t.join("bases"),
+        bases,
         tarball: t.join("docker-on-top-plugin.tar.gz"),
         id: String::new(),
     };
@@ -742,6 +750,29 @@ fn main() -> ExitCode {
                 stored.trim() == real.display().to_string(),
                 "the symlinked base is stored as {stored:?}"
             );
+            Ok(())
+        },
+    );
+
+    report.step(
+        "a file system the host mounts after the plugin started is a base like any other",
+        || {
+            let e = the(&mut env)?;
+            // Mounted in dockerd's namespace (the test's "host"), not in the test's own.
+            let late = e.bases.join("late");
+            fs::create_dir(&late).ctx("creating the mount point")?;
+            run_ok(
+                e.sandbox
+                    .ns_command("mount")
+                    .args(["-t", "tmpfs", "dot-late"])
+                    .arg(&late),
+                TIMEOUT,
+            )?;
+            fs::write(e.sandbox.ns_path(late.join("f.txt")), "late\n")
+                .ctx("writing into the late file system")?;
+            e.create("late", &[format!("base={}", late.display())])?;
+            let out = e.run("late", "cat /x/f.txt")?;
+            ensure!(out == "late\n", "the late file system's base shows {out:?}");
             Ok(())
         },
     );
