@@ -902,6 +902,45 @@ fn main() -> ExitCode {
     );
 
     report.step(
+        "disable -f while a container uses a volume: the container keeps it, and no second overlay is mounted on its upper",
+        || {
+            let e = the(&mut env)?;
+            e.volume("forced", &[("f.txt", "base\n")], false)?;
+            e.start("forced-a", "forced")?;
+            e.exec("forced-a", "echo kept > /x/kept.txt")?;
+            e.docker(&["plugin", "disable", "-f", PLUGIN])?;
+            let seen = e.exec("forced-a", "cat /x/kept.txt && echo more > /x/more.txt")?;
+            ensure!(seen == "kept\n", "the running container lost its volume: {seen:?}");
+            // dockerd unmounted the propagated mount: only the container's copy is left.
+            ensure!(
+                !e.mounted("forced")?,
+                "the overlay is still in the propagated mount after disable -f"
+            );
+            e.docker(&["plugin", "enable", PLUGIN])?;
+            let second = run_cmd(
+                e.docker.cmd().args([
+                    "run", "--rm", "--network", "none", "-v", "forced:/x", IMAGE, "true",
+                ]),
+                TIMEOUT,
+            )?;
+            ensure!(
+                !second.success() && second.stderr.contains("is still mounted by"),
+                "a second container while the first holds its copy: {second:?}"
+            );
+            e.docker(&["rm", "-f", "forced-a"])?;
+            ensure!(
+                e.records("forced")?.is_empty(),
+                "records after the container went: {:?}",
+                e.records("forced")?
+            );
+            let out = e.run("forced", "cat /x/kept.txt /x/more.txt")?;
+            ensure!(out == "kept\nmore\n", "after the container went: {out:?}");
+            e.expect_unmounted("forced", "at the end")?;
+            Ok(())
+        },
+    );
+
+    report.step(
         "upgrade from the archive: disable -f, rm -f, create, enable; volumes and changes kept",
         || {
             let e = the(&mut env)?;
