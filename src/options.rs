@@ -15,6 +15,10 @@
 //! created was resolved then: the volume is bound to the directory it led to, and a symlink
 //! found on that path later is refused, never followed.
 //!
+//! Bases are host paths. A process that sees the host's `/` under a prefix (a managed plugin,
+//! `--host-root`) looks them up through [`HostRoot`], which adds the prefix on the way in and
+//! strips it on the way out, so that nothing downstream ever sees it.
+//!
 //! This module reads metadata of the base directory only; it must not create or change
 //! anything.
 

@@ -12,7 +12,8 @@
 //!     upper/              overlay upper layer: the volume's changes
 //!     workdir/            overlay work directory; its `work/`, made by every mount, is
 //!                         removed once nothing can hold a copy of the unmounted overlay
-//!     mountpoint/         where the overlay is mounted
+//!     mountpoint/         where the overlay is mounted (a managed plugin's is MOUNT-DIR/NAME
+//!                         instead: `Root::with_mount_dir`)
 //!     changes.img         sized volumes only (`-o size=`): the image of the file system that
 //!                         holds their changes, attached through a loop device and mounted at
 //!     changes/              ... this directory; then `changes/upper/` and `changes/work/`

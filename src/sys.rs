@@ -3,7 +3,9 @@
 //! Everything here is a thin wrapper over a syscall or a `/proc` read, behind the [`Sys`] trait
 //! so that the driver's state machine can be unit-tested with [`RecordingSys`]. This module
 //! makes no decisions: whether to mount, and what a failure means for the volume, is the
-//! driver's business. It keeps no state.
+//! driver's business. It keeps no state. Reading mount tables, and the rule for which copies of
+//! an overlay go with our unmount, are in `mountinfo.rs`; loop devices and images in
+//! `image.rs`.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;

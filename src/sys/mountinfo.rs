@@ -86,7 +86,7 @@ pub fn parse(info: &[u8]) -> Vec<Mount> {
     found
 }
 
-/// An overlay mount of a mountinfo text (see [`parse`]).
+/// An overlay mount of a mountinfo text.
 pub type OverlayMount = Mount;
 
 /// The overlay mounts a mountinfo text lists.
@@ -98,7 +98,7 @@ pub fn overlay_mounts(info: &[u8]) -> Vec<OverlayMount> {
 }
 
 /// Whether a mountinfo text lists an overlay with `upperdir` equal to `upper`. Cheaper than
-/// [`parse`]: it looks only at the file system type and the options of each line (most mount
+/// a full parse: it looks only at the file system type and the options of each line (most mount
 /// namespaces a look reads hold no copy).
 pub fn mountinfo_has_overlay_upper(info: &[u8], upper: &Path) -> bool {
     let plain = upper.as_os_str().as_bytes();
