@@ -992,8 +992,14 @@ fn main() -> ExitCode {
             e.exec("restart-a", "echo scratch > /x/scratch.txt")?;
             let saved = e.records("restart")?;
             ensure!(saved.len() == 1, "records while running: {saved:?}");
+            let plugin_before = e.plugin_pids();
             e.kill9_dockerd()?;
             e.restart_dockerd(&[])?;
+            let plugin_after = e.plugin_pids();
+            ensure!(
+                !plugin_after.is_empty() && plugin_after.is_disjoint(&plugin_before),
+                "without --live-restore dockerd starts the plugin anew: processes {plugin_before:?}, then {plugin_after:?}"
+            );
             ensure!(
                 wait_until(Duration::from_secs(60), || e
                     .docker(&["inspect", "-f", "{{.State.Running}}", "restart-a"])
@@ -1058,10 +1064,16 @@ fn main() -> ExitCode {
             );
             e.restart_dockerd(&["--live-restore"])?;
             let plugin_after = e.plugin_pids();
-            println!(
-                "    plugin processes before {plugin_before:?}, after the restart {plugin_after:?}; records {:?}, mounted {}",
-                e.records("live")?,
-                e.mounted("live")?
+            ensure!(
+                !plugin_before.is_empty() && plugin_after == plugin_before,
+                "with --live-restore the plugin should run on across the restart: processes {plugin_before:?}, then {plugin_after:?}"
+            );
+            // The overlay is still mounted on the record of the container that stopped.
+            ensure!(
+                e.mounted("live")? && e.records("live")?.len() == 1,
+                "after the restart: mounted {}, records {:?}",
+                e.mounted("live")?,
+                e.records("live")?
             );
             let out = e.run("live", "ls /x")?;
             ensure!(
