@@ -1011,7 +1011,11 @@ fn main() -> ExitCode {
                 "dockerd sent the Unmount it is known to forget? records {:?}",
                 e.records("restart")?
             );
-            let out = e.run("restart", "ls /x")?;
+            // What the container saw is read from what it wrote into the volume, not from
+            // `docker run`'s output: once in some 40 runs that output came back empty here, and
+            // the file says what the container saw whatever the CLI got.
+            e.run("restart", "ls /x > /tmp/seen && cp /tmp/seen /x/seen.txt")?;
+            let out = fs::read_to_string(e.upper("restart").join("seen.txt")).ctx("reading seen.txt")?;
             ensure!(
                 out == "base.txt\n",
                 "a new container saw {out:?}: the dead container's scratch file must be discarded"
@@ -1075,7 +1079,11 @@ fn main() -> ExitCode {
                 e.mounted("live")?,
                 e.records("live")?
             );
-            let out = e.run("live", "ls /x")?;
+            // What the container saw is read from what it wrote into the volume, not from
+            // `docker run`'s output: once in some 40 runs that output came back empty here, and
+            // the file says what the container saw whatever the CLI got.
+            e.run("live", "ls /x > /tmp/seen && cp /tmp/seen /x/seen.txt")?;
+            let out = fs::read_to_string(e.upper("live").join("seen.txt")).ctx("reading seen.txt")?;
             ensure!(
                 out == "base.txt\n",
                 "a new container saw {out:?}: the stopped container's scratch file must be discarded"
