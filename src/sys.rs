@@ -21,8 +21,8 @@ use thiserror::Error;
 use crate::options::FsType;
 
 mod image;
-mod mountinfo;
-pub use mountinfo::{OverlayMount, mountinfo_has_overlay_upper, overlay_mounts, overlay_mounts_of};
+pub mod mountinfo;
+pub use mountinfo::mountinfo_has_overlay_upper;
 
 /// `statfs(2)` magic of overlayfs.
 const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
@@ -757,17 +757,5 @@ mod tests {
             Path::new("/var/x y,z/upper2")
         ));
         assert!(!mountinfo_has_overlay_upper(info, Path::new("/b")));
-    }
-
-    #[test]
-    fn tells_the_peer_group_of_each_copy() {
-        let info = b"22 1 8:1 / / rw shared:1 - ext4 /dev/root rw\n\
-            99 22 0:77 / /m rw,relatime shared:41 master:3 - overlay dot rw,upperdir=/u,workdir=/w\n\
-            98 22 0:77 / /n rw,relatime master:41 - overlay dot rw,upperdir=/u,workdir=/w\n\
-            97 22 0:78 / /o rw - overlay dot rw,upperdir=/v,workdir=/w\n";
-        assert_eq!(overlay_mounts_of(info, Path::new("/u")), [Some(41), None]);
-        assert_eq!(overlay_mounts_of(info, Path::new("/v")), [None]);
-        assert_eq!(overlay_mounts(info)[1].mount_point, Path::new("/n"));
-        assert!(overlay_mounts_of(info, Path::new("/w")).is_empty());
     }
 }

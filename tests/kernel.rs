@@ -346,7 +346,10 @@ fn overlay_on_a_shared_mount(dir: &Path) -> (std::path::PathBuf, OverlaySpec, Re
 
 fn copies_in(pid: &str, upper: &Path) -> Vec<Option<u64>> {
     let info = std::fs::read(format!("/proc/{pid}/mountinfo")).unwrap();
-    docker_on_top::sys::overlay_mounts_of(&info, upper)
+    (docker_on_top::sys::mountinfo::parse(&info).into_iter())
+        .filter(|m| m.shows_upper(upper))
+        .map(|m| m.shared)
+        .collect()
 }
 
 /// A managed plugin mounts under its propagated mount, shared with dockerd's namespace: the

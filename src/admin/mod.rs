@@ -213,13 +213,15 @@ fn plugin_mount_dir(root: &Path) -> Option<PathBuf> {
 /// [`plugin_mount_dir`] as the mountinfo text `info` tells it.
 fn plugin_mount_dir_in(info: &[u8], root: &Path) -> Option<PathBuf> {
     use std::os::unix::ffi::OsStrExt;
-    crate::sys::overlay_mounts(info).into_iter().find_map(|m| {
-        let upper = Path::new(std::ffi::OsStr::from_bytes(m.upper.as_deref()?));
-        let name = upper.strip_prefix(root).ok()?.components().next()?;
-        let elsewhere = m.mount_point.file_name()? == name.as_os_str()
-            && m.mount_point != root.join(name).join("mountpoint");
-        elsewhere.then(|| m.mount_point.parent().map(Path::to_owned))?
-    })
+    crate::sys::mountinfo::parse(info)
+        .into_iter()
+        .find_map(|m| {
+            let upper = Path::new(std::ffi::OsStr::from_bytes(m.upper.as_deref()?));
+            let name = upper.strip_prefix(root).ok()?.components().next()?;
+            let elsewhere = m.mount_point.file_name()? == name.as_os_str()
+                && m.mount_point != root.join(name).join("mountpoint");
+            elsewhere.then(|| m.mount_point.parent().map(Path::to_owned))?
+        })
 }
 
 impl<S: Sys> Admin<S> {

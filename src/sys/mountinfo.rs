@@ -66,13 +66,7 @@ pub fn parse(info: &[u8]) -> Vec<Mount> {
             shared = shared.or(tagged(optional, b"shared:"));
             master = master.or(tagged(optional, b"master:"));
         }
-        let mut rest = line[pos + 3..].split(|&b| b == b' ');
-        let upper = match (rest.next(), rest.next(), rest.next()) {
-            (Some(b"overlay"), Some(_source), Some(options)) => (options.split(|&b| b == b','))
-                .find_map(|opt| opt.strip_prefix(b"upperdir="))
-                .map(unescape),
-            _ => None,
-        };
+        let upper = overlay_upper(&line[pos + 3..]);
         found.push(Mount {
             id,
             parent,
@@ -86,17 +80,6 @@ pub fn parse(info: &[u8]) -> Vec<Mount> {
     found
 }
 
-/// An overlay mount of a mountinfo text.
-pub type OverlayMount = Mount;
-
-/// The overlay mounts a mountinfo text lists.
-pub fn overlay_mounts(info: &[u8]) -> Vec<OverlayMount> {
-    parse(info)
-        .into_iter()
-        .filter(|m| m.upper.is_some())
-        .collect()
-}
-
 /// Whether a mountinfo text lists an overlay with `upperdir` equal to `upper`. Cheaper than
 /// a full parse: it looks only at the file system type and the options of each line (most mount
 /// namespaces a look reads hold no copy).
@@ -104,30 +87,25 @@ pub fn mountinfo_has_overlay_upper(info: &[u8], upper: &Path) -> bool {
     let plain = upper.as_os_str().as_bytes();
     let escaped = escape_option_path(upper.as_os_str());
     info.split(|&b| b == b'\n').any(|line| {
-        let Some(pos) = line.windows(3).position(|w| w == b" - ") else {
-            return false;
-        };
-        let mut rest = line[pos + 3..].split(|&b| b == b' ');
-        let (Some(b"overlay"), Some(_source), Some(options)) =
-            (rest.next(), rest.next(), rest.next())
-        else {
-            return false;
-        };
-        options.split(|&b| b == b',').any(|opt| {
-            opt.strip_prefix(b"upperdir=")
-                .map(unescape)
-                .is_some_and(|v| v == plain || v == escaped)
-        })
+        line.windows(3)
+            .position(|w| w == b" - ")
+            .and_then(|pos| overlay_upper(&line[pos + 3..]))
+            .is_some_and(|shown| shown == plain || shown == escaped)
     })
 }
 
-/// The shared peer groups (`shared:N`, or `None`) of the mounts a mountinfo text lists of an
-/// overlay with `upperdir` equal to `upper`.
-pub fn overlay_mounts_of(info: &[u8], upper: &Path) -> Vec<Option<u64>> {
-    (parse(info).into_iter())
-        .filter(|m| m.shows_upper(upper))
-        .map(|m| m.shared)
-        .collect()
+/// The `upperdir=` (unescaped) of a line's part after " - " ("FSTYPE SOURCE SUPER_OPTIONS"),
+/// if it is an overlay's.
+fn overlay_upper(fs_part: &[u8]) -> Option<Vec<u8>> {
+    let mut fields = fs_part.split(|&b| b == b' ');
+    let (Some(b"overlay"), Some(_source), Some(options)) =
+        (fields.next(), fields.next(), fields.next())
+    else {
+        return None;
+    };
+    (options.split(|&b| b == b','))
+        .find_map(|opt| opt.strip_prefix(b"upperdir="))
+        .map(unescape)
 }
 
 /// Where an unmount of one of our mounts of an overlay reaches. The kernel propagates an
@@ -275,6 +253,19 @@ mod tests {
         let ours =
             b"30 1 0:40 / /p rw - tmpfs t rw\n31 30 0:41 / /p/v rw - overlay o rw,upperdir=/u\n";
         assert!(Reach::of(&parse(ours), Path::new("/u")).is_empty());
+    }
+
+    #[test]
+    fn finds_overlays_by_their_upper() {
+        let info = b"22 1 8:1 / / rw shared:1 - ext4 /dev/root rw\n\
+            99 22 0:77 / /m rw shared:41 - overlay dot rw,upperdir=/u,workdir=/w\n\
+            97 22 0:78 / /o rw - overlay dot rw,upperdir=/v,workdir=/w\n";
+        assert!(mountinfo_has_overlay_upper(info, Path::new("/u")));
+        assert!(!mountinfo_has_overlay_upper(info, Path::new("/w")));
+        let mounts = parse(info);
+        assert_eq!(mounts.len(), 3);
+        assert_eq!(mounts[0].upper, None);
+        assert!(mounts[1].shows_upper(Path::new("/u")) && mounts[1].shared == Some(41));
     }
 
     #[test]
