@@ -793,3 +793,97 @@ fn a_mount_dir_holds_the_overlays_and_the_volume_directory_the_rest() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
     assert!(f.driver.list().unwrap().is_empty());
 }
+
+// The admin commands' locks and reset (`locked.rs`).
+
+#[test]
+fn reset_moves_the_upper_to_the_trash_and_keeps_the_base_owner() {
+    let f = fixture();
+    std::os::unix::fs::chown(&f.base, Some(1000), Some(1001)).unwrap();
+    std::fs::set_permissions(&f.base, std::fs::Permissions::from_mode(0o750)).unwrap();
+    f.create("v", false);
+    std::fs::write(f.vol("v").upper().join("change"), "x").unwrap();
+    let trashed = f.driver.reset(&name("v")).unwrap().unwrap();
+    assert!(trashed.starts_with(f.driver.root().trash()));
+    assert!(trashed.join("change").exists());
+    let upper = std::fs::metadata(f.vol("v").upper()).unwrap();
+    assert_eq!(
+        (upper.uid(), upper.gid(), upper.mode() & 0o7777),
+        (1000, 1001, 0o750)
+    );
+    assert_eq!(std::fs::read_dir(f.vol("v").upper()).unwrap().count(), 0);
+    // No upper at all (a damaged or Go volume): a fresh one is installed.
+    std::fs::remove_dir(f.vol("v").upper()).unwrap();
+    assert_eq!(f.driver.reset(&name("v")).unwrap(), None);
+    assert!(f.vol("v").upper().is_dir());
+    assert!(f.base.is_dir());
+}
+
+#[test]
+fn reset_is_refused_while_mounted_or_held_and_voids_stale_records() {
+    let f = fixture();
+    f.create("v", false);
+    std::fs::write(f.vol("v").upper().join("change"), "x").unwrap();
+    f.driver
+        .mount(&name("v"), &MountId::parse("a").unwrap(), None)
+        .unwrap();
+    let err = f.driver.reset(&name("v")).unwrap_err();
+    assert!(
+        matches!(err, DriverError::Mounted { mounts: 1, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("docker ps --filter volume=v"),
+        "{err}"
+    );
+
+    // Mounted with no record: the message tells how to unmount.
+    f.vol("v").clear_records().unwrap();
+    let err = f.driver.reset(&name("v")).unwrap_err();
+    assert!(err.to_string().contains("umount "), "{err}");
+
+    // Unmounted here, but a copy lives on elsewhere, with or without records.
+    f.driver.sys().state.lock().unwrap().mounted.clear();
+    f.vol("v")
+        .write_record(
+            &MountId::parse("old").unwrap(),
+            &MountRecord {
+                usage_count: 1,
+                client: None,
+                boot_id: None,
+            },
+        )
+        .unwrap();
+    f.hold("v");
+    let err = f.driver.reset(&name("v")).unwrap_err();
+    assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
+    assert!(f.vol("v").upper().join("change").exists());
+
+    f.driver.sys().state.lock().unwrap().held.clear();
+    f.driver.reset(&name("v")).unwrap();
+    assert!(
+        f.vol("v").read_records().unwrap().is_empty(),
+        "void records kept"
+    );
+    assert!(!f.vol("v").upper().join("change").exists());
+}
+
+#[test]
+fn live_mounts_only_while_mounted() {
+    let f = fixture();
+    f.create("v", false);
+    let id = MountId::parse("a").unwrap();
+    f.driver.mount(&name("v"), &id, None).unwrap();
+    f.driver.mount(&name("v"), &id, None).unwrap();
+    let vol = f.driver.lock_volume(&name("v")).unwrap();
+    assert_eq!(f.driver.live_mounts(&vol).unwrap(), vec![(id.clone(), 2)]);
+    drop(vol);
+    f.driver.unmount(&name("v"), &id).unwrap();
+    f.driver.unmount(&name("v"), &id).unwrap();
+    let vol = f.driver.lock_volume(&name("v")).unwrap();
+    assert!(f.driver.live_mounts(&vol).unwrap().is_empty());
+    assert!(matches!(
+        f.driver.lock_volume(&name("nope")),
+        Err(DriverError::NoSuchVolume(_))
+    ));
+}
