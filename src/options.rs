@@ -257,8 +257,19 @@ impl HostRoot {
     /// The metadata of the directory at the host path `path` (symlinks followed); an error
     /// for anything but a directory.
     pub fn dir_metadata(&self, path: &Path) -> io::Result<std::fs::Metadata> {
-        let dir = self.open_dir(path, rustix::fs::ResolveFlags::empty())?;
-        std::fs::File::from(dir).metadata()
+        // Where the host's `/` is ours, one stat (as before there was a host root), not an
+        // open, a stat and a close: every first Mount asks.
+        let meta = match self.prefix {
+            None => std::fs::metadata(path)?,
+            Some(_) => {
+                let dir = self.open_dir(path, rustix::fs::ResolveFlags::empty())?;
+                std::fs::File::from(dir).metadata()?
+            }
+        };
+        if !meta.is_dir() {
+            return Err(io::Error::from(rustix::io::Errno::NOTDIR));
+        }
+        Ok(meta)
     }
 
     /// The host path `path` with every symlink resolved, for a directory (the one kind of
