@@ -851,7 +851,8 @@ fn main() -> ExitCode {
                 "outside",
             ])?;
             ensure!(
-                err.contains("not allowed") || err.contains("allowed"),
+                err.contains("is outside the directories this plugin allows")
+                    && err.contains(&allowed.display().to_string()),
                 "a base outside the allowed one: {err}"
             );
             e.create("allowed", &[format!("base={}", allowed.display())])?;
