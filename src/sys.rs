@@ -215,12 +215,9 @@ impl Sys for RealSys {
             .map_err(inspect)?
             .ino();
         // A copy that our unmount takes away too is no holder (see `mountinfo::Reach`): a
-        // managed plugin's mounts reach dockerd's namespace that way.
-        let own_info = std::fs::read("/proc/self/mountinfo").map_err(inspect)?;
-        let own_mounts = mountinfo::parse(&own_info);
-        let reach: Vec<Vec<mountinfo::Reach>> = (uppers.iter())
-            .map(|upper| mountinfo::Reach::of(&own_mounts, upper))
-            .collect();
+        // managed plugin's mounts reach dockerd's namespace that way. Our own mount table is
+        // read once some namespace has a copy, not for every look.
+        let mut reach: Option<Vec<Vec<mountinfo::Reach>>> = None;
         let mut seen = HashSet::from([own_ns]);
         let mut holders = vec![Vec::new(); uppers.len()];
         for entry in std::fs::read_dir("/proc").map_err(inspect)? {
@@ -244,14 +241,23 @@ impl Sys for RealSys {
             };
             let mut command = None;
             let mut mounts = None;
-            for ((upper, holders), reach) in uppers.iter().zip(&mut holders).zip(&reach) {
+            for (i, (upper, holders)) in uppers.iter().zip(&mut holders).enumerate() {
                 // Most namespaces hold no copy: the whole table is parsed only for one that
                 // has one, to tell whether our unmount reaches it.
                 if !mountinfo_has_overlay_upper(&info, upper) {
                     continue;
                 }
+                let reach = match &reach {
+                    Some(reach) => reach,
+                    None => {
+                        let own = std::fs::read("/proc/self/mountinfo").map_err(inspect)?;
+                        let own = mountinfo::parse(&own);
+                        let of = |upper: &PathBuf| mountinfo::Reach::of(&own, upper);
+                        reach.insert(uppers.iter().map(of).collect())
+                    }
+                };
                 let mounts = mounts.get_or_insert_with(|| mountinfo::parse(&info));
-                if mountinfo::holds(mounts, upper, reach) {
+                if mountinfo::holds(mounts, upper, &reach[i]) {
                     let command = command.get_or_insert_with(|| {
                         std::fs::read_to_string(format!("/proc/{pid}/comm"))
                             .map(|s| s.trim_end().to_owned())
