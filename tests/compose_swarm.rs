@@ -145,20 +145,11 @@ impl Env {
             .collect())
     }
 
-    /// The volume's mount records (one file per mount ID).
+    /// The volume's mount IDs (one record file each).
     fn records(&self, volume: &str) -> Res<Vec<String>> {
-        let dir = self.root.join(volume).join("activemounts");
-        if !dir.exists() {
-            return Ok(Vec::new());
-        }
-        let mut names: Vec<String> = fs::read_dir(&dir)
-            .ctx(format!("listing {}", dir.display()))?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.starts_with('.'))
-            .collect();
-        names.sort();
-        Ok(names)
+        Ok(host::mount_records(&self.root.join(volume))?
+            .into_keys()
+            .collect())
     }
 
     /// Waits (dockerd's Unmount may trail the CLI's return) until the volume is

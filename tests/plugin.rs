@@ -154,22 +154,7 @@ impl Env {
 
     /// The volume's mount records: mount ID to use count.
     fn records(&self, volume: &str) -> Res<BTreeMap<String, u64>> {
-        let dir = self.state.join(volume).join("activemounts");
-        let mut out = BTreeMap::new();
-        for entry in fs::read_dir(&dir).ctx(format!("listing {}", dir.display()))? {
-            let entry = entry.ctx("listing activemounts")?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with('.') {
-                continue;
-            }
-            let text = fs::read_to_string(entry.path()).ctx("reading a mount record")?;
-            let count = serde_json::from_str::<Value>(&text)
-                .ok()
-                .and_then(|v| v["UsageCount"].as_u64())
-                .unwrap_or(1);
-            out.insert(name, count);
-        }
-        Ok(out)
+        host::mount_records(&self.state.join(volume))
     }
 
     /// The plugin's propagated mount on the "host" (dockerd's namespace).

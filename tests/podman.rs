@@ -123,15 +123,9 @@ impl Podman {
     }
 
     fn records(&self, volume: &str) -> Res<Vec<String>> {
-        let dir = self.root.join(volume).join("activemounts");
-        let mut names: Vec<String> = fs::read_dir(&dir)
-            .ctx(format!("listing {}", dir.display()))?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.starts_with('.'))
-            .collect();
-        names.sort();
-        Ok(names)
+        Ok(host::mount_records(&self.root.join(volume))?
+            .into_keys()
+            .collect())
     }
 
     fn plugin_alive(&mut self) -> Res {

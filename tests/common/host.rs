@@ -830,6 +830,31 @@ pub fn busybox_rootfs(busybox: &Path, rootfs: &Path) -> Res {
     Ok(())
 }
 
+/// The mount records of the volume whose directory is `volume_dir`: mount ID to use count (a
+/// record cut short counts one use, as the plugin reads it); none when it has no
+/// `activemounts/`.
+pub fn mount_records(volume_dir: &Path) -> Res<std::collections::BTreeMap<String, u64>> {
+    let dir = volume_dir.join("activemounts");
+    let mut out = std::collections::BTreeMap::new();
+    if !dir.exists() {
+        return Ok(out);
+    }
+    for entry in fs::read_dir(&dir).ctx(format!("listing {}", dir.display()))? {
+        let entry = entry.ctx("listing activemounts")?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        let text = fs::read_to_string(entry.path()).ctx("reading a mount record")?;
+        let count = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["UsageCount"].as_u64())
+            .unwrap_or(1);
+        out.insert(name, count);
+    }
+    Ok(out)
+}
+
 /// `tar --numeric-owner -C DIR -cf TAR .` (for `docker import`).
 pub fn tar_dir(dir: &Path, tar: &Path) -> Res {
     run_ok(
