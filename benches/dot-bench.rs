@@ -391,25 +391,29 @@ fn umount(target: &Path) {
     rustix::mount::unmount(target, UnmountFlags::NOFOLLOW).unwrap();
 }
 
-/// What the plugin's `sys::RealSys::unmount` does: an inotify watch on the mountpoint, the
-/// umount2, and a read of the watch's events (IN_UNMOUNT: no copy of the overlay is left).
+/// What the plugin's `sys::RealSys::unmount` does: an inotify watch on the mountpoint, in the
+/// instance the thread keeps, the umount2, and a read of the watch's events (IN_UNMOUNT: no
+/// copy of the overlay is left).
 fn umount_as_plugin(target: &Path) {
     use rustix::fs::inotify;
-    let fd = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
-    inotify::add_watch(
-        &fd,
-        target,
-        inotify::WatchFlags::DELETE_SELF
+    thread_local! {
+        static WATCH: rustix::fd::OwnedFd =
+            inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC).unwrap();
+    }
+    WATCH.with(|fd| {
+        let flags = inotify::WatchFlags::DELETE_SELF
             | inotify::WatchFlags::ONLYDIR
-            | inotify::WatchFlags::DONT_FOLLOW,
-    )
-    .unwrap();
-    umount(target);
-    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 256];
-    let mut events = inotify::Reader::new(&fd, &mut buf);
-    let unmounted = std::iter::from_fn(|| events.next().ok().map(|e| e.events()))
-        .any(|flags| flags.contains(inotify::ReadFlags::UNMOUNT));
-    assert!(unmounted, "no IN_UNMOUNT after the umount2 of {target:?}");
+            | inotify::WatchFlags::DONT_FOLLOW;
+        let wd = inotify::add_watch(fd, target, flags).unwrap();
+        umount(target);
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 256];
+        let mut events = inotify::Reader::new(fd, &mut buf);
+        let mut unmounted = false;
+        while let Ok(event) = events.next() {
+            unmounted |= event.wd() == wd && event.events().contains(inotify::ReadFlags::UNMOUNT);
+        }
+        assert!(unmounted, "no IN_UNMOUNT after the umount2 of {target:?}");
+    })
 }
 
 /// Whether `path` is the root of a mount (statx's `STATX_ATTR_MOUNT_ROOT`, Linux 5.8+).
@@ -1813,7 +1817,7 @@ fn report_requests(r: &Requests, discard: &[Discard]) -> String {
             ),
             (
                 "the umount2 as the plugin makes it: with an inotify watch for IN_UNMOUNT \
-                 (inotify_init1, inotify_add_watch, umount2, read)",
+                 (inotify_add_watch in the thread's instance, umount2, read)",
                 "plugin umount",
             ),
             (

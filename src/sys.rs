@@ -55,6 +55,16 @@ pub struct Unmounted {
     pub no_copy_left: bool,
 }
 
+thread_local! {
+    /// The inotify instance with which this thread's unmounts learn whether the overlay's
+    /// superblock died. Kept for the thread's life, because closing an instance that had a
+    /// watch waits for the kernel's fsnotify reaper (an SRCU grace period): with a new one
+    /// per unmount, concurrent last Unmounts spent most of their time in that close.
+    static UNMOUNT_WATCH: rustix::io::Result<rustix::fd::OwnedFd> = rustix::fs::inotify::init(
+        rustix::fs::inotify::CreateFlags::NONBLOCK | rustix::fs::inotify::CreateFlags::CLOEXEC,
+    );
+}
+
 /// A process that still holds an overlay in another mount namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
@@ -176,25 +186,35 @@ impl Sys for RealSys {
         // space), and it tells every inotify watch on its inodes IN_UNMOUNT. A watch holds
         // no reference that would keep the superblock alive.
         use rustix::fs::inotify;
-        let watch = inotify::init(inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC)
-            .and_then(|fd| {
-                let flags = inotify::WatchFlags::DELETE_SELF
-                    | inotify::WatchFlags::ONLYDIR
-                    | inotify::WatchFlags::DONT_FOLLOW;
-                inotify::add_watch(&fd, target, flags).map(|_| fd)
-            });
-        match rustix::mount::unmount(target, UnmountFlags::NOFOLLOW) {
-            Ok(()) => {}
-            Err(rustix::io::Errno::BUSY) => return Err(SysError::Busy),
-            Err(e) => return Err(SysError::Unmount(e.into())),
-        }
-        let no_copy_left = watch.is_ok_and(|fd| {
-            let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 256];
-            let mut events = inotify::Reader::new(&fd, &mut buf);
-            std::iter::from_fn(|| events.next().ok().map(|e| e.events()))
-                .any(|flags| flags.contains(inotify::ReadFlags::UNMOUNT))
-        });
-        Ok(Unmounted { no_copy_left })
+        UNMOUNT_WATCH.with(|watch| {
+            let watch = watch.as_ref().ok();
+            let flags = inotify::WatchFlags::DELETE_SELF
+                | inotify::WatchFlags::ONLYDIR
+                | inotify::WatchFlags::DONT_FOLLOW;
+            let wd = watch.and_then(|fd| inotify::add_watch(fd, target, flags).ok());
+            let unmounted = rustix::mount::unmount(target, UnmountFlags::NOFOLLOW);
+            let mut no_copy_left = false;
+            if let (Some(fd), Some(wd)) = (watch, wd) {
+                // Reads every queued event: older ones are the IN_IGNORED of watches
+                // removed below, by earlier unmounts on this thread.
+                let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 256];
+                let mut events = inotify::Reader::new(fd, &mut buf);
+                while let Ok(event) = events.next() {
+                    no_copy_left |= unmounted.is_ok()
+                        && event.wd() == wd
+                        && event.events().contains(inotify::ReadFlags::UNMOUNT);
+                }
+                if !no_copy_left {
+                    // The overlay's root lives on (a copy, or EBUSY), and so would the watch.
+                    let _ = inotify::remove_watch(fd, wd);
+                }
+            }
+            match unmounted {
+                Ok(()) => Ok(Unmounted { no_copy_left }),
+                Err(rustix::io::Errno::BUSY) => Err(SysError::Busy),
+                Err(e) => Err(SysError::Unmount(e.into())),
+            }
+        })
     }
 
     fn is_overlay_mounted(&self, target: &Path) -> Result<bool, SysError> {

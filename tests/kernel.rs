@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use docker_on_top::sys::{OverlaySpec, RealSys, Sys};
+use docker_on_top::sys::{OverlaySpec, RealSys, Sys, SysError};
 
 fn layout(dir: &Path) -> OverlaySpec {
     for d in ["lower", "upper", "work", "mnt"] {
@@ -121,6 +121,18 @@ fn unmount_tells_whether_a_copy_lives_on_elsewhere() {
 
     // Mounted again with the holder gone: the unmount now drops the last user.
     sys.mount_overlay(&spec).unwrap();
+    assert!(sys.unmount(&spec.target).unwrap().no_copy_left);
+
+    // This thread's unmounts share one inotify instance: a refused unmount (a file open in
+    // the overlay) and the events of the ones before must not answer for the next ones.
+    sys.mount_overlay(&spec).unwrap();
+    let open = std::fs::File::open(&spec.target).unwrap();
+    assert!(matches!(sys.unmount(&spec.target), Err(SysError::Busy)));
+    drop(open);
+    for _ in 0..3 {
+        assert!(sys.unmount(&spec.target).unwrap().no_copy_left);
+        sys.mount_overlay(&spec).unwrap();
+    }
     assert!(sys.unmount(&spec.target).unwrap().no_copy_left);
 }
 
