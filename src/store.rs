@@ -220,7 +220,17 @@ pub struct Root {
     /// Where overlays are mounted (`MOUNTS/NAME`) instead of `NAME/mountpoint/`: a managed
     /// plugin's propagated mount, the one place whose mounts dockerd sees.
     mount_dir: Option<PathBuf>,
+    /// Whether the root's file system makes a new file's name durable with the file's own
+    /// fsync (see `fsync_keeps_new_names`).
+    fsync_keeps_new_names: bool,
 }
+
+/// `statfs(2)` magics of the file systems whose fsync of a newly created file also makes its
+/// name in its directory durable: ext4 (with a journal the name is in the transaction the
+/// fsync commits; without one ext4 syncs the new file's parent itself; the ext4 driver also
+/// mounts ext2 and ext3), xfs (the log force takes the create, name included) and btrfs
+/// (its log tree takes a new file's names).
+const FSYNC_KEEPS_NEW_NAMES: [i64; 3] = [0xEF53, 0x5846_5342, 0x9123_683E];
 
 impl Root {
     /// Opens the root, creating it (mode 0700) and its trash directory if missing.
@@ -233,10 +243,18 @@ impl Root {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
+        let fs_type = rustix::fs::statfs(&path).map(|st| st.f_type);
         Ok(Self {
+            fsync_keeps_new_names: fs_type.is_ok_and(|t| FSYNC_KEEPS_NEW_NAMES.contains(&t)),
             path,
             mount_dir: None,
         })
+    }
+
+    /// Whether an fsync of a file made in this root also makes its name durable, so that
+    /// its directory needs no fsync of its own (POSIX asks for one; a disk cache flush each).
+    pub fn fsync_keeps_new_names(&self) -> bool {
+        self.fsync_keeps_new_names
     }
 
     /// Mounts overlays at `dir/NAME` (created if missing) instead of `NAME/mountpoint/`.
@@ -566,10 +584,18 @@ mod tests {
     }
 
     #[test]
+    fn a_root_on_tmpfs_fsyncs_the_directory_of_a_new_file() {
+        // tmpfs is in no list of file systems whose file fsync makes the name durable.
+        let tmp = tempfile::tempdir_in("/dev/shm").unwrap();
+        assert!(!Root::open(tmp.path()).unwrap().fsync_keeps_new_names());
+    }
+
+    #[test]
     fn staging_names_carry_their_creator() {
         let root = Root {
             path: PathBuf::from("/r"),
             mount_dir: None,
+            fsync_keeps_new_names: false,
         };
         let slot = root.staging_slot(&VolumeName::parse("a-b.c").unwrap());
         let name = slot.file_name().unwrap().to_str().unwrap();
