@@ -636,9 +636,6 @@ fn serve(opts: Opts) -> Result<()> {
             .context("cannot accept connections")
     });
     runtime.shutdown_timeout(Duration::from_secs(10));
-    // Finishes the unmounts that last Unmounts left for after their replies (when no
-    // connection still holds the driver).
-    drop(driver);
     result
 }
 
