@@ -101,12 +101,7 @@ impl Env {
 
     /// A fresh base directory holding `files`.
     fn base(&self, name: &str, files: &[(&str, &str)]) -> Res<PathBuf> {
-        let dir = self.bases.join(name);
-        fs::create_dir_all(&dir).ctx(format!("creating {}", dir.display()))?;
-        for (file, content) in files {
-            fs::write(dir.join(file), content).ctx(format!("writing {file}"))?;
-        }
-        Ok(dir)
+        host::make_tree(&self.bases.join(name), files)
     }
 
     fn upper(&self, volume: &str) -> PathBuf {
@@ -299,16 +294,8 @@ fn find_compose(docker: &Dockerd) -> Res<Vec<String>> {
 const PRIVATE_TMPFS: [&str; 3] = ["/run/docker/plugins", "/etc/docker", "/run/containerd"];
 
 fn setup() -> Res<Env> {
-    host::require_programs(&[
-        ("dockerd", "docker.io"),
-        ("docker", "docker.io"),
-        ("containerd", "containerd"),
-        ("runc", "runc"),
-        ("unshare", "util-linux"),
-        ("nsenter", "util-linux"),
-        ("ip", "iproute2"),
-        ("tar", "tar"),
-    ])?;
+    host::require_programs(&host::DOCKER_PROGRAMS)?;
+    host::require_programs(&[("ip", "iproute2")])?;
     let busybox = find_busybox()?;
     let mut sandbox = Sandbox::with_network("compose-swarm", &PRIVATE_TMPFS)?;
     let t = sandbox.tmp.clone();

@@ -56,11 +56,11 @@ use rustix::process::Signal;
 use serde_json::Value;
 
 use host::{
-    Context, Output, PLUGIN_SOCKET, Res, anchor_command, busybox_rootfs, check_interrupted,
-    create_missing_dirs, docker_command, ensure, find_busybox, in_path, kill, kill_cgroup, kill_ns,
-    ns_of, nsenter, own_ns, pids_in_ns, plugin_env, private_dockerd_args, remove_cgroups,
-    remove_dirs, run_cmd, set_interrupted, spawn_logged, stdout_suffix, tail, tar_dir,
-    wait_until_every,
+    Context, DOCKER_PROGRAMS, Output, PLUGIN_SOCKET, Res, anchor_command, busybox_rootfs,
+    check_interrupted, create_missing_dirs, docker_command, ensure, find_busybox, kill,
+    kill_cgroup, kill_ns, make_tree, ns_of, nsenter, own_ns, pids_in_ns, plugin_env,
+    private_dockerd_args, remove_cgroups, remove_dirs, require_programs, run_cmd, set_interrupted,
+    spawn_logged, stdout_suffix, tail, tar_dir, wait_until_every,
 };
 
 const IMAGE: &str = "dot-e2e:latest";
@@ -337,23 +337,8 @@ impl Suite {
             rustix::process::geteuid().is_root(),
             "the Docker end-to-end tests must run as root (they start a private dockerd): sudo -E cargo test --test docker, or scripts/test"
         );
-        let missing: Vec<&str> = [
-            "dockerd",
-            "docker",
-            "containerd",
-            "runc",
-            "unshare",
-            "nsenter",
-            "systemd-socket-activate",
-            "tar",
-        ]
-        .into_iter()
-        .filter(|p| !in_path(p))
-        .collect();
-        ensure!(
-            missing.is_empty(),
-            "missing programs {missing:?}: install Debian's docker.io, util-linux, systemd and tar (scripts/test does)"
-        );
+        require_programs(&DOCKER_PROGRAMS)?;
+        require_programs(&[("systemd-socket-activate", "systemd")])?;
         self.busybox = find_busybox()?;
         Ok(())
     }
@@ -651,12 +636,7 @@ impl Suite {
     /// A fresh base directory `bases/DIR` holding `files` (relative path, content).
     fn base(&self, dir: &str, files: &[(&str, &str)]) -> Res<PathBuf> {
         check_interrupted()?;
-        let base = self.bases.join(dir);
-        fs::create_dir_all(&base).ctx(format!("creating {}", base.display()))?;
-        for (path, content) in files {
-            write(&base.join(path), content)?;
-        }
-        Ok(base)
+        make_tree(&self.bases.join(dir), files)
     }
 
     /// Creates a docker-on-top volume; returns its name.
@@ -1898,20 +1878,27 @@ fn dockerd_restart(s: &mut Suite) -> Res {
         s.records(&vol)?
     );
 
-    let out = s.run(
-        &[],
-        &[mount(&vol, "/x")],
-        "ls /x && cat /x/base.txt && echo new > /x/new.txt",
-    )?;
+    after_dead_clients_mount(s, &vol, &saved_id, &a)?;
+    ensure!(snapshot(&base)? == before, "the host's base changed");
+    Ok(())
+}
+
+/// What follows a dockerd restart that left a record of its dead self (`saved_id`, the mount
+/// of container `old`, now stopped): the next container does not see the old one's scratch
+/// file and unmounts the volume when it exits, the record is released (and logged); `old`
+/// started again holds its saved mount ID once, sees a fresh volatile volume, and its change
+/// stays in the upper after it stops. `old` is removed at the end.
+fn after_dead_clients_mount(s: &mut Suite, vol: &str, saved_id: &str, old: &str) -> Res {
+    let out = s.run(&[], &[mount(vol, "/x")], "ls /x && echo new > /x/new.txt")?;
     ensure!(
-        out == "base.txt\nbase\n",
-        "a new container after the dockerd restart saw {out:?}: the dead container's scratch file must be discarded"
+        out == "base.txt\n",
+        "the next container saw {out:?}: the dead container's scratch file must be discarded"
     );
-    s.expect_mounted(&vol, false, "after the new container exited")?;
+    s.expect_mounted(vol, false, "after the next container exited")?;
     ensure!(
-        s.records(&vol)?.is_empty(),
-        "mount records left after the new container exited: {:?}",
-        s.records(&vol)?
+        s.records(vol)?.is_empty(),
+        "mount records left after the next container exited: {:?}",
+        s.records(vol)?
     );
     let log = read(&s.plugin_log)?;
     ensure!(
@@ -1919,29 +1906,26 @@ fn dockerd_restart(s: &mut Suite) -> Res {
         "the plugin did not log the release of the dead dockerd's mount {saved_id}"
     );
 
-    // The old container again: dockerd mounts it with its saved mount ID.
-    s.docker_ok(&["start", &a])?;
+    s.docker_ok(&["start", old])?;
     ensure!(
-        s.records(&vol)? == BTreeMap::from([(saved_id.clone(), 1)]),
-        "the restarted old container should hold its saved mount ID {saved_id} once: {:?}",
-        s.records(&vol)?
+        s.records(vol)? == BTreeMap::from([(saved_id.to_owned(), 1)]),
+        "the old container started again should hold its saved mount ID {saved_id} once: {:?}",
+        s.records(vol)?
     );
-    let out = s.exec(&a, "ls /x && echo again > /x/again.txt")?;
+    let out = s.exec(old, "ls /x && echo again > /x/again.txt")?;
     ensure!(
         out == "base.txt\n",
-        "the restarted old container saw {out:?} instead of a fresh volatile volume"
+        "the old container started again saw {out:?} instead of a fresh volatile volume"
     );
-    s.stop(&a)?;
-    s.expect_mounted(&vol, false, "after the old container stopped again")?;
+    s.stop(old)?;
+    s.expect_mounted(vol, false, "after the old container stopped again")?;
     ensure!(
-        s.records(&vol)?.is_empty(),
+        s.records(vol)?.is_empty(),
         "mount records left after the old container stopped: {:?}",
-        s.records(&vol)?
+        s.records(vol)?
     );
-    s.expect_file(&s.upper(&vol).join("again.txt"), "again\n")?;
-    s.remove(&a)?;
-    ensure!(snapshot(&base)? == before, "the host's base changed");
-    Ok(())
+    s.expect_file(&s.upper(vol).join("again.txt"), "again\n")?;
+    s.remove(old)
 }
 
 /// 14. The same with `--live-restore`. (a) A container keeps running across a `kill -9` and
@@ -2113,42 +2097,7 @@ fn live_restore_stopped_while_down(s: &mut Suite) -> Res {
         s.records(&vol)?
     );
 
-    let out = s.run(&[], &[mount(&vol, "/x")], "ls /x && echo new > /x/new.txt")?;
-    ensure!(
-        out == "base.txt\n",
-        "the next container saw {out:?}: the dead container's scratch file must be discarded"
-    );
-    s.expect_mounted(&vol, false, "after the next container exited")?;
-    ensure!(
-        s.records(&vol)?.is_empty(),
-        "mount records left: {:?}",
-        s.records(&vol)?
-    );
-    let log = read(&s.plugin_log)?;
-    ensure!(
-        log.contains(&format!("released mount ID {c_id}")),
-        "the plugin did not log the release of the dead dockerd's mount {c_id}"
-    );
-
-    s.docker_ok(&["start", &c])?;
-    ensure!(
-        s.records(&vol)? == BTreeMap::from([(c_id.clone(), 1)]),
-        "the old container started again should hold its saved mount ID {c_id} once: {:?}",
-        s.records(&vol)?
-    );
-    let out = s.exec(&c, "ls /x")?;
-    ensure!(
-        out == "base.txt\n",
-        "the old container started again saw {out:?} instead of a fresh volatile volume"
-    );
-    s.stop(&c)?;
-    s.remove(&c)?;
-    s.expect_mounted(&vol, false, "after the old container stopped again")?;
-    ensure!(
-        s.records(&vol)?.is_empty(),
-        "mount records left: {:?}",
-        s.records(&vol)?
-    );
+    after_dead_clients_mount(s, &vol, &c_id, &c)?;
     ensure!(snapshot(&base)? == before, "the host's base changed");
     Ok(())
 }

@@ -138,14 +138,7 @@ impl Env {
 
     /// A fresh base directory holding `files`.
     fn base(&self, name: &str, files: &[(&str, &str)]) -> Res<PathBuf> {
-        let dir = self.bases.join(name);
-        for (file, content) in files {
-            let path = dir.join(file);
-            fs::create_dir_all(path.parent().unwrap()).ctx("creating a base directory")?;
-            fs::write(&path, content).ctx(format!("writing {}", path.display()))?;
-        }
-        fs::create_dir_all(&dir).ctx(format!("creating {}", dir.display()))?;
-        Ok(dir)
+        host::make_tree(&self.bases.join(name), files)
     }
 
     fn upper(&self, volume: &str) -> PathBuf {
@@ -329,16 +322,8 @@ impl Env {
 }
 
 fn setup() -> Res<Env> {
-    host::require_programs(&[
-        ("dockerd", "docker.io"),
-        ("docker", "docker.io"),
-        ("containerd", "containerd"),
-        ("runc", "runc"),
-        ("unshare", "util-linux"),
-        ("nsenter", "util-linux"),
-        ("tar", "tar"),
-        ("ldd", "libc-bin"),
-    ])?;
+    host::require_programs(&host::DOCKER_PROGRAMS)?;
+    host::require_programs(&[("ldd", "libc-bin")])?;
     let busybox = find_busybox()?;
     let mut sandbox = Sandbox::new("plugin", &PRIVATE_TMPFS)?;
     let t = sandbox.tmp.clone();

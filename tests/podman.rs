@@ -104,12 +104,7 @@ impl Podman {
     }
 
     fn base(&self, name: &str, files: &[(&str, &str)]) -> Res<PathBuf> {
-        let dir = self.bases.join(name);
-        fs::create_dir_all(&dir).ctx(format!("creating {}", dir.display()))?;
-        for (file, content) in files {
-            fs::write(dir.join(file), content).ctx(format!("writing {file}"))?;
-        }
-        Ok(dir)
+        host::make_tree(&self.bases.join(name), files)
     }
 
     /// Whether the volume's overlay is mounted in the namespace.

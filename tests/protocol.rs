@@ -899,23 +899,7 @@ fn mounts_of_a_client_that_died_are_released_unless_held() {
     let mp = env.mount_ok("v", &id(3));
     env.unmount_ok("v", &id(3));
     mount_from_a_client_that_exits(&env, "v", &id(4));
-    let mut holder = env.spawn_in_ns(
-        &[
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sleep",
-            "1000",
-        ],
-        "a container",
-    );
-    let hpid = holder.pid();
-    let anchor_ns = env.anchor.ns();
-    wait_until(Duration::from_secs(10), "the container's namespace", || {
-        assert!(holder.try_status().is_none(), "the holder exited");
-        comm(hpid) == "sleep" && mount_ns(&hpid.to_string()) != anchor_ns
-    });
+    let (mut holder, _) = holder_in_new_namespace(&env, "a container");
     env.mount_ok("v", &id(5));
     assert_eq!(
         names(&active),
@@ -932,6 +916,31 @@ fn mounts_of_a_client_that_died_are_released_unless_held() {
     env.assert_not_mounted("v");
 }
 
+/// A process in a new mount namespace copied from the daemon's (`unshare -m sleep`), once it
+/// runs there: it holds a copy of every overlay mounted now, as a container would.
+fn holder_in_new_namespace(env: &Env, what: &str) -> (Proc, u32) {
+    let args = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sleep",
+        "1000",
+    ];
+    let mut holder = env.spawn_in_ns(&args, what);
+    let hpid = holder.pid();
+    let anchor_ns = env.anchor.ns();
+    wait_until(
+        Duration::from_secs(10),
+        &format!("{what}'s namespace"),
+        || {
+            assert!(holder.try_status().is_none(), "{what} exited");
+            comm(hpid) == "sleep" && mount_ns(&hpid.to_string()) != anchor_ns
+        },
+    );
+    (holder, hpid)
+}
+
 // ----- 10. Held in another mount namespace -----------------------------------------------
 
 #[test]
@@ -945,23 +954,7 @@ fn volume_held_in_another_namespace_is_neither_removed_nor_mounted_again() {
 
     // A process in a new mount namespace copied from the daemon's: it holds a copy of the
     // overlay, as a container of another engine would.
-    let mut holder = env.spawn_in_ns(
-        &[
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sleep",
-            "1000",
-        ],
-        "the holder",
-    );
-    let hpid = holder.pid();
-    let anchor_ns = env.anchor.ns();
-    wait_until(Duration::from_secs(10), "the holder's namespace", || {
-        assert!(holder.try_status().is_none(), "the holder exited");
-        comm(hpid) == "sleep" && mount_ns(&hpid.to_string()) != anchor_ns
-    });
+    let (mut holder, hpid) = holder_in_new_namespace(&env, "the holder");
     let held = std::fs::read_to_string(format!("/proc/{hpid}/mountinfo")).unwrap();
     assert!(
         common::daemon::parse_mountinfo(held.as_bytes())

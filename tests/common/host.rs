@@ -180,6 +180,30 @@ pub fn in_path(program: &str) -> bool {
     })
 }
 
+/// What a suite that runs a private dockerd needs, with the Debian package of each.
+pub const DOCKER_PROGRAMS: [(&str, &str); 7] = [
+    ("dockerd", "docker.io"),
+    ("docker", "docker.io"),
+    ("containerd", "containerd"),
+    ("runc", "runc"),
+    ("unshare", "util-linux"),
+    ("nsenter", "util-linux"),
+    ("tar", "tar"),
+];
+
+/// Makes directory `dir` holding `files` (paths relative to it, and their content).
+pub fn make_tree(dir: &Path, files: &[(&str, &str)]) -> Res<PathBuf> {
+    fs::create_dir_all(dir).ctx(format!("creating {}", dir.display()))?;
+    for (file, content) in files {
+        let path = dir.join(file);
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).ctx(format!("creating {}", parent.display()))?;
+        }
+        fs::write(&path, content).ctx(format!("writing {}", path.display()))?;
+    }
+    Ok(dir.to_owned())
+}
+
 /// Fails naming the Debian packages to install when a program is missing.
 pub fn require_programs(programs: &[(&str, &str)]) -> Res {
     let missing: Vec<String> = programs
