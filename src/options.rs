@@ -320,11 +320,6 @@ impl BaseDir {
         Ok(Self(canonical))
     }
 
-    /// Wraps a path read back from our own metadata, which was validated when it was written.
-    pub fn from_trusted(path: PathBuf) -> Self {
-        Self(path)
-    }
-
     pub fn path(&self) -> &Path {
         &self.0
     }

@@ -27,8 +27,9 @@
 //! - A directory `NAME` exists only complete: it is built as `.new-*` and renamed into place,
 //!   and leaves only by being renamed into `.trash`. Names starting with `.` are never valid
 //!   volume names, so staging and trash entries can never be mistaken for volumes.
-//! - `metadata.json` and the upper's root are replaced atomically (temporary + rename);
-//!   metadata is fsynced, as it is what a volume is.
+//! - `metadata.json` is written once, in the staging directory, and fsynced before the rename
+//!   that makes the volume: it is what a volume is. The upper's root is replaced atomically
+//!   (temporary + rename).
 //! - Whether a volume is mounted is never stored: the kernel is asked. `activemounts/` holds
 //!   reference counts per mount ID that are valid only while the overlay is mounted; records
 //!   written in an earlier boot are void. Records are written without fsync: a reboot voids
@@ -142,9 +143,9 @@ pub fn staging_creator(file_name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
-/// Writes `contents` to `path` atomically: a temporary beside it, then rename. With `durable`,
-/// the file and its directory are fsynced so the write survives power loss.
-pub fn write_atomic(path: &Path, contents: &[u8], durable: bool) -> io::Result<()> {
+/// Writes `contents` to `path` atomically: a temporary beside it, then rename. Nothing is
+/// fsynced: the atomicity is against a crash of the process (what mount records need).
+pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     let file_name = path
         .file_name()
@@ -154,15 +155,8 @@ pub fn write_atomic(path: &Path, contents: &[u8], durable: bool) -> io::Result<(
     let result = (|| {
         let mut f = File::options().write(true).create_new(true).open(&tmp)?;
         f.write_all(contents)?;
-        if durable {
-            f.sync_all()?;
-        }
         failpoint!("store.temp-written");
-        std::fs::rename(&tmp, path)?;
-        if durable {
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -392,11 +386,6 @@ impl VolumeDir {
         serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
     }
 
-    pub fn write_metadata(&self, meta: &Metadata) -> io::Result<()> {
-        let json = serde_json::to_vec(meta).map_err(io::Error::other)?;
-        write_atomic(&self.metadata(), &json, true)
-    }
-
     /// All mount records. Files whose names are not valid mount IDs (temporaries of an
     /// interrupted write) are skipped; an unreadable record counts as one use, so that a
     /// damaged file can never make a volume unmount under a container.
@@ -447,12 +436,12 @@ impl VolumeDir {
 
     pub fn write_record(&self, id: &MountId, record: &MountRecord) -> io::Result<()> {
         let json = serde_json::to_vec(record).map_err(io::Error::other)?;
-        match write_atomic(&self.record(id), &json, false) {
+        match write_atomic(&self.record(id), &json) {
             // `activemounts/` is missing (a damaged volume): made only then, not looked for
             // at every write.
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 std::fs::create_dir_all(self.active_mounts())?;
-                write_atomic(&self.record(id), &json, false)
+                write_atomic(&self.record(id), &json)
             }
             result => result,
         }
@@ -609,8 +598,8 @@ mod tests {
     fn atomic_write_replaces_and_leaves_no_temporaries() {
         let tmp = tempfile::tempdir().unwrap();
         let p = tmp.path().join("f.json");
-        write_atomic(&p, b"one", true).unwrap();
-        write_atomic(&p, b"two", false).unwrap();
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
     }
