@@ -59,10 +59,12 @@ thread_local! {
     /// The inotify instance with which this thread's unmounts learn whether the overlay's
     /// superblock died. Kept for the thread's life, because closing an instance that had a
     /// watch waits for the kernel's fsnotify reaper (an SRCU grace period): with a new one
-    /// per unmount, concurrent last Unmounts spent most of their time in that close.
-    static UNMOUNT_WATCH: rustix::io::Result<rustix::fd::OwnedFd> = rustix::fs::inotify::init(
-        rustix::fs::inotify::CreateFlags::NONBLOCK | rustix::fs::inotify::CreateFlags::CLOEXEC,
-    );
+    /// per unmount, concurrent last Unmounts spent most of their time in that close. Made at
+    /// the thread's first unmount, and at the next one again if it could not be (descriptors
+    /// or the user's inotify instances ran out): until then unmounts cannot tell that no copy
+    /// is left, and each next Mount looks for copies the slow way.
+    static UNMOUNT_WATCH: std::cell::RefCell<Option<rustix::fd::OwnedFd>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// A process that still holds an overlay in another mount namespace.
@@ -186,8 +188,21 @@ impl Sys for RealSys {
         // space), and it tells every inotify watch on its inodes IN_UNMOUNT. A watch holds
         // no reference that would keep the superblock alive.
         use rustix::fs::inotify;
-        UNMOUNT_WATCH.with(|watch| {
-            let watch = watch.as_ref().ok();
+        UNMOUNT_WATCH.with_borrow_mut(|watch| {
+            if watch.is_none() {
+                let flags = inotify::CreateFlags::NONBLOCK | inotify::CreateFlags::CLOEXEC;
+                *watch = match inotify::init(flags) {
+                    Ok(fd) => Some(fd),
+                    Err(e) => {
+                        log::warn!(
+                            "cannot watch the unmount of {target:?}, so the next mount there \
+                             looks for copies of the overlay the slow way: {e}"
+                        );
+                        None
+                    }
+                };
+            }
+            let watch = watch.as_ref();
             let flags = inotify::WatchFlags::DELETE_SELF
                 | inotify::WatchFlags::ONLYDIR
                 | inotify::WatchFlags::DONT_FOLLOW;

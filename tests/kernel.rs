@@ -136,6 +136,43 @@ fn unmount_tells_whether_a_copy_lives_on_elsewhere() {
     assert!(sys.unmount(&spec.target).unwrap().no_copy_left);
 }
 
+/// An unmount on a thread that cannot make its inotify instance (every descriptor taken, or
+/// the user's inotify instances all in use) cannot tell that no copy is left, and says so; the
+/// thread's next unmount, with a descriptor free again, makes the instance and can tell again.
+#[test]
+fn unmount_watch_is_made_again_after_it_could_not_be() {
+    // A whole process: the descriptor limit is the process's.
+    if !as_whole_process("unmount_watch_is_made_again_after_it_could_not_be") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = layout(tmp.path());
+    let sys = RealSys::default();
+    sys.mount_overlay(&spec).unwrap();
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    // The lowest free descriptor as the limit: every descriptor below it is taken.
+    let lowest_free = std::os::fd::AsRawFd::as_raw_fd(&std::fs::File::open("/dev/null").unwrap());
+    let lowered = rustix::process::Rlimit {
+        current: Some(lowest_free as u64),
+        maximum: limit.maximum,
+    };
+    setrlimit(Resource::Nofile, lowered).unwrap();
+    let without_watch = sys.unmount(&spec.target);
+    setrlimit(Resource::Nofile, limit).unwrap();
+    assert!(
+        !without_watch.unwrap().no_copy_left,
+        "with no inotify instance, the unmount claimed to know that no copy is left"
+    );
+    assert!(!sys.is_overlay_mounted(&spec.target).unwrap());
+
+    sys.mount_overlay(&spec).unwrap();
+    assert!(
+        sys.unmount(&spec.target).unwrap().no_copy_left,
+        "the thread did not make its inotify instance once it could"
+    );
+}
+
 /// Loop devices whose backing file is `image`.
 fn loops_backed_by(image: &Path) -> Vec<String> {
     let mut found = Vec::new();
