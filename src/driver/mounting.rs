@@ -35,11 +35,13 @@ impl<S: Sys> Driver<S> {
             .read_records_and_strays()
             .map_err(Self::io_err(name, "reading mount records"))?;
         let (mut records, strays) = records;
-        // Asked once: a process can end while we look.
+        // Asked once: a process can end while we look. The client asking now is alive: its
+        // records (all of them, when dockerd is the only client) need no look in /proc.
         let gone: Vec<MountId> = (records.iter())
             .filter(|(_, r)| {
-                r.client
-                    .is_some_and(|c| self.sys.process_start_time(c.pid) != Some(c.start_time))
+                r.client.is_some_and(|c| {
+                    Some(c) != client && self.sys.process_start_time(c.pid) != Some(c.start_time)
+                })
             })
             .map(|(id, _)| id.clone())
             .collect();

@@ -445,6 +445,23 @@ fn mounts_of_a_gone_client_are_released_once_nothing_holds_the_overlay() {
     assert_eq!(f.calls(), vec!["mount", "unmount", "mount"]);
 }
 
+/// The client asking is taken as alive without a look in /proc (here, the test double knows no
+/// such process): its own records are never released as a gone client's.
+#[test]
+fn the_asking_clients_records_are_not_looked_up() {
+    let f = fixture();
+    f.create("v", true);
+    let client = Some(Client {
+        pid: 300,
+        start_time: 7,
+    });
+    f.driver.mount_as(&name("v"), &id("a"), client).unwrap();
+    f.driver.mount_as(&name("v"), &id("b"), client).unwrap();
+    assert_eq!(f.count("v", "a"), Some(1));
+    assert_eq!(f.count("v", "b"), Some(1));
+    assert_eq!(f.calls(), vec!["mount"]);
+}
+
 #[test]
 fn a_reused_pid_is_not_the_same_client() {
     let f = fixture();
