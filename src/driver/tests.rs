@@ -41,8 +41,12 @@ impl Fixture {
     fn unmount(&self, vol: &VolumeName, mount: &MountId) -> Result<(), DriverError> {
         self.driver.unmount(vol, mount)
     }
+    /// The test double's state.
+    fn sys(&self) -> std::sync::MutexGuard<'_, crate::sys::RecordingState> {
+        self.driver.sys().state.lock().unwrap()
+    }
     fn calls(&self) -> Vec<String> {
-        let s = self.driver.sys().state.lock().unwrap();
+        let s = self.sys();
         s.calls
             .iter()
             .map(|c| c.split(' ').next().unwrap().to_string())
@@ -51,7 +55,7 @@ impl Fixture {
     /// Makes another mount namespace hold a copy of `vol`'s overlay.
     fn hold(&self, vol: &str) {
         let upper = self.vol(vol).upper();
-        self.driver.sys().state.lock().unwrap().held.insert(upper);
+        self.sys().held.insert(upper);
     }
     fn vol(&self, vol: &str) -> VolumeDir {
         self.driver.root().volume(&name(vol))
@@ -127,7 +131,7 @@ fn a_mount_record_is_complete_when_mount_answers() {
     let f = fixture();
     f.create("v", false);
     // A live client, whose record is not released as an orphan's.
-    f.driver.sys().state.lock().unwrap().processes.insert(7, 9);
+    f.sys().processes.insert(7, 9);
     let client = f.driver.client(Some(7));
     f.driver.mount_as(&name("v"), &id("a"), client).unwrap();
     let records = f.vol("v").read_records().unwrap();
@@ -273,7 +277,7 @@ fn records_of_this_boot_without_a_mount_are_checked_for_holders() {
     f.create("v", false);
     f.driver.mount(&name("v"), &id("a"), None).unwrap();
     // Someone unmounted it here while a container elsewhere still holds it.
-    f.driver.sys().state.lock().unwrap().mounted.clear();
+    f.sys().mounted.clear();
     f.hold("v");
     let err = f.driver.mount(&name("v"), &id("b"), None).unwrap_err();
     assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
@@ -282,7 +286,7 @@ fn records_of_this_boot_without_a_mount_are_checked_for_holders() {
     assert!(err.to_string().contains("pid 4242"), "{err}");
     assert!(f.vol("v").path.exists());
     // Once the holder is gone, the records are void.
-    f.driver.sys().state.lock().unwrap().held.clear();
+    f.sys().held.clear();
     f.driver.mount(&name("v"), &id("b"), None).unwrap();
     assert_eq!(f.count("v", "a"), None);
 }
@@ -312,7 +316,7 @@ fn a_copy_held_elsewhere_after_the_last_unmount_refuses_mount_and_remove() {
     );
 
     // A volatile overlay left with no records is not discarded while held either.
-    f.driver.sys().state.lock().unwrap().held.clear();
+    f.sys().held.clear();
     f.driver.mount(&name("v"), &id("c"), None).unwrap();
     f.vol("v").clear_records().unwrap();
     std::fs::write(f.vol("v").upper().join("in-use"), "x").unwrap();
@@ -325,7 +329,7 @@ fn a_copy_held_elsewhere_after_the_last_unmount_refuses_mount_and_remove() {
     );
     assert_eq!(f.calls(), vec!["mount", "unmount", "mount"]);
 
-    f.driver.sys().state.lock().unwrap().held.clear();
+    f.sys().held.clear();
     f.driver.remove(&name("v")).unwrap();
     assert!(!f.vol("v").path.exists());
 }
@@ -334,7 +338,7 @@ fn a_copy_held_elsewhere_after_the_last_unmount_refuses_mount_and_remove() {
 fn the_last_unmount_learns_from_the_kernel_whether_a_copy_is_left() {
     let f = fixture();
     f.create("v", false);
-    let looks = || f.driver.sys().state.lock().unwrap().looks;
+    let looks = || f.sys().looks;
     f.driver.mount(&name("v"), &id("a"), None).unwrap();
     assert!(f.vol("v").overlay_work().exists());
     f.unmount(&name("v"), &id("a")).unwrap();
@@ -358,7 +362,7 @@ fn the_last_unmount_learns_from_the_kernel_whether_a_copy_is_left() {
     let err = f.driver.remove(&name("w")).unwrap_err();
     assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
     assert_eq!(looks(), 2);
-    f.driver.sys().state.lock().unwrap().held.clear();
+    f.sys().held.clear();
     f.driver.mount(&name("w"), &id("a"), None).unwrap();
     assert_eq!(
         f.calls(),
@@ -376,7 +380,7 @@ fn busy_last_unmount_keeps_the_overlay_and_the_next_mount_copes() {
     for v in ["p", "t"] {
         f.driver.mount(&name(v), &id("a"), None).unwrap();
         let mp = f.vol(v).mountpoint();
-        f.driver.sys().state.lock().unwrap().busy.insert(mp);
+        f.sys().busy.insert(mp);
         // The mount is released; the overlay stays, with a warning in the log.
         f.unmount(&name(v), &id("a")).unwrap();
         assert_eq!(f.count(v, "a"), None);
@@ -387,7 +391,7 @@ fn busy_last_unmount_keeps_the_overlay_and_the_next_mount_copes() {
     // Volatile: its changes cannot be discarded while busy.
     let err = f.driver.mount(&name("t"), &id("b"), None).unwrap_err();
     assert!(matches!(err, DriverError::Busy { .. }), "{err}");
-    f.driver.sys().state.lock().unwrap().busy.clear();
+    f.sys().busy.clear();
     f.driver.mount(&name("t"), &id("b"), None).unwrap();
     assert_eq!(
         f.calls(),
@@ -402,13 +406,7 @@ fn mounts_of_a_gone_client_are_released_once_nothing_holds_the_overlay() {
     let f = fixture();
     f.create("v", true);
     let upper = f.vol("v").upper();
-    f.driver
-        .sys()
-        .state
-        .lock()
-        .unwrap()
-        .processes
-        .insert(100, 1);
+    f.sys().processes.insert(100, 1);
     f.driver.mount(&name("v"), &id("a"), Some(100)).unwrap();
     std::fs::write(upper.join("scratch"), "x").unwrap();
     let rec = f.vol("v").read_records().unwrap()[0].1.clone();
@@ -423,7 +421,7 @@ fn mounts_of_a_gone_client_are_released_once_nothing_holds_the_overlay() {
     // dockerd (pid 100) dies and restarts as pid 200, with live-restore: the container
     // still holds the overlay, so its mount stays.
     {
-        let mut s = f.driver.sys().state.lock().unwrap();
+        let mut s = f.sys();
         s.processes.clear();
         s.processes.insert(200, 5);
         s.held.insert(upper.clone());
@@ -435,7 +433,7 @@ fn mounts_of_a_gone_client_are_released_once_nothing_holds_the_overlay() {
 
     // The container is gone too: its mount is released, and the volatile volume starts
     // afresh instead of showing a dead container's scratch file.
-    f.driver.sys().state.lock().unwrap().held.clear();
+    f.sys().held.clear();
     f.driver.mount(&name("v"), &id("c"), Some(200)).unwrap();
     assert_eq!(f.count("v", "a"), None);
     assert!(
@@ -466,31 +464,19 @@ fn the_asking_clients_records_are_not_looked_up() {
 fn a_reused_pid_is_not_the_same_client() {
     let f = fixture();
     f.create("v", false);
-    f.driver
-        .sys()
-        .state
-        .lock()
-        .unwrap()
-        .processes
-        .insert(100, 1);
+    f.sys().processes.insert(100, 1);
     f.driver.mount(&name("v"), &id("a"), Some(100)).unwrap();
     // A live client keeps its mounts whatever holds the overlay.
     f.driver.mount(&name("v"), &id("b"), Some(100)).unwrap();
     assert_eq!(f.count("v", "a"), Some(1));
     // Same pid, another process.
-    f.driver
-        .sys()
-        .state
-        .lock()
-        .unwrap()
-        .processes
-        .insert(100, 2);
+    f.sys().processes.insert(100, 2);
     f.driver.mount(&name("v"), &id("c"), Some(100)).unwrap();
     assert_eq!((f.count("v", "a"), f.count("v", "b")), (None, None));
     assert_eq!(f.count("v", "c"), Some(1));
     // Records with no client (Go version, unknown peer) are never released this way.
     f.driver.mount(&name("v"), &id("d"), None).unwrap();
-    f.driver.sys().state.lock().unwrap().processes.clear();
+    f.sys().processes.clear();
     f.driver.mount(&name("v"), &id("e"), None).unwrap();
     assert_eq!(f.count("v", "d"), Some(1));
     assert_eq!(f.count("v", "c"), None);
@@ -527,16 +513,16 @@ fn remove_cleans_leftovers_and_refuses_busy() {
     f.create("v", false);
     f.driver.mount(&name("v"), &id("a"), None).unwrap();
     let mp = f.vol("v").mountpoint();
-    f.driver.sys().state.lock().unwrap().busy.insert(mp.clone());
+    f.sys().busy.insert(mp.clone());
     assert!(matches!(
         f.driver.remove(&name("v")),
         Err(DriverError::Busy { .. })
     ));
     assert!(f.vol("v").path.exists());
-    f.driver.sys().state.lock().unwrap().busy.clear();
+    f.sys().busy.clear();
     f.driver.remove(&name("v")).unwrap();
     assert!(!f.vol("v").path.exists());
-    assert!(f.driver.sys().state.lock().unwrap().mounted.is_empty());
+    assert!(f.sys().mounted.is_empty());
     assert!(f.driver.list().unwrap().is_empty());
     assert!(matches!(
         f.driver.get(&name("v")),
@@ -600,13 +586,7 @@ impl Fixture {
     }
     fn attached(&self, vol: &str) -> bool {
         let changes = self.vol(vol).changes();
-        self.driver
-            .sys()
-            .state
-            .lock()
-            .unwrap()
-            .attached
-            .contains_key(&changes)
+        self.sys().attached.contains_key(&changes)
     }
 }
 
@@ -628,7 +608,7 @@ fn a_sized_volume_keeps_its_changes_in_an_image_attached_when_first_needed() {
 
     f.driver.mount(&name("s"), &id("a"), None).unwrap();
     assert!(f.attached("s"));
-    let spec = f.driver.sys().state.lock().unwrap().mounted[0].clone();
+    let spec = f.sys().mounted[0].clone();
     assert_eq!(spec.upper, vol.changes().join("upper"));
     assert_eq!(spec.work, vol.changes().join("work"));
     f.driver.mount(&name("s"), &id("b"), None).unwrap();
@@ -755,7 +735,7 @@ fn a_mount_dir_holds_the_overlays_and_the_volume_directory_the_rest() {
     assert_eq!(mp, dir.join("v"));
     assert!(mp.is_dir());
     {
-        let s = f.driver.sys().state.lock().unwrap();
+        let s = f.sys();
         assert_eq!(s.mounted.len(), 1);
         let spec = &s.mounted[0];
         assert_eq!(spec.target, dir.join("v"));
@@ -800,7 +780,7 @@ fn a_mount_dir_holds_the_overlays_and_the_volume_directory_the_rest() {
     f.vol("w").clear_records().unwrap();
     f.driver.remove(&name("w")).unwrap();
     let (mounted, calls) = {
-        let s = f.driver.sys().state.lock().unwrap();
+        let s = f.sys();
         (s.mounted.len(), s.calls.clone())
     };
     assert_eq!(mounted, 0);
@@ -860,7 +840,7 @@ fn reset_is_refused_while_mounted_or_held_and_voids_stale_records() {
     assert!(err.to_string().contains("umount "), "{err}");
 
     // Unmounted here, but a copy lives on elsewhere, with or without records.
-    f.driver.sys().state.lock().unwrap().mounted.clear();
+    f.sys().mounted.clear();
     f.vol("v")
         .write_record(
             &MountId::parse("old").unwrap(),
@@ -876,7 +856,7 @@ fn reset_is_refused_while_mounted_or_held_and_voids_stale_records() {
     assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
     assert!(f.vol("v").upper().join("change").exists());
 
-    f.driver.sys().state.lock().unwrap().held.clear();
+    f.sys().held.clear();
     f.driver.reset(&name("v")).unwrap();
     assert!(
         f.vol("v").read_records().unwrap().is_empty(),
