@@ -79,9 +79,10 @@ impl<S: Sys> Driver<S> {
             .transpose()?;
         let lower = base.as_ref().map(OpenedBase::fd_path);
         self.carry_out(name, &vol, &steps, &mut records, strays, &gone)?;
-        if let Some(lower) = lower {
-            self.mount_layers(name, &vol, &meta, &steps, lower)?;
-        }
+        let discarded = match lower {
+            Some(lower) => self.mount_layers(name, &vol, &meta, &steps, lower)?,
+            None => false,
+        };
         drop(base);
 
         let previous = records.iter().find(|(rid, _)| rid == id).map(|(_, r)| r);
@@ -94,6 +95,12 @@ impl<S: Sys> Driver<S> {
             None => vol.create_record(id, &record),
             Some(_) => vol.write_record(id, &record),
         };
+        if discarded {
+            // The discarded changes are in the trash: the janitor deletes them, once this
+            // Mount's own writes are done (a deletion of many files slows every write to the
+            // file system's journal while it runs).
+            self.kick_janitor();
+        }
         if let Err(source) = recorded {
             // The state directory is full or read-only. dockerd gets the error and will never
             // send an Unmount: an overlay just mounted for this Mount goes again.
@@ -176,7 +183,8 @@ impl<S: Sys> Driver<S> {
         Ok(())
     }
 
-    /// Mounts the overlay, `lower` leading to the base opened for it.
+    /// Mounts the overlay, `lower` leading to the base opened for it. Whether it discarded a
+    /// volatile volume's changes into the trash.
     fn mount_layers(
         &self,
         name: &VolumeName,
@@ -184,7 +192,7 @@ impl<S: Sys> Driver<S> {
         meta: &Metadata,
         plan: &MountPlan,
         lower: PathBuf,
-    ) -> Result<(), DriverError> {
+    ) -> Result<bool, DriverError> {
         self.ensure_attached(name, vol, meta)?;
         // A volatile volume's upper is looked at first (its changes go now). Otherwise the
         // directories are made only when the mount misses one (a damaged or Go-made volume):
@@ -207,16 +215,17 @@ impl<S: Sys> Driver<S> {
             }
             result => result,
         };
-        if discarded {
-            // Its changes are in the trash now: the janitor deletes them.
-            self.kick_janitor();
+        if let Err(source) = mounted {
+            if discarded {
+                self.kick_janitor();
+            }
+            return Err(DriverError::Mount {
+                name: name.clone(),
+                source,
+            });
         }
-        mounted.map_err(|source| DriverError::Mount {
-            name: name.clone(),
-            source,
-        })?;
         failpoint!("mount.overlay-mounted");
-        Ok(())
+        Ok(discarded)
     }
 
     /// Makes sure upper, work and mountpoint exist before a mount, discarding the upper of a
