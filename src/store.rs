@@ -296,8 +296,9 @@ impl Root {
 #[derive(Debug, Clone)]
 pub struct VolumeDir {
     pub path: PathBuf,
-    /// Whether its changes live in an image of their own; looked at when first asked (a
-    /// query such as Path never needs it).
+    /// Whether its changes live in an image of their own: known from `metadata.json` once it
+    /// is read (Create writes its `Size` and `changes/` together), else looked at when first
+    /// asked (a query such as Path never needs it).
     sized: std::cell::OnceCell<bool>,
     /// Where its overlay is mounted when not at `mountpoint/` (see [`Root::with_mount_dir`]).
     mountpoint: Option<PathBuf>,
@@ -309,9 +310,10 @@ pub const IMAGE: &str = "changes.img";
 pub const CHANGES: &str = "changes";
 
 impl VolumeDir {
-    /// The volume directory at `path`, sized if it has the directory its image is mounted on
-    /// (made at Create and never removed: the image itself is missing for a moment when a
-    /// volatile volume's is swapped for a fresh one).
+    /// The volume directory at `path`, sized if its metadata says so or, before that is read,
+    /// if it has the directory its image is mounted on (made at Create and never removed: the
+    /// image itself is missing for a moment when a volatile volume's is swapped for a fresh
+    /// one).
     pub fn at(path: PathBuf) -> Self {
         Self {
             path,
@@ -383,7 +385,10 @@ impl VolumeDir {
 
     pub fn read_metadata(&self) -> io::Result<Metadata> {
         let bytes = read_small(&self.metadata())?;
-        serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+        let meta: Metadata = serde_json::from_slice(&bytes)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let _ = self.sized.set(meta.size.is_some());
+        Ok(meta)
     }
 
     /// All mount records. Files whose names are not valid mount IDs (temporaries of an
@@ -570,6 +575,31 @@ mod tests {
             .unwrap(),
             r#"{"UsageCount":1,"BootId":"b","Client":{"Pid":7,"StartTime":9}}"#
         );
+    }
+
+    #[test]
+    fn a_volumes_kind_is_its_metadatas_once_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sized = r#"{"BaseDirPath":"/b","Volatile":false,"Size":{"Bytes":1048576,"Fs":"ext4","Sparse":true}}"#;
+        for (json, has_changes_dir, expected) in [
+            (sized, false, true),
+            (r#"{"BaseDirPath":"/b","Volatile":false}"#, true, false),
+        ] {
+            let dir = tempfile::tempdir_in(tmp.path()).unwrap();
+            std::fs::write(dir.path().join("metadata.json"), json).unwrap();
+            if has_changes_dir {
+                std::fs::create_dir(dir.path().join(CHANGES)).unwrap();
+            }
+            let vol = VolumeDir::at(dir.path().to_owned());
+            vol.read_metadata().unwrap();
+            // No look at `changes/` any more: its metadata decided.
+            assert_eq!(vol.sized(), expected, "{json}");
+            // Before it is read, `changes/` decides.
+            assert_eq!(
+                VolumeDir::at(dir.path().to_owned()).sized(),
+                has_changes_dir
+            );
+        }
     }
 
     #[test]

@@ -1889,10 +1889,14 @@ fn dockerd_restart(s: &mut Suite) -> Res {
 /// started again holds its saved mount ID once, sees a fresh volatile volume, and its change
 /// stays in the upper after it stops. `old` is removed at the end.
 fn after_dead_clients_mount(s: &mut Suite, vol: &str, saved_id: &str, old: &str) -> Res {
-    let out = s.run(&[], &[mount(vol, "/x")], "ls /x && echo new > /x/new.txt")?;
+    let out = s.run(
+        &[],
+        &[mount(vol, "/x")],
+        "ls /x && cat /x/base.txt && echo new > /x/new.txt",
+    )?;
     ensure!(
-        out == "base.txt\n",
-        "the next container saw {out:?}: the dead container's scratch file must be discarded"
+        out == "base.txt\nbase\n",
+        "the next container saw {out:?}: the base, without the dead container's scratch file"
     );
     s.expect_mounted(vol, false, "after the next container exited")?;
     ensure!(
