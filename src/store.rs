@@ -509,15 +509,23 @@ impl VolumeDir {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        std::fs::create_dir(&staging)?;
-        std::os::unix::fs::chown(&staging, Some(base.uid()), Some(base.gid()))?;
-        std::fs::set_permissions(
-            &staging,
-            std::fs::Permissions::from_mode(base.mode() & 0o7777),
-        )?;
+        make_upper_root(&staging, base)?;
         failpoint!("store.upper-staged");
         std::fs::rename(&staging, self.upper())
     }
+
+    /// [`VolumeDir::install_fresh_upper`] in a volume being built: made in place, since
+    /// nothing sees a staging directory before its rename.
+    pub fn make_first_upper(&self, base: &std::fs::Metadata) -> io::Result<()> {
+        make_upper_root(&self.upper(), base)
+    }
+}
+
+/// A new, empty directory at `path` with `base`'s owner, group and mode.
+fn make_upper_root(path: &Path, base: &std::fs::Metadata) -> io::Result<()> {
+    std::fs::create_dir(path)?;
+    std::os::unix::fs::chown(path, Some(base.uid()), Some(base.gid()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(base.mode() & 0o7777))
 }
 
 /// An exclusive flock on a volume's directory, released on drop. Serialises mount, unmount,
@@ -579,13 +587,12 @@ mod tests {
 
     #[test]
     fn a_volumes_kind_is_its_metadatas_once_read() {
-        let tmp = tempfile::tempdir().unwrap();
         let sized = r#"{"BaseDirPath":"/b","Volatile":false,"Size":{"Bytes":1048576,"Fs":"ext4","Sparse":true}}"#;
         for (json, has_changes_dir, expected) in [
             (sized, false, true),
             (r#"{"BaseDirPath":"/b","Volatile":false}"#, true, false),
         ] {
-            let dir = tempfile::tempdir_in(tmp.path()).unwrap();
+            let dir = tempfile::tempdir().unwrap();
             std::fs::write(dir.path().join("metadata.json"), json).unwrap();
             if has_changes_dir {
                 std::fs::create_dir(dir.path().join(CHANGES)).unwrap();

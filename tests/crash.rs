@@ -549,7 +549,6 @@ fn case_named(test: &str) -> Case {
     match test {
         "create_staging_made" => case("create.staging-made", false, Absent, Create),
         "create_upper_installed" => case("create.upper-installed", false, Absent, Create),
-        "create_upper_staged" => case("store.upper-staged", false, Absent, Create),
         "create_metadata_written" => case("create.metadata-written", true, Absent, Create),
         "create_before_rename" => case("create.before-rename", false, Absent, Create),
         "create_renamed" => case("create.renamed", true, Absent, Create),
@@ -613,7 +612,7 @@ macro_rules! crash_tests {
 }
 
 crash_tests! {
-    create_staging_made create_upper_installed create_upper_staged
+    create_staging_made create_upper_installed
     create_metadata_written create_before_rename create_renamed
     mount_voided mount_voided_volatile mount_stale_unmounted_volatile mount_overlay_mounted
     mount_overlay_mounted_volatile mount_record_created mount_recorded mount_recorded_again

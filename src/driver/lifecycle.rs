@@ -67,7 +67,7 @@ impl<S: Sys> Driver<S> {
                 }
             } else {
                 std::fs::create_dir(staging.work())?;
-                staging.install_fresh_upper(&base_meta)?;
+                staging.make_first_upper(&base_meta)?;
             }
             failpoint!("create.upper-installed");
             // Written in place: nothing reads a staging directory.
