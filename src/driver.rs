@@ -65,7 +65,7 @@ use crate::janitor::Janitor;
 use crate::names::{MountId, VolumeName};
 use crate::options::{AllowedBases, HostRoot, OpenedBase, OptionsError, VolumeOptions};
 use crate::store::{self, Client, Metadata, MountRecord, Root, VolumeDir};
-use crate::sys::{Holder, OverlaySpec, RealSys, Sys, SysError};
+use crate::sys::{Holder, OverlaySpec, RealSys, Sys, SysError, Unmounted};
 
 mod lifecycle;
 mod locked;
@@ -381,7 +381,11 @@ impl<S: Sys> Driver<S> {
 
     /// Unmounts the overlay at `mountpoint` (never lazily: a busy mountpoint stays mounted),
     /// and marks it as leaving no copy when the kernel says none is left (see the module doc).
-    fn unmount_overlay(&self, name: &VolumeName, vol: &VolumeDir) -> Result<(), DriverError> {
+    fn unmount_overlay(
+        &self,
+        name: &VolumeName,
+        vol: &VolumeDir,
+    ) -> Result<Unmounted, DriverError> {
         let unmounted = self.unmount_at(name, &vol.mountpoint())?;
         failpoint!("unmount.unmounted");
         if unmounted.no_copy_left {
@@ -404,7 +408,7 @@ impl<S: Sys> Driver<S> {
                  namespace, or an open file); the next Mount looks for it"
             );
         }
-        Ok(())
+        Ok(unmounted)
     }
 
     /// Unmounts whatever is mounted at `target` (never lazily): [`DriverError::Busy`] while a

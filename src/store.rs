@@ -42,7 +42,8 @@
 //!   once nobody holds its lock and its creator (whose pid its name carries) is dead, or a
 //!   minute has passed; a `.*.tmp-*` temporary in `activemounts/` together with the void
 //!   records, at the next Mount of the unmounted overlay; a `.upper-new` at the next
-//!   installation of a fresh upper (the only time one is made).
+//!   installation of a fresh upper (the only time one is made); a `changes.img.partial` at
+//!   the next making of a sized volume's image (the image is made as that, then renamed).
 //!
 //! This module knows paths and file formats; it makes no decision about mounting.
 

@@ -592,6 +592,10 @@ fn case_named(test: &str) -> Case {
         "sized_discard_image_detached" => sized("discard.image-detached", true, Idle, Mount("a")),
         "sized_discard_image_trashed" => sized("discard.upper-trashed", true, Idle, Mount("a")),
         "sized_discard_fresh_image" => sized("discard.fresh-upper", true, Idle, Mount("a")),
+        // The fresh image of a swap is made in the volume's own directory: a crash while mkfs
+        // runs must not leave an image that no attach can mount.
+        "sized_discard_image_created" => sized("image.created", true, Idle, Mount("a")),
+        "sized_discard_image_formatted" => sized("image.formatted", true, Idle, Mount("a")),
         "sized_remove_detached" => sized("remove.detached", false, Idle, Remove),
         "sized_remove_renamed" => sized("remove.renamed", false, Idle, Remove),
         "sized_reset_image_trashed" => sized("discard.upper-trashed", false, Idle, Reset),
@@ -626,7 +630,8 @@ crash_tests! {
     commit_between_entries commit_synced
     sized_create_image_created sized_create_image_formatted sized_mount_image_attached
     sized_mount_image_mounted sized_mount_recorded sized_discard_image_detached
-    sized_discard_image_trashed sized_discard_fresh_image sized_remove_detached
+    sized_discard_image_trashed sized_discard_fresh_image sized_discard_image_created
+    sized_discard_image_formatted sized_remove_detached
     sized_remove_renamed sized_reset_image_trashed
 }
 

@@ -993,6 +993,110 @@ fn volume_held_in_another_namespace_is_neither_removed_nor_mounted_again() {
     assert_eq!(env.list(), Vec::<String>::new());
 }
 
+/// A sized volatile volume keeps its image attached while a copy of its overlay lives on:
+/// the mark that a look is due is on the image's file system, and a second loop device on the
+/// image would mount that file system twice, beside the copy's.
+#[test]
+fn a_held_volatile_sized_volume_is_neither_mounted_again_nor_removed() {
+    let mut env = Env::new();
+    env.start(&[]);
+    let base = make_base(&env, "base");
+    env.create_sized_ok("v", &base, true, "16Mi");
+    let mp = env.mount_ok("v", &id(1));
+    std::fs::write(env.seen(&mp).join("data.txt"), "data").unwrap();
+    let (mut holder, hpid) = holder_in_new_namespace(&env, "the holder");
+    env.unmount_ok("v", &id(1));
+    env.assert_not_mounted("v");
+    let devices = env.loop_devices();
+    assert_eq!(devices.len(), 1, "{devices:?}");
+
+    for (what, refused) in [
+        ("Mount", env.mount("v", &id(2)).map(|_| ())),
+        ("Remove", env.remove("v")),
+    ] {
+        let err = refused.expect_err(&format!("{what} while a copy holds the volume"));
+        assert_contains(&err, &[&format!("pid {hpid}")]);
+        assert_eq!(
+            env.loop_devices(),
+            devices,
+            "{what} attached the image again"
+        );
+    }
+    env.assert_not_mounted("v");
+    assert_eq!(
+        std::fs::read_to_string(env.upper("v").join("data.txt")).unwrap(),
+        "data",
+        "held changes discarded"
+    );
+
+    holder.kill();
+    let mp = env.mount_ok("v", &id(2));
+    assert!(!env.seen(&mp).join("data.txt").exists(), "not discarded");
+    env.unmount_ok("v", &id(2));
+    env.remove("v").unwrap();
+    wait_until(Duration::from_secs(10), "the loop device to go", || {
+        env.loop_devices().is_empty()
+    });
+}
+
+/// The Go version mounted with `upperdir=ROOT/NAME/upper/` (a trailing slash), as the mount
+/// table still shows: its overlay left mounted with no record (a last Unmount that met a busy
+/// mountpoint), and a copy of it held in another namespace, is found as ours are.
+#[test]
+fn a_go_made_overlay_held_in_another_namespace_is_found() {
+    let mut env = Env::new();
+    env.start(&[]);
+    let base = make_base(&env, "base");
+    for (name, volatile) in [("gv", true), ("gp", false)] {
+        let dir = env.volume_dir(name);
+        for sub in ["upper", "workdir", "mountpoint", "activemounts"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        std::fs::write(
+            dir.join("metadata.json"),
+            json!({ "BaseDirPath": base, "Volatile": volatile }).to_string(),
+        )
+        .unwrap();
+        let options = format!(
+            "lowerdir={},upperdir={}/upper/,workdir={}/workdir/",
+            s(&base),
+            s(&dir),
+            s(&dir)
+        );
+        env.anchor.run(&[
+            "mount",
+            "-t",
+            "overlay",
+            "overlay",
+            "-o",
+            &options,
+            s(&dir.join("mountpoint")),
+        ]);
+        std::fs::write(env.seen(&dir.join("mountpoint")).join("work.txt"), "work").unwrap();
+    }
+    let (mut holder, hpid) = holder_in_new_namespace(&env, "the holder");
+
+    let err = env
+        .mount("gv", &id(1))
+        .expect_err("Mount of a held volatile volume");
+    assert_contains(&err, &[&format!("pid {hpid}")]);
+    let err = env.remove("gp").expect_err("Remove of a held volume");
+    assert_contains(&err, &[&format!("pid {hpid}")]);
+    for name in ["gv", "gp"] {
+        assert_eq!(
+            std::fs::read_to_string(env.upper(name).join("work.txt")).unwrap(),
+            "work",
+            "{name}'s held changes are gone"
+        );
+    }
+
+    holder.kill();
+    env.mount_ok("gv", &id(1));
+    assert!(!env.upper("gv").join("work.txt").exists(), "not discarded");
+    env.unmount_ok("gv", &id(1));
+    env.remove("gp").unwrap();
+}
+
 // ----- 11. Busy mountpoint ---------------------------------------------------------------
 
 /// A process that sits in `dir` (its cwd) inside the namespace, keeping it busy.

@@ -158,3 +158,79 @@ fn an_xfs_sized_volume_works_and_reports_its_file_system() {
     env.remove("s").unwrap();
     assert_nothing_left(&env);
 }
+
+/// An image whose file system another mount namespace still has mounted (a copy made while it
+/// was attached here) is never attached a second time: two loop devices on one image would
+/// mount its file system twice, each with a journal of its own.
+#[test]
+fn an_image_still_mounted_elsewhere_is_not_attached_again() {
+    use common::daemon::{comm, mount_ns, wait_until};
+    let mut env = Env::new();
+    env.start(&[]);
+    let base = base(&env);
+    env.create("s", &[("base", &base), ("size", "16Mi")])
+        .unwrap();
+    let mp = env.mount_ok("s", &mount_id(1));
+    std::fs::write(env.seen(&mp.join("new.txt")), "new").unwrap();
+    env.unmount_ok("s", &mount_id(1));
+    // A copy of the namespace, the image's file system attached in it (the overlay not).
+    let mut holder = env.spawn_in_ns(
+        &[
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sleep",
+            "1000",
+        ],
+        "the holder",
+    );
+    let hpid = holder.pid();
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the holder's namespace",
+        || {
+            assert!(holder.try_status().is_none(), "the holder exited");
+            comm(hpid) == "sleep" && mount_ns(&hpid.to_string()) != env.anchor.ns()
+        },
+    );
+    // Detached here only, as when the daemon runs again in a mount namespace of its own.
+    let changes = env.volume_dir("s").join("changes");
+    env.anchor.run(&["umount", changes.to_str().unwrap()]);
+    let devices = env.loop_devices();
+    assert_eq!(
+        devices.len(),
+        1,
+        "the copy keeps the loop device: {devices:?}"
+    );
+
+    let err = env
+        .mount("s", &mount_id(2))
+        .expect_err("attached an image mounted elsewhere");
+    let device = devices[0].split(' ').next().unwrap();
+    assert!(
+        err.contains(&format!("/dev/{device}")) && err.contains("another mount namespace"),
+        "unclear error {err:?}"
+    );
+    assert_eq!(
+        env.loop_devices(),
+        devices,
+        "a second loop device on the image"
+    );
+    env.assert_not_mounted("s");
+
+    holder.kill();
+    wait_until(
+        std::time::Duration::from_secs(10),
+        "the loop device to go",
+        || env.loop_devices().is_empty(),
+    );
+    let mp = env.mount_ok("s", &mount_id(2));
+    assert_eq!(
+        std::fs::read_to_string(env.seen(&mp.join("new.txt"))).unwrap(),
+        "new"
+    );
+    env.unmount_ok("s", &mount_id(2));
+    env.remove("s").unwrap();
+    assert_nothing_left(&env);
+}

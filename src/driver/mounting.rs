@@ -106,7 +106,7 @@ impl<S: Sys> Driver<S> {
             // send an Unmount: an overlay just mounted for this Mount goes again.
             if steps.mount {
                 match self.unmount_overlay(name, &vol) {
-                    Ok(()) => {
+                    Ok(_) => {
                         log::info!("unmounted volume {name} again: its mount is not recorded")
                     }
                     Err(e) => log::warn!("{}", crate::error_chain(&e)),
@@ -311,9 +311,9 @@ impl<S: Sys> Driver<S> {
                     // Also when the record could not be deleted (a read-only state directory):
                     // dockerd never repeats an Unmount, and the next Mount finds it void.
                     match self.unmount_overlay(name, &vol) {
-                        Ok(()) => {
+                        Ok(unmounted) => {
                             log::info!("unmounted volume {name}");
-                            self.detach_if_volatile(name, &vol)?;
+                            self.detach_if_volatile(name, &vol, unmounted);
                         }
                         // Unmount errors reach only dockerd's log: say it here too. The next
                         // Mount uses the overlay as it is (a volatile one once it is free).
@@ -332,15 +332,27 @@ impl<S: Sys> Driver<S> {
     /// now, while the Unmount syncs anyway, so that the next Mount, which swaps in a fresh
     /// image, costs the same however much was written (unmounting a file system that cached a
     /// gigabyte takes tens of milliseconds). The changes stay in the image until then, for the
-    /// admin commands, which attach it again.
-    fn detach_if_volatile(&self, name: &VolumeName, vol: &VolumeDir) -> Result<(), DriverError> {
-        if !vol.sized() || !self.read_metadata(name, vol)?.volatile {
-            return Ok(());
+    /// admin commands, which attach it again. Not while a copy of the overlay lives on: it
+    /// keeps the file system mounted through the loop device, and the mark that a look is due
+    /// (overlayfs' `work/`) is on that file system, so the next Mount would neither see the
+    /// mark nor know that attaching the image again mounts its file system twice. A failure is
+    /// only logged: the Unmount's own work is done, and the next Mount's swap detaches it.
+    fn detach_if_volatile(&self, name: &VolumeName, vol: &VolumeDir, unmounted: Unmounted) {
+        if !vol.sized() || !unmounted.no_copy_left {
+            return;
         }
-        if self.is_attached(name, vol)? {
-            self.detach(name, vol)?;
+        let detached = (|| {
+            if self.read_metadata(name, vol)?.volatile && self.is_attached(name, vol)? {
+                self.detach(name, vol)?;
+            }
+            Ok::<_, DriverError>(())
+        })();
+        if let Err(e) = detached {
+            log::warn!(
+                "volume {name} stays attached after its last Unmount: {}",
+                crate::error_chain(&e)
+            );
         }
-        Ok(())
     }
 }
 

@@ -683,6 +683,52 @@ fn a_volatile_sized_volume_swaps_in_a_fresh_image() {
 }
 
 #[test]
+fn a_volatile_sized_volume_held_elsewhere_stays_attached_until_nothing_holds_it() {
+    let f = fixture();
+    f.create_sized("s", true, "16Mi").unwrap();
+    let vol = f.vol("s");
+    f.driver.mount(&name("s"), &id("a"), None).unwrap();
+    std::fs::write(vol.upper().join("in-use"), "x").unwrap();
+    f.hold("s");
+    f.unmount(&name("s"), &id("a")).unwrap();
+    // Detaching it would hide the mark of a due look, which is on its file system; and the
+    // next Mount would attach the image a second time, beside the copy's.
+    assert!(f.attached("s"), "detached while a copy holds it");
+    let err = f.driver.mount(&name("s"), &id("b"), None).unwrap_err();
+    assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
+    let err = f.driver.remove(&name("s")).unwrap_err();
+    assert!(matches!(err, DriverError::HeldElsewhere { .. }), "{err}");
+    assert!(
+        vol.upper().join("in-use").exists(),
+        "held changes discarded"
+    );
+
+    f.sys().held.clear();
+    f.driver.mount(&name("s"), &id("b"), None).unwrap();
+    assert!(!vol.upper().join("in-use").exists(), "not discarded");
+}
+
+#[test]
+fn a_busy_image_leaves_the_last_unmount_done() {
+    let f = fixture();
+    f.create_sized("s", true, "16Mi").unwrap();
+    f.driver.mount(&name("s"), &id("a"), None).unwrap();
+    // A process has a file open on the image's file system, not through the overlay.
+    f.sys().busy.insert(f.vol("s").changes());
+    f.unmount(&name("s"), &id("a")).unwrap();
+    assert!(f.vol("s").read_records().unwrap().is_empty());
+    assert!(
+        !f.sys()
+            .mounted
+            .iter()
+            .any(|m| m.target == f.vol("s").mountpoint())
+    );
+    assert!(f.attached("s"));
+    f.sys().busy.clear();
+    f.driver.mount(&name("s"), &id("b"), None).unwrap();
+}
+
+#[test]
 fn sized_options_are_checked_and_a_repeat_with_another_size_conflicts() {
     let f = fixture();
     for (size, why) in [

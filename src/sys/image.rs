@@ -19,6 +19,9 @@ use crate::options::FsType;
 const LOOP_CTL_GET_FREE: Opcode = 0x4C82;
 /// `LOOP_CONFIGURE` (Linux 5.8+): the backing file, block size and flags in one call.
 const LOOP_CONFIGURE: Opcode = 0x4C0A;
+/// `LOOP_GET_STATUS64`: a bound device's `struct loop_info64`, its backing file's device and
+/// inode among it.
+const LOOP_GET_STATUS64: Opcode = 0x4C05;
 /// Detach the device when its last user closes it: once the file system on it is unmounted,
 /// or when a process that attached it dies before mounting it, so that no device is leaked.
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
@@ -85,18 +88,29 @@ const NO_LOOP_CONTROL: &str = "no loop devices are available (/dev/loop-control)
 
 /// Makes an image of `size` bytes at `image` (which must not exist) holding an empty `fs`:
 /// sparse (a limit only), or with its space reserved now (`fallocate`). The image is left
-/// complete or not at all.
+/// complete or not at all: it is made beside it and renamed into place once synced, so that a
+/// crash (mkfs takes a while) leaves no unformatted image that every later attach would fail
+/// on, only the temporary, which the next try replaces.
 pub fn format(image: &Path, size: u64, sparse: bool, fs: FsType) -> Result<(), SysError> {
     // An image that could never be attached is refused before anything is made.
     if let Err(e) = std::fs::metadata(LOOP_CONTROL) {
         return Err(failed(NO_LOOP_CONTROL)(e));
     }
+    let mut partial = image.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    match std::fs::remove_file(&partial) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(failed(format!("cannot remove {}", partial.display()))(e));
+        }
+        _ => {}
+    }
     let file = File::options()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(image)
-        .map_err(failed(format!("cannot create {}", image.display())))?;
+        .open(&partial)
+        .map_err(failed(format!("cannot create {}", partial.display())))?;
     let made = (|| {
         if sparse {
             file.set_len(size)
@@ -109,16 +123,24 @@ pub fn format(image: &Path, size: u64, sparse: bool, fs: FsType) -> Result<(), S
             image.display()
         )))?;
         failpoint!("image.created");
-        make_fs(image, fs)?;
+        make_fs(&partial, fs)?;
         // mkfs leaves what it wrote in the page cache: the image is durable before the
         // volume that holds it is.
         file.sync_all()
-            .map_err(failed(format!("cannot sync {}", image.display())))?;
+            .map_err(failed(format!("cannot sync {}", partial.display())))?;
         failpoint!("image.formatted");
-        Ok(())
+        // Never over an image already there.
+        rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &partial,
+            rustix::fs::CWD,
+            image,
+            rustix::fs::RenameFlags::NOREPLACE,
+        )
+        .map_err(|e| failed(format!("cannot rename {} into place", partial.display()))(e.into()))
     })();
     if made.is_err() {
-        let _ = std::fs::remove_file(image);
+        let _ = std::fs::remove_file(&partial);
     }
     made
 }
@@ -164,13 +186,28 @@ fn make_fs(image: &Path, fs: FsType) -> Result<(), SysError> {
 }
 
 /// Attaches `image` to a free loop device (detached again when its file system is unmounted)
-/// and mounts its `fs` at `target`.
+/// and mounts its `fs` at `target`. Refused while a loop device has the image already: its
+/// file system is then still mounted, in another mount namespace (a copy made while it was
+/// attached here), and a second device would mount the same file system twice, each with a
+/// journal of its own.
 pub fn attach(image: &Path, fs: FsType, target: &Path) -> Result<(), SysError> {
     let backing = File::options()
         .read(true)
         .write(true)
         .open(image)
         .map_err(failed(format!("cannot open {}", image.display())))?;
+    if let Some(device) = device_with(&backing).map_err(failed(
+        "cannot tell which loop devices have the image".to_string(),
+    ))? {
+        return Err(failed(format!(
+            "{device} still has {}: its file system is mounted in another mount namespace \
+             (a copy made while it was attached here); stop the processes that hold it \
+             (grep -l {device} /proc/*/mountinfo)",
+            image.display()
+        ))(io::Error::from_raw_os_error(
+            16, /* EBUSY */
+        )));
+    }
     let control = File::options()
         .read(true)
         .write(true)
@@ -210,6 +247,55 @@ pub fn attach(image: &Path, fs: FsType, target: &Path) -> Result<(), SysError> {
     mounted?;
     failpoint!("image.mounted");
     Ok(())
+}
+
+/// The loop device whose backing file is `backing` (the same device and inode), if any.
+/// Only bound devices have a `loop` directory in sysfs; one unbound meanwhile says ENXIO.
+fn device_with(backing: &File) -> io::Result<Option<String>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = backing.metadata()?;
+    let wanted = (
+        rustix::fs::major(meta.dev()),
+        rustix::fs::minor(meta.dev()),
+        meta.ino(),
+    );
+    for entry in std::fs::read_dir("/sys/block")? {
+        let name = entry?.file_name();
+        let Some(name) = name.to_str().filter(|n| n.starts_with("loop")) else {
+            continue;
+        };
+        if !Path::new("/sys/block").join(name).join("loop").exists() {
+            continue;
+        }
+        let path = format!("/dev/{name}");
+        let Ok(device) = File::open(&path) else {
+            continue;
+        };
+        // SAFETY: LOOP_GET_STATUS64 writes one `struct loop_info64`, which LoopInfo64 is, and
+        // any bit pattern is a valid LoopInfo64.
+        let info = match unsafe {
+            rustix::ioctl::ioctl(
+                device.as_fd(),
+                rustix::ioctl::Getter::<LOOP_GET_STATUS64, LoopInfo64>::new(),
+            )
+        } {
+            Ok(info) => info,
+            Err(rustix::io::Errno::NXIO) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        // `lo_device` is the kernel's encoding of a device number: (minor & 0xff) |
+        // (major << 8) | ((minor & !0xff) << 12).
+        let d = info.device;
+        let shown = (
+            ((d >> 8) & 0xfff) as u32,
+            ((d & 0xff) | ((d >> 12) & 0xfff00)) as u32,
+            info.inode,
+        );
+        if shown == wanted {
+            return Ok(Some(path));
+        }
+    }
+    Ok(None)
 }
 
 /// `LOOP_CONFIGURE` with direct I/O where the backing file system takes it, else without.

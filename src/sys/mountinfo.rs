@@ -26,13 +26,20 @@ pub struct Mount {
 }
 
 impl Mount {
-    /// Whether it is an overlay whose upper is `upper`. The kernel shows the string it was
-    /// given: the plain path for the new mount API, the escaped one for mount(2).
+    /// Whether it is an overlay whose upper is `upper`.
     pub fn shows_upper(&self, upper: &Path) -> bool {
-        self.upper.as_deref().is_some_and(|shown| {
-            shown == upper.as_os_str().as_bytes() || shown == escape_option_path(upper.as_os_str())
-        })
+        self.upper
+            .as_deref()
+            .is_some_and(|shown| is_upper(shown, upper))
     }
+}
+
+/// Whether an overlay's `upperdir=` as the kernel shows it (the string it was given) names
+/// `upper`: plain (the new mount API) or escaped (mount(2)), compared component by component,
+/// because the Go version gave `ROOT/NAME/upper/` with a trailing slash.
+fn is_upper(shown: &[u8], upper: &Path) -> bool {
+    let shown = Path::new(OsStr::from_bytes(shown));
+    shown == upper || shown == Path::new(OsStr::from_bytes(&escape_option_path(upper.as_os_str())))
 }
 
 /// The mounts a mountinfo text lists ("ID PARENT DEV ROOT MOUNTPOINT OPTIONS [OPTIONAL...] -
@@ -84,13 +91,11 @@ pub fn parse(info: &[u8]) -> Vec<Mount> {
 /// a full parse: it looks only at the file system type and the options of each line (most mount
 /// namespaces a look reads hold no copy).
 pub fn mountinfo_has_overlay_upper(info: &[u8], upper: &Path) -> bool {
-    let plain = upper.as_os_str().as_bytes();
-    let escaped = escape_option_path(upper.as_os_str());
     info.split(|&b| b == b'\n').any(|line| {
         line.windows(3)
             .position(|w| w == b" - ")
             .and_then(|pos| overlay_upper(&line[pos + 3..]))
-            .is_some_and(|shown| shown == plain || shown == escaped)
+            .is_some_and(|shown| is_upper(&shown, upper))
     })
 }
 
@@ -278,5 +283,18 @@ mod tests {
         assert_eq!(m.root, Path::new("/sub dir"));
         assert_eq!(m.mount_point, Path::new("/m p"));
         assert!(m.shows_upper(Path::new("/a,b")));
+    }
+
+    #[test]
+    fn an_upper_given_with_a_trailing_slash_is_the_same_upper() {
+        // As the Go version mounts: `upperdir=/var/lib/docker-on-top/NAME/upper/`.
+        let info =
+            b"99 22 0:77 / /m rw - overlay o rw,upperdir=/r/v/upper/,workdir=/r/v/workdir/\n\
+            98 22 0:78 / /n rw - overlay o rw,upperdir=/r//a\\054b/upper/,workdir=/w\n";
+        assert!(mountinfo_has_overlay_upper(info, Path::new("/r/v/upper")));
+        assert!(parse(info)[0].shows_upper(Path::new("/r/v/upper")));
+        assert!(mountinfo_has_overlay_upper(info, Path::new("/r/a,b/upper")));
+        assert!(!mountinfo_has_overlay_upper(info, Path::new("/r/v/upp")));
+        assert!(!mountinfo_has_overlay_upper(info, Path::new("/r/v")));
     }
 }
