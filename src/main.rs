@@ -551,13 +551,31 @@ fn man_page(cmd: &clap::Command, title: &str, sub: bool, out: &mut dyn Write) ->
     Ok(())
 }
 
-/// Exports into a file, which is removed again if the export fails.
+/// Exports into a file, opened once the volume is known to exist. A file made here is removed
+/// again if the export fails; one that was there already (a file being replaced, a device such
+/// as `/dev/null`, a FIFO) is written into and never removed.
 fn export_to_file(admin: &Admin, name: &VolumeName, path: &Path) -> Result<admin::Exported> {
-    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    admin.driver().path(name)?;
+    let cannot = || format!("cannot open {}", path.display());
+    let (file, made) = match File::create_new(path) {
+        Ok(file) => (file, true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let regular = std::fs::metadata(path).with_context(cannot)?.is_file();
+            let file = File::options()
+                .write(true)
+                .truncate(regular)
+                .open(path)
+                .with_context(cannot)?;
+            (file, false)
+        }
+        Err(e) => return Err(e).with_context(cannot),
+    };
     admin
         .export(name, io::BufWriter::new(file))
         .inspect_err(|_| {
-            let _ = std::fs::remove_file(path);
+            if made {
+                let _ = std::fs::remove_file(path);
+            }
         })
         .map_err(Into::into)
 }

@@ -839,6 +839,122 @@ fn export_writes_an_oci_layer() {
     assert_eq!(stdout.stdout, std::fs::read(&layer).unwrap());
 }
 
+/// Names a container may give its files that a layer reads as whiteouts are left out, said
+/// on stderr; the layer stays what applying it must give.
+#[test]
+fn export_leaves_out_names_that_a_layer_would_read_as_whiteouts() {
+    let e = env();
+    let base = e.path("base");
+    make_base(&base);
+    e.create("w", &base, false);
+    let mp = e.mount("w", "c1");
+    write(&mp.join(".wh.keep.txt"), "data");
+    std::fs::create_dir(mp.join("sub2")).unwrap();
+    write(&mp.join("sub2/.wh..wh..opq"), "d");
+    write(&mp.join("sub2/kept.txt"), "kept");
+    std::fs::create_dir(mp.join(".wh.dir")).unwrap();
+    write(&mp.join(".wh.dir/inner.txt"), "inner");
+    e.unmount("w", "c1");
+
+    let layer = e.path("w.tar");
+    let out = e.run(&[
+        OsStr::new("export"),
+        OsStr::new("w"),
+        OsStr::new("-o"),
+        layer.as_os_str(),
+    ]);
+    assert!(out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    for skipped in ["/.wh.keep.txt", "/sub2/.wh..wh..opq", "/.wh.dir"] {
+        assert!(
+            err.lines()
+                .any(|l| l.contains(skipped) && l.contains("whiteout")),
+            "{skipped} not said: {err}"
+        );
+    }
+    assert!(
+        !err.contains("inner.txt"),
+        "said below a skipped directory: {err}"
+    );
+    let mut ar = tar::Archive::new(std::fs::File::open(&layer).unwrap());
+    let names: Vec<String> = (ar.entries().unwrap())
+        .map(|entry| {
+            entry
+                .unwrap()
+                .path()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    assert_eq!(names, ["sub2/", "sub2/kept.txt"]);
+}
+
+/// `-o FILE` is opened only once the volume is found, and a FILE that was there is never
+/// removed: a mistyped name must not cost an existing file, or `/dev/null`.
+#[test]
+fn export_never_removes_a_file_that_was_there() {
+    let e = env();
+    scenario(&e);
+    let kept = e.path("important");
+    write(&kept, "important");
+    let null = e.path("null");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &null,
+        rustix::fs::FileType::CharacterDevice,
+        rustix::fs::Mode::from_raw_mode(0o666),
+        rustix::fs::makedev(1, 3),
+    )
+    .unwrap();
+    for file in [&kept, &null] {
+        let err = e.missing(&["export", "ghost", "-o", file.to_str().unwrap()]);
+        assert!(err.contains("ghost"), "{err}");
+    }
+    assert_eq!(std::fs::read_to_string(&kept).unwrap(), "important");
+    assert!(
+        std::fs::symlink_metadata(&null)
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+
+    assert_eq!(e.ok(&["export", "v", "-o", null.to_str().unwrap()]), "");
+    assert!(
+        std::fs::symlink_metadata(&null)
+            .unwrap()
+            .file_type()
+            .is_char_device()
+    );
+    assert_eq!(e.ok(&["export", "v", "-o", kept.to_str().unwrap()]), "");
+    let stdout = e.run(&[OsStr::new("export"), OsStr::new("v")]);
+    assert_eq!(
+        std::fs::read(&kept).unwrap(),
+        stdout.stdout,
+        "not replaced by the layer"
+    );
+}
+
+/// A container names its files as it likes: `changes --json` shows a name that is not UTF-8
+/// with U+FFFD, as a whole document.
+#[test]
+fn changes_as_json_shows_names_that_are_not_utf8() {
+    let e = env();
+    let base = e.path("base");
+    make_base(&base);
+    e.create("n", &base, false);
+    let mp = e.mount("n", "c1");
+    write(&mp.join(OsStr::from_bytes(b"bad\xffbyte")), "x");
+    e.unmount("n", "c1");
+    let json: serde_json::Value = serde_json::from_str(&e.ok(&["changes", "n", "--json"])).unwrap();
+    assert!(json.to_string().contains("/bad\u{fffd}byte"), "{json}");
+    let text = e.run(&[OsStr::new("changes"), OsStr::new("n")]).stdout;
+    assert!(
+        text.windows(8).any(|w| w == b"bad\xffbyte"),
+        "text output not as it is"
+    );
+}
+
 fn strip_times(snap: &BTreeMap<PathBuf, String>) -> BTreeMap<PathBuf, String> {
     snap.iter()
         .map(|(p, d)| (p.clone(), d.split(" mtime=").next().unwrap().to_string()))

@@ -10,10 +10,13 @@
 //!   not listed one by one;
 //! - data xattrs travel in PAX headers as `SCHILY.xattr.NAME`, as GNU tar and the OCI tools
 //!   write them; overlay's own xattrs never do;
-//! - sockets are left out (tar cannot hold them).
+//! - sockets are left out (tar cannot hold them), and so is any entry whose name starts with
+//!   `.wh.` (with everything below it): whoever applies the layer would take it for a whiteout
+//!   or an opaque marker and delete or hide files of the layers below.
 
 use std::fs::{File, Metadata};
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -59,6 +62,20 @@ pub fn export<W: Write>(plan: &Plan, out: W) -> Result<Exported, ExportError> {
     let mut links: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
     let w = ExportError::Write;
     for item in &plan.items {
+        if let Some(at) = (item.path.components()).position(|c| {
+            c.as_os_str()
+                .as_bytes()
+                .starts_with(WHITEOUT_PREFIX.as_bytes())
+        }) {
+            // Said once, for the topmost such name.
+            if at + 1 == item.path.components().count() {
+                done.skipped.push((
+                    Path::new("/").join(&item.path),
+                    "a name starting with .wh. would read as a whiteout in a layer",
+                ));
+            }
+            continue;
+        }
         let src = plan.upper.join(&item.path);
         match &item.what {
             What::Dir { meta, opaque, .. } => {

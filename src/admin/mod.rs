@@ -127,10 +127,12 @@ pub enum AdminError {
 #[serde(rename_all = "PascalCase")]
 pub struct VolumeReport {
     pub name: String,
+    #[serde(serialize_with = "lossy_path_opt")]
     pub base: Option<PathBuf>,
     pub volatile: Option<bool>,
     /// Whether the overlay is mounted (in this mount namespace).
     pub mounted: bool,
+    #[serde(serialize_with = "lossy_path_opt")]
     pub mountpoint: Option<PathBuf>,
     /// Uses on record while mounted: the sum of the counts in `MountIDs`.
     pub active_mounts: u64,
@@ -141,6 +143,7 @@ pub struct VolumeReport {
     pub changes_size: Option<Usage>,
     /// RFC 3339, UTC.
     pub created_at: String,
+    #[serde(serialize_with = "lossy_path")]
     pub upper_dir: PathBuf,
     /// Sized volumes (`-o size=`): the cap, the file system and the bytes it has in use.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -519,10 +522,24 @@ pub fn write_changes(out: &mut dyn Write, changes: &[Change]) -> io::Result<()> 
     Ok(())
 }
 
-/// Any value as indented JSON and a newline (paths that are not UTF-8 are shown lossily).
+/// Any value as indented JSON and a newline, whole or not at all.
 pub fn write_json<T: Serialize + ?Sized>(out: &mut dyn Write, value: &T) -> io::Result<()> {
-    serde_json::to_writer_pretty(&mut *out, value).map_err(io::Error::other)?;
-    out.write_all(b"\n")
+    let mut text = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
+    text.push(b'\n');
+    out.write_all(&text)
+}
+
+/// A path in JSON, which holds only UTF-8: bytes that are not (a container names its files as
+/// it likes) become U+FFFD.
+pub(crate) fn lossy_path<S: serde::Serializer>(path: &Path, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&path.to_string_lossy())
+}
+
+fn lossy_path_opt<S: serde::Serializer>(path: &Option<PathBuf>, s: S) -> Result<S::Ok, S::Error> {
+    match path {
+        Some(path) => lossy_path(path, s),
+        None => s.serialize_none(),
+    }
 }
 
 /// `ls` as a table.

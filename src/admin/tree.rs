@@ -72,6 +72,7 @@ impl ChangeKind {
 pub struct Change {
     pub kind: ChangeKind,
     /// Absolute, as seen inside a container: `/dir/file`.
+    #[serde(serialize_with = "super::lossy_path")]
     pub path: PathBuf,
 }
 
