@@ -495,8 +495,17 @@ fn generate(what: Generated, dir: &Path) -> Result<()> {
                 (Shell::Fish, "docker-on-top.fish"),
             ] {
                 write(file, &|w| {
-                    clap_complete::generate(shell, &mut cmd.clone(), "docker-on-top", w);
-                    Ok(())
+                    let mut script = Vec::new();
+                    clap_complete::generate(shell, &mut cmd.clone(), "docker-on-top", &mut script);
+                    if shell == Shell::Bash {
+                        // clap_complete names the subcommands' cases of a hyphenated binary
+                        // in another spelling than the one it looks them up by (clap-rs/clap
+                        // #6421): without this, nothing after a subcommand completes.
+                        let script = String::from_utf8_lossy(&script)
+                            .replace("docker__subcmd__on__subcmd__top", "docker__on__top");
+                        return w.write_all(script.as_bytes());
+                    }
+                    w.write_all(&script)
                 })?;
             }
         }

@@ -289,3 +289,44 @@ fn the_man_pages_and_completions_in_dist_are_current() {
     let page = read("dist/man/docker-on-top.8");
     assert!(page.contains(".SH \"EXIT STATUS\"") && page.contains("no such volume"));
 }
+
+/// The bash completion completes a subcommand's options and the top level's commands, run by
+/// bash as bash-completion calls it.
+#[test]
+fn the_bash_completion_completes_after_a_subcommand() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/completions/docker-on-top.bash");
+    let complete = |line: &str| {
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(
+                r#"source "$1"; read -ra COMP_WORDS <<< "$2"; [[ "$2" == *" " ]] && COMP_WORDS+=("");
+                   COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); COMP_LINE="$2"; COMP_POINT=${#2};
+                   _docker__on__top docker-on-top "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD-1]}";
+                   printf '%s\n' "${COMPREPLY[@]}""#,
+            )
+            .arg("bash")
+            .arg(&script)
+            .arg(line)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let ls = complete("docker-on-top ls --");
+    assert!(ls.lines().any(|w| w == "--json"), "ls --<TAB>: {ls:?}");
+    let commit = complete("docker-on-top commit --");
+    assert!(
+        commit.lines().any(|w| w == "--yes"),
+        "commit --<TAB>: {commit:?}"
+    );
+    let top = complete("docker-on-top ");
+    for command in [
+        "ls", "inspect", "changes", "recover", "export", "reset", "commit",
+    ] {
+        assert!(top.lines().any(|w| w == command), "<TAB>: {top:?}");
+    }
+}

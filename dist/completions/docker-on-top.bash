@@ -91,7 +91,7 @@ _docker__on__top() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        docker__subcmd__on__subcmd__top__subcmd__changes)
+        docker__on__top__subcmd__changes)
             opts="-h --json --root --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -109,7 +109,7 @@ _docker__on__top() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        docker__subcmd__on__subcmd__top__subcmd__commit)
+        docker__on__top__subcmd__commit)
             opts="-v -h --yes --verbose --root --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -127,7 +127,7 @@ _docker__on__top() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        docker__subcmd__on__subcmd__top__subcmd__export)
+        docker__on__top__subcmd__export)
             opts="-o -h --output --root --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -153,7 +153,7 @@ _docker__on__top() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        docker__subcmd__on__subcmd__top__subcmd__generate)
+        docker__on__top__subcmd__generate)
             opts="-h --root --help man completions"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -171,7 +171,7 @@ _docker__on__top() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        docker__subcmd__on__subcmd__top__subcmd__inspect)
+        docker__on__top__subcmd__inspect)
             opts="-h --json --root --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -189,7 +189,7 @@ _docker__on__top() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        docker__subcmd__on__subcmd__top__subcmd__ls)
+        docker__on__top__subcmd__ls)
             opts="-h --json --root --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -207,7 +207,7 @@ _docker__on__top() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        docker__subcmd__on__subcmd__top__subcmd__recover)
+        docker__on__top__subcmd__recover)
             opts="-v -h --verbose --root --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -225,7 +225,7 @@ _docker__on__top() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        docker__subcmd__on__subcmd__top__subcmd__reset)
+        docker__on__top__subcmd__reset)
             opts="-v -h --verbose --root --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
@@ -243,7 +243,7 @@ _docker__on__top() {
             COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
             return 0
             ;;
-        docker__subcmd__on__subcmd__top__subcmd__serve)
+        docker__on__top__subcmd__serve)
             opts="-h --socket --idle-timeout --legacy-mount-api --read-timeout --allowed-base --host-root --mount-dir --root --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
