@@ -292,6 +292,9 @@ fn main() -> ExitCode {
         },
         command => {
             logging::init_with_default("warn");
+            // Reading a volume holds a descriptor for each directory level on the way down
+            // (two in a tree copied or compared), and containers may nest them deep.
+            server::raise_fd_limit();
             match admin(&cli.root, command) {
                 Ok(()) => ExitCode::SUCCESS,
                 // The reader went away (`changes | head`): nothing to say.

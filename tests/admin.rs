@@ -1422,3 +1422,134 @@ fn usage_errors_exit_2_and_serve_options_belong_to_serve() {
         json(&["inspect", "v", "--json", "--root", root])
     );
 }
+
+// ----- Trees deeper than PATH_MAX -------------------------------------------------------------
+
+/// Levels of `dd/`: 9000 bytes of path, more than the 4096 of PATH_MAX that any call given a
+/// whole path allows, so the tree is made and checked one directory at a time.
+const DEPTH: usize = 3000;
+
+/// `dd/` `DEPTH` times, without the last `/`.
+fn deep_rel() -> String {
+    vec!["dd"; DEPTH].join("/")
+}
+
+/// Opens `top`, then `DEPTH` levels of `dd` below it, each by its name in the one above
+/// (`make`: creating each first). The deepest, open.
+fn descend(top: &Path, make: bool) -> rustix::fd::OwnedFd {
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut dir = rustix::fs::open(top, flags, Mode::empty()).unwrap();
+    for _ in 0..DEPTH {
+        if make {
+            rustix::fs::mkdirat(&dir, "dd", Mode::from_raw_mode(0o755)).unwrap();
+        }
+        dir = rustix::fs::openat(&dir, "dd", flags, Mode::empty()).unwrap();
+    }
+    dir
+}
+
+/// The contents of the file `name` in the open directory `dir`.
+fn read_at(dir: &rustix::fd::OwnedFd, name: &str) -> String {
+    use rustix::fs::{Mode, OFlags};
+    let fd = rustix::fs::openat(dir, name, OFlags::RDONLY | OFlags::NOFOLLOW, Mode::empty())
+        .unwrap_or_else(|e| panic!("{name} is not at the bottom: {e}"));
+    std::io::read_to_string(std::fs::File::from(fd)).unwrap()
+}
+
+#[test]
+fn commands_work_on_trees_deeper_than_path_max() {
+    use rustix::fs::{Mode, OFlags};
+    let e = env();
+    let base = e.path("base");
+    make_base(&base);
+    e.create("v", &base, false);
+    let mp = e.mount("v", "c1");
+    std::fs::remove_file(mp.join("gone.txt")).unwrap();
+    {
+        let bottom = descend(&mp, true);
+        let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC;
+        let fd =
+            rustix::fs::openat(&bottom, "bottom.txt", flags, Mode::from_raw_mode(0o644)).unwrap();
+        std::io::Write::write_all(&mut std::fs::File::from(fd), b"deep down").unwrap();
+    }
+    e.unmount("v", "c1");
+    let deep_file = format!("{}/bottom.txt", deep_rel());
+    assert!(
+        std::fs::symlink_metadata(e.upper("v").join(&deep_file)).is_err(),
+        "a whole path reaches the bottom: the tree is not deep enough to test anything"
+    );
+
+    // Every path whole: one `A` per level, the file, the deleted base file.
+    let mut expected = String::new();
+    let mut path = String::new();
+    for _ in 0..DEPTH {
+        path.push_str("/dd");
+        expected += &format!("A {path}\n");
+    }
+    expected += &format!("A {path}/bottom.txt\nD /gone.txt\n");
+    assert_eq!(e.ok(&["changes", "v"]), expected);
+
+    // ls measures it.
+    let table = e.ok(&["ls"]);
+    let row = table.lines().find(|l| l.starts_with("v ")).unwrap();
+    assert!(row.contains(" 1 files, 9 B "), "{table}");
+
+    // recover: the file arrives at the bottom of DEST.
+    let dest = e.path("dest");
+    e.ok(&["recover", "v", dest.to_str().unwrap()]);
+    assert_eq!(read_at(&descend(&dest, false), "bottom.txt"), "deep down");
+
+    // export: the tar holds the deep file under its whole name, and the whiteout.
+    let layer = e.path("layer.tar");
+    e.ok(&["export", "v", "-o", layer.to_str().unwrap()]);
+    let mut ar = tar::Archive::new(std::fs::File::open(&layer).unwrap());
+    let mut files = BTreeMap::new();
+    let mut dirs = 0;
+    for entry in ar.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        if entry.header().entry_type().is_dir() {
+            dirs += 1;
+        } else {
+            files.insert(name, std::io::read_to_string(&mut entry).unwrap());
+        }
+    }
+    assert_eq!(dirs, DEPTH);
+    assert_eq!(
+        files,
+        BTreeMap::from([
+            (deep_file.clone(), "deep down".to_string()),
+            (".wh.gone.txt".to_string(), String::new()),
+        ])
+    );
+
+    // commit: the base gets the deep file and loses the deleted one.
+    e.ok(&["commit", "v", "--yes"]);
+    assert_eq!(read_at(&descend(&base, false), "bottom.txt"), "deep down");
+    assert!(!base.join("gone.txt").exists());
+    assert_eq!(e.ok(&["changes", "v"]), "");
+    assert!(e.trash_is_empty());
+
+    // An error deep down is one short line: its path is shown without its middle.
+    let base2 = e.path("base2");
+    std::fs::create_dir(&base2).unwrap();
+    e.create("w", &base2, false);
+    let mp = e.mount("w", "c1");
+    drop(descend(&mp, true));
+    e.unmount("w", "c1");
+    rustix::fs::fsetxattr(
+        descend(&e.upper("w"), false),
+        "trusted.overlay.redirect",
+        b"/elsewhere",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    let err = e.fails(&["changes", "w"]);
+    assert!(err.contains("redirect_dir=on"), "{err}");
+    assert!(
+        err.contains("/w/upper/dd/dd/") && err.contains('…'),
+        "{err}"
+    );
+    assert!(err.len() < 600, "{} bytes: {err}", err.len());
+}

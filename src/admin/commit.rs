@@ -15,10 +15,12 @@
 //! The caller holds the locks of every volume on this base, has checked that none is mounted,
 //! and resets the volume once the base is synced.
 
+use std::ffi::OsString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
 use super::PathError;
+use super::dir::{Cursor, Dir, Place};
 use super::fsops::{self, Copier, Made};
 use super::tree::{Plan, What};
 
@@ -37,33 +39,46 @@ pub struct Applied {
 
 /// Writes the plan into `base`.
 pub fn apply(plan: &Plan, base: &Path) -> Result<Applied, PathError> {
+    let open = |path: &Path| Dir::open(path).map_err(|e| PathError::new("opening", path, e));
+    let mut upper = Cursor::new(open(&plan.upper)?);
+    let mut out = Cursor::new(open(base)?);
+    let mut copier = Copier::new(open(base)?);
     let mut done = Applied::default();
-    let mut copier = Copier::default();
     for item in &plan.items {
-        let src = plan.upper.join(&item.path);
-        let at = base.join(&item.path);
+        let (src_path, at_path) = (plan.upper.join(&item.path), base.join(&item.path));
+        let at = out.place(&item.path, &at_path)?;
         match &item.what {
             What::Deleted { .. } => {
-                fsops::remove_all(&at)?;
+                fsops::remove_all(at)?;
                 done.deleted += 1;
             }
             What::Dir { change: None, .. } => {}
             What::Dir { meta, .. } => {
-                match std::fs::symlink_metadata(&at) {
-                    Ok(m) if m.is_dir() => fsops::set_attributes(&src, meta, &at, false)?,
-                    Ok(_) => {
-                        fsops::remove_all(&at)?;
-                        fsops::make_dir(&src, meta, &at)?;
+                let src = upper.place(&item.path, &src_path)?;
+                match at.dir.lstat(at.name) {
+                    Ok(Some(m)) if m.is_dir() => fsops::set_attributes(src, meta, at, false)?,
+                    Ok(Some(_)) => {
+                        fsops::remove_all(at)?;
+                        fsops::make_dir(src, meta, at)?;
                     }
-                    Err(_) => fsops::make_dir(&src, meta, &at)?,
+                    Ok(None) | Err(_) => fsops::make_dir(src, meta, at)?,
                 }
                 done.written += 1;
             }
             What::Entry { meta, .. } => {
-                let tmp = temporary_beside(&at);
-                let made = copier.copy_entry(&src, meta, &tmp, &at).inspect_err(|_| {
-                    let _ = std::fs::remove_file(&tmp);
-                })?;
+                let src = upper.place(&item.path, &src_path)?;
+                let tmp_name = temporary_name();
+                let tmp_path = at_path.with_file_name(&tmp_name);
+                let tmp = Place {
+                    dir: at.dir,
+                    name: &tmp_name,
+                    path: &tmp_path,
+                };
+                let made = copier
+                    .copy_entry(src, meta, tmp, &item.path)
+                    .inspect_err(|_| {
+                        let _ = at.dir.remove_file(&tmp_name);
+                    })?;
                 match made {
                     Made::Skipped(why) => {
                         done.skipped.push((Path::new("/").join(&item.path), why));
@@ -72,12 +87,12 @@ pub fn apply(plan: &Plan, base: &Path) -> Result<Applied, PathError> {
                     Made::Created { .. } | Made::Linked => {}
                 }
                 // rename(2) replaces anything but a directory.
-                if std::fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir()) {
-                    fsops::remove_all(&at)?;
+                if matches!(at.dir.lstat(at.name), Ok(Some(m)) if m.is_dir()) {
+                    fsops::remove_all(at)?;
                 }
-                if let Err(e) = std::fs::rename(&tmp, &at) {
-                    let _ = std::fs::remove_file(&tmp);
-                    return Err(PathError::new("replacing", &at, e));
+                if let Err(e) = at.dir.rename(&tmp_name, at.name) {
+                    let _ = at.dir.remove_file(&tmp_name);
+                    return Err(PathError::new("replacing", &at_path, e));
                 }
                 done.written += 1;
             }
@@ -86,19 +101,19 @@ pub fn apply(plan: &Plan, base: &Path) -> Result<Applied, PathError> {
     }
     for item in plan.items.iter().rev() {
         if let What::Dir { meta, .. } = &item.what {
-            fsops::set_times(&base.join(&item.path), meta)?;
+            let at_path = base.join(&item.path);
+            fsops::set_times(out.place(&item.path, &at_path)?, meta)?;
         }
     }
     Ok(done)
 }
 
-/// A fresh name in the directory of `path`.
-fn temporary_beside(path: &Path) -> PathBuf {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    let mut name = std::ffi::OsString::from(TEMP_PREFIX);
+/// A fresh name for a temporary.
+fn temporary_name() -> OsString {
+    let mut name = OsString::from(TEMP_PREFIX);
     name.push(crate::store::nonce());
     debug_assert!(!name.as_bytes().contains(&b'/'));
-    dir.join(name)
+    name
 }
 
 #[cfg(test)]

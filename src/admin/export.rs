@@ -17,12 +17,13 @@
 use std::fs::{File, Metadata};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use tar::{Builder, EntryType, Header};
 
 use super::PathError;
+use super::dir::{Cursor, Dir, Place};
 use super::tree::{Plan, What};
 use super::xattr::{self, Xattrs};
 
@@ -57,6 +58,9 @@ impl From<PathError> for ExportError {
 
 /// Writes the plan to `out` as a tar stream.
 pub fn export<W: Write>(plan: &Plan, out: W) -> Result<Exported, ExportError> {
+    let upper_path = &plan.upper;
+    let mut upper =
+        Cursor::new(Dir::open(upper_path).map_err(|e| PathError::new("opening", upper_path, e))?);
     let mut ar = Builder::new(out);
     let mut done = Exported::default();
     let mut links: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
@@ -76,10 +80,10 @@ pub fn export<W: Write>(plan: &Plan, out: W) -> Result<Exported, ExportError> {
             }
             continue;
         }
-        let src = plan.upper.join(&item.path);
+        let src_path = plan.upper.join(&item.path);
         match &item.what {
             What::Dir { meta, opaque, .. } => {
-                append_xattrs(&mut ar, &src)?;
+                append_xattrs(&mut ar, upper.place(&item.path, &src_path)?)?;
                 let mut h = header(meta, EntryType::Directory);
                 let mut name = item.path.as_os_str().to_owned();
                 name.push("/");
@@ -94,8 +98,12 @@ pub fn export<W: Write>(plan: &Plan, out: W) -> Result<Exported, ExportError> {
                 }
             }
             What::Deleted { whiteout: true } => {
-                let meta = std::fs::symlink_metadata(&src)
-                    .map_err(|e| PathError::new("looking at", &src, e))?;
+                let src = upper.place(&item.path, &src_path)?;
+                let meta = src
+                    .dir
+                    .lstat(src.name)
+                    .and_then(|m| m.ok_or_else(|| io::ErrorKind::NotFound.into()))
+                    .map_err(|e| PathError::new("looking at", &src_path, e))?;
                 let mut h = marker(&meta);
                 ar.append_data(&mut h, whiteout_path(&item.path), io::empty())
                     .map_err(w)?;
@@ -110,7 +118,8 @@ pub fn export<W: Write>(plan: &Plan, out: W) -> Result<Exported, ExportError> {
                         .push((Path::new("/").join(&item.path), "tar cannot hold a socket"));
                     continue;
                 }
-                append_xattrs(&mut ar, &src)?;
+                let src = upper.place(&item.path, &src_path)?;
+                append_xattrs(&mut ar, src)?;
                 let key = (meta.dev(), meta.ino());
                 if meta.nlink() > 1
                     && let Some(first) = links.get(&key)
@@ -124,21 +133,18 @@ pub fn export<W: Write>(plan: &Plan, out: W) -> Result<Exported, ExportError> {
                     links.insert(key, item.path.clone());
                 }
                 if ft.is_file() {
-                    let file = File::options()
-                        .read(true)
-                        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-                        .open(&src)
-                        .map_err(|e| PathError::new("opening", &src, e))?;
+                    let file = (src.dir.open_file(src.name))
+                        .map_err(|e| PathError::new("opening", &src_path, e))?;
                     let size = meta.len();
                     let mut h = header(meta, EntryType::Regular);
                     h.set_size(size);
-                    let mut data = Exact::new(file, &src, size);
+                    let mut data = Exact::new(file, &src_path, size);
                     ar.append_data(&mut h, &item.path, &mut data)
                         .map_err(|e| data.error.take().map_or(w(e), ExportError::Read))?;
                     done.bytes += size;
                 } else if ft.is_symlink() {
-                    let target =
-                        std::fs::read_link(&src).map_err(|e| PathError::new("reading", &src, e))?;
+                    let target = (src.dir.read_link(src.name))
+                        .map_err(|e| PathError::new("reading", &src_path, e))?;
                     let mut h = header(meta, EntryType::Symlink);
                     ar.append_link(&mut h, &item.path, target).map_err(w)?;
                 } else {
@@ -197,9 +203,9 @@ fn whiteout_path(path: &Path) -> PathBuf {
 }
 
 /// A PAX extended header carrying the data xattrs of `src`, if it has any.
-fn append_xattrs<W: Write>(ar: &mut Builder<W>, src: &Path) -> Result<(), ExportError> {
-    let xattrs: Xattrs =
-        xattr::data(src).map_err(|e| PathError::new("reading the xattrs of", src, e))?;
+fn append_xattrs<W: Write>(ar: &mut Builder<W>, src: Place) -> Result<(), ExportError> {
+    let xattrs: Xattrs = xattr::data(&src.dir.proc_path(src.name))
+        .map_err(|e| PathError::new("reading the xattrs of", src.path, e))?;
     if xattrs.is_empty() {
         return Ok(());
     }

@@ -13,6 +13,7 @@
 //! `commit` each follow its plan ([`recover`], [`export`], [`commit`]).
 
 pub mod commit;
+mod dir;
 pub mod export;
 mod fsops;
 pub mod recover;
@@ -29,15 +30,18 @@ use thiserror::Error;
 use crate::driver::{Driver, DriverConfig, DriverError, LockedVolume};
 use crate::names::VolumeName;
 use crate::sys::{RealSys, Sys};
+use dir::{Dir, Place};
 
 pub use commit::Applied;
 pub use export::Exported;
 pub use recover::Recovered;
 pub use tree::{Change, ChangeKind, Plan, Usage};
 
-/// An I/O failure on one path, with what was being done.
+/// An I/O failure on one path, with what was being done. A very long path (a container may
+/// nest directories past PATH_MAX) is shown with its middle left out, so that the message stays
+/// a line one can read.
 #[derive(Debug, Error)]
-#[error("{action} {path:?}")]
+#[error("{action} {}", shortened(path))]
 pub struct PathError {
     action: &'static str,
     path: PathBuf,
@@ -57,6 +61,27 @@ impl PathError {
         &self.path
     }
 }
+
+/// `path` quoted as `{:?}` shows it, with all but its first and last [`SHOWN`] bytes replaced
+/// by `…` when it is longer.
+fn shortened(path: &Path) -> String {
+    let quoted = format!("{path:?}");
+    if quoted.len() <= 2 * SHOWN + 3 {
+        return quoted;
+    }
+    let mut head = SHOWN;
+    while !quoted.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = quoted.len() - SHOWN;
+    while !quoted.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{}…{}", &quoted[..head], &quoted[tail..])
+}
+
+/// How much of each end of a long path a message shows.
+const SHOWN: usize = 100;
 
 /// Why an admin command failed. Each message names the volume and, where it is not obvious,
 /// what to do; the cause follows as `source`.
@@ -373,7 +398,15 @@ impl<S: Sys> Admin<S> {
                 .map_err(|e| recover_err(PathError::new("creating", dest, e)))?;
             // A directory made here looks like the volume's root.
             if let Ok(meta) = std::fs::symlink_metadata(&plan.upper) {
-                fsops::set_attributes(&plan.upper, &meta, &resolved, true).map_err(recover_err)?;
+                let open = |path: &Path| {
+                    Dir::open(path).map_err(|e| recover_err(PathError::new("opening", path, e)))
+                };
+                let (upper, made) = (open(&plan.upper)?, open(&resolved)?);
+                let (src, at) = (
+                    Place::itself(&upper, &plan.upper),
+                    Place::itself(&made, &resolved),
+                );
+                fsops::set_attributes(src, &meta, at, true).map_err(recover_err)?;
             }
         }
         let mut done = recover::recover(&plan, &resolved).map_err(recover_err)?;
@@ -625,6 +658,20 @@ pub fn human_bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_paths_are_shown_without_their_middle() {
+        let err = |path: &str| {
+            PathError::new("reading", Path::new(path), io::ErrorKind::NotFound.into()).to_string()
+        };
+        assert_eq!(err("/short/é"), "reading \"/short/é\"");
+        let long = format!("/top/{}/end", "é".repeat(3000));
+        let text = err(&long);
+        assert!(text.len() < 2 * SHOWN + 20, "{text}");
+        assert!(text.starts_with("reading \"/top/éé"), "{text}");
+        assert!(text.ends_with("éé/end\""), "{text}");
+        assert_eq!(text.matches('…').count(), 1, "{text}");
+    }
 
     #[test]
     fn sizes_read_well() {

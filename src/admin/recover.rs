@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 
 use super::PathError;
+use super::dir::{Cursor, Dir};
 use super::fsops::{self, Copier, Made};
 use super::tree::{Plan, What};
 
@@ -31,37 +32,47 @@ pub struct Recovered {
 
 /// Copies the plan's added and changed entries under `dest`, an existing empty directory.
 pub fn recover(plan: &Plan, dest: &Path) -> Result<Recovered, PathError> {
+    let open = |path: &Path| Dir::open(path).map_err(|e| PathError::new("opening", path, e));
+    let mut upper = Cursor::new(open(&plan.upper)?);
+    let mut out = Cursor::new(open(dest)?);
+    let mut copier = Copier::new(open(dest)?);
     let mut done = Recovered::default();
-    let mut copier = Copier::default();
     let mut dirs = Vec::new();
     for item in &plan.items {
-        let src = plan.upper.join(&item.path);
-        let at = dest.join(&item.path);
+        let shown = Path::new("/").join(&item.path);
+        if let What::Deleted { .. } = item.what {
+            done.deleted.push(shown);
+            continue;
+        }
+        let (src_path, at_path) = (plan.upper.join(&item.path), dest.join(&item.path));
+        let src = upper.place(&item.path, &src_path)?;
+        let at = out.place(&item.path, &at_path)?;
         match &item.what {
             What::Dir { meta, .. } => {
-                fsops::make_dir(&src, meta, &at)?;
-                dirs.push((at, meta));
+                fsops::make_dir(src, meta, at)?;
+                dirs.push((item, meta));
                 done.entries += 1;
-                done.copied.push(Path::new("/").join(&item.path));
+                done.copied.push(shown);
             }
-            What::Entry { meta, .. } => match copier.copy_entry(&src, meta, &at, &at)? {
+            What::Entry { meta, .. } => match copier.copy_entry(src, meta, at, &item.path)? {
                 Made::Created { bytes } => {
                     done.entries += 1;
                     done.bytes += bytes;
-                    done.copied.push(Path::new("/").join(&item.path));
+                    done.copied.push(shown);
                 }
                 Made::Linked => {
                     done.entries += 1;
-                    done.copied.push(Path::new("/").join(&item.path));
+                    done.copied.push(shown);
                 }
-                Made::Skipped(why) => done.skipped.push((Path::new("/").join(&item.path), why)),
+                Made::Skipped(why) => done.skipped.push((shown, why)),
             },
-            What::Deleted { .. } => done.deleted.push(Path::new("/").join(&item.path)),
+            What::Deleted { .. } => unreachable!("listed above"),
         }
     }
     // Innermost first: creating entries in a directory changed its times.
-    for (at, meta) in dirs.iter().rev() {
-        fsops::set_times(at, meta)?;
+    for (item, meta) in dirs.iter().rev() {
+        let at_path = dest.join(&item.path);
+        fsops::set_times(out.place(&item.path, &at_path)?, meta)?;
     }
     Ok(done)
 }

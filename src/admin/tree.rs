@@ -33,7 +33,7 @@
 //! entries whose data lives under another base path; such an upper is refused rather than
 //! misread.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::Metadata;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -43,6 +43,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::PathError;
+use super::dir::{Dir, Place};
 use super::xattr;
 
 /// How a path differs from the base, with `docker diff`'s letters.
@@ -102,6 +103,11 @@ pub struct Item {
 }
 
 impl Item {
+    /// The last name of its path.
+    pub fn name(&self) -> &OsStr {
+        self.path.file_name().unwrap_or_default()
+    }
+
     pub fn change(&self) -> Option<ChangeKind> {
         match &self.what {
             What::Dir { change, .. } => *change,
@@ -126,10 +132,17 @@ enum Base {
     /// Nothing of the base shows here: the base has no directory at this path.
     Absent,
     /// Merged: base entries show unless whited out.
-    Merge(PathBuf),
+    Merge(Dir),
     /// Replaced: the upper directory is (or lies inside) an opaque one; base entries only
     /// tell what was deleted and what is changed rather than added.
-    Replace(PathBuf),
+    Replace(Dir),
+}
+
+/// An upper directory being read: the entries left to visit, in order.
+struct Frame {
+    upper: Dir,
+    base: Base,
+    children: std::vec::IntoIter<(OsString, Option<Metadata>)>,
 }
 
 /// `lstat`, `None` when nothing is there.
@@ -146,19 +159,29 @@ pub fn is_whiteout(meta: &Metadata) -> bool {
     meta.file_type().is_char_device() && meta.rdev() == 0
 }
 
-/// Names in a directory, sorted bytewise.
-fn sorted_names(dir: &Path) -> Result<Vec<OsString>, PathError> {
-    let read = |e| PathError::new("reading", dir, e);
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(read)? {
-        names.push(entry.map_err(read)?.file_name());
-    }
-    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-    Ok(names)
+/// The names in the directory at `path`, sorted bytewise.
+fn names(dir: &Dir, path: &Path) -> Result<Vec<OsString>, PathError> {
+    dir.names().map_err(|e| PathError::new("reading", path, e))
+}
+
+/// `lstat` of an entry; `None` when nothing is there.
+fn lstat_at(at: Place) -> Result<Option<Metadata>, PathError> {
+    (at.dir.lstat(at.name)).map_err(|e| PathError::new("looking at", at.path, e))
+}
+
+/// Opens the directory of an entry, to read it.
+fn open_dir(at: Place) -> Result<Dir, PathError> {
+    (at.dir.open_dir(at.name)).map_err(|e| PathError::new("reading", at.path, e))
+}
+
+/// Reads some xattr information of an entry.
+fn xattrs<T>(at: Place, read: fn(&Path) -> io::Result<T>) -> Result<T, PathError> {
+    read(&at.dir.proc_path(at.name))
+        .map_err(|e| PathError::new("reading the xattrs of", at.path, e))
 }
 
 /// Whether a directory present in upper and base shows other attributes than the base's.
-fn dir_differs(upper: &Path, um: &Metadata, base: &Path, bm: &Metadata) -> Result<bool, PathError> {
+fn dir_differs(upper: Place, um: &Metadata, base: Place, bm: &Metadata) -> Result<bool, PathError> {
     if um.mode() != bm.mode()
         || um.uid() != bm.uid()
         || um.gid() != bm.gid()
@@ -167,9 +190,7 @@ fn dir_differs(upper: &Path, um: &Metadata, base: &Path, bm: &Metadata) -> Resul
     {
         return Ok(true);
     }
-    let ux = xattr::data(upper).map_err(|e| PathError::new("reading the xattrs of", upper, e))?;
-    let bx = xattr::data(base).map_err(|e| PathError::new("reading the xattrs of", base, e))?;
-    Ok(ux != bx)
+    Ok(xattrs(upper, xattr::data)? != xattrs(base, xattr::data)?)
 }
 
 impl Plan {
@@ -182,18 +203,46 @@ impl Plan {
             items: Vec::new(),
         };
         if lstat(upper)?.is_some_and(|m| m.is_dir()) {
-            let base = base.map_or(Base::Absent, |b| Base::Merge(b.to_owned()));
-            plan.walk(Path::new(""), upper, &base)?;
+            let upper_dir = Dir::open(upper).map_err(|e| PathError::new("reading", upper, e))?;
+            let base = match base {
+                Some(b) => Base::Merge(Dir::open(b).map_err(|e| PathError::new("reading", b, e))?),
+                None => Base::Absent,
+            };
+            // Depth first, without recursion (a container may nest directories very deep):
+            // the directories being read, from the root down, and `rel`, the path of the
+            // deepest.
+            let mut rel = PathBuf::new();
+            let mut open = vec![plan.frame(&rel, upper_dir, base)?];
+            while let Some(frame) = open.last_mut() {
+                let Some((name, meta)) = frame.children.next() else {
+                    open.pop();
+                    rel.pop();
+                    continue;
+                };
+                if let Some((upper_dir, base)) =
+                    plan.visit(&rel, &frame.upper, &frame.base, &name, meta)?
+                {
+                    rel.push(&name);
+                    open.push(plan.frame(&rel, upper_dir, base)?);
+                }
+            }
         }
         Ok(plan)
     }
 
-    fn walk(&mut self, rel: &Path, upper_dir: &Path, base: &Base) -> Result<(), PathError> {
-        let upper_names = sorted_names(upper_dir)?;
+    /// Lists the upper directory `rel` (open as `upper_dir`): its entries, with the base
+    /// entries it hides when it replaced a base directory.
+    fn frame(&self, rel: &Path, upper_dir: Dir, base: Base) -> Result<Frame, PathError> {
+        let upper_path = self.upper.join(rel);
         let mut children: Vec<(OsString, Option<Metadata>)> = Vec::new();
         let mut present = Vec::new(); // upper names that are not whiteouts
-        for name in upper_names {
-            let meta = lstat(&upper_dir.join(&name))?;
+        for name in names(&upper_dir, &upper_path)? {
+            let path = upper_path.join(&name);
+            let meta = lstat_at(Place {
+                dir: &upper_dir,
+                name: &name,
+                path: &path,
+            })?;
             // Gone while we read (the volume is mounted and in use): nothing to report.
             let Some(meta) = meta else { continue };
             if !is_whiteout(&meta) {
@@ -201,8 +250,8 @@ impl Plan {
             }
             children.push((name, Some(meta)));
         }
-        if let Base::Replace(base_dir) = base {
-            for name in sorted_names(base_dir)? {
+        if let (Base::Replace(base_dir), Some(base_root)) = (&base, &self.base) {
+            for name in names(base_dir, &base_root.join(rel))? {
                 if present
                     .binary_search_by(|p| p.as_bytes().cmp(name.as_bytes()))
                     .is_err()
@@ -212,96 +261,127 @@ impl Plan {
             }
             children.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
         }
+        Ok(Frame {
+            upper: upper_dir,
+            base,
+            children: children.into_iter(),
+        })
+    }
 
-        for (name, meta) in children {
-            let path = rel.join(&name);
-            let upper_path = upper_dir.join(&name);
-            let base_path = match base {
-                Base::Absent => None,
-                Base::Merge(b) | Base::Replace(b) => Some(b.join(&name)),
-            };
-            let Some(meta) = meta else {
-                // A base entry the opaque directory above replaced without it.
+    /// Adds the item for the entry `name` of the upper directory `rel` (`meta`: its lstat;
+    /// `None` for a base entry that an opaque directory hides). A directory to read next is
+    /// returned, open, with how the base is consulted below it.
+    fn visit(
+        &mut self,
+        rel: &Path,
+        upper_dir: &Dir,
+        base: &Base,
+        name: &OsStr,
+        meta: Option<Metadata>,
+    ) -> Result<Option<(Dir, Base)>, PathError> {
+        let path = rel.join(name);
+        let upper_path = self.upper.join(&path);
+        let upper_at = Place {
+            dir: upper_dir,
+            name,
+            path: &upper_path,
+        };
+        let base_path = self
+            .base
+            .as_ref()
+            .map(|b| b.join(&path))
+            .unwrap_or_default();
+        let base_at = match base {
+            Base::Absent => None,
+            Base::Merge(dir) | Base::Replace(dir) => Some(Place {
+                dir,
+                name,
+                path: &base_path,
+            }),
+        };
+        let Some(meta) = meta else {
+            // A base entry the opaque directory above replaced without it.
+            self.items.push(Item {
+                path,
+                what: What::Deleted { whiteout: false },
+            });
+            return Ok(None);
+        };
+        if is_whiteout(&meta) {
+            if let (Base::Merge(_), Some(at)) = (base, base_at)
+                && lstat_at(at)?.is_some()
+            {
                 self.items.push(Item {
                     path,
-                    what: What::Deleted { whiteout: false },
+                    what: What::Deleted { whiteout: true },
                 });
-                continue;
-            };
-            if is_whiteout(&meta) {
-                if let (Base::Merge(_), Some(bp)) = (base, &base_path)
-                    && lstat(bp)?.is_some()
-                {
-                    self.items.push(Item {
-                        path,
-                        what: What::Deleted { whiteout: true },
-                    });
-                }
-                continue;
             }
-            let foreign = xattr::foreign_feature(&upper_path)
-                .map_err(|e| PathError::new("reading the xattrs of", &upper_path, e))?;
-            if let Some(feature) = foreign {
-                return Err(PathError::new(
-                    "reading",
-                    &upper_path,
-                    io::Error::new(
-                        io::ErrorKind::Unsupported,
-                        format!(
-                            "made by an overlay mount with {feature}=on (docker-on-top always \
-                             turns it off), so part of its data lives elsewhere in the base; \
-                             mount the volume and copy the files from the mountpoint instead"
-                        ),
+            return Ok(None);
+        }
+        if let Some(feature) = xattrs(upper_at, xattr::foreign_feature)? {
+            return Err(PathError::new(
+                "reading",
+                &upper_path,
+                io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "made by an overlay mount with {feature}=on (docker-on-top always \
+                         turns it off), so part of its data lives elsewhere in the base; \
+                         mount the volume and copy the files from the mountpoint instead"
                     ),
-                ));
-            }
-            let base_meta = match &base_path {
-                Some(bp) => lstat(bp)?,
-                None => None,
-            };
-            if !meta.is_dir() {
-                let change = if base_meta.is_some() {
-                    ChangeKind::Changed
-                } else {
-                    ChangeKind::Added
-                };
-                self.items.push(Item {
-                    path,
-                    what: What::Entry { meta, change },
-                });
-                continue;
-            }
-            let (change, opaque, below) = match (base_meta, base_path) {
-                (Some(bm), Some(bp)) if bm.is_dir() => match base {
-                    Base::Replace(_) => (Some(ChangeKind::Changed), false, Base::Replace(bp)),
-                    _ if xattr::is_opaque(&upper_path)
-                        .map_err(|e| PathError::new("reading the xattrs of", &upper_path, e))? =>
-                    {
-                        (Some(ChangeKind::Changed), true, Base::Replace(bp))
-                    }
-                    _ => {
-                        let differs = dir_differs(&upper_path, &meta, &bp, &bm)?;
-                        (
-                            differs.then_some(ChangeKind::Changed),
-                            false,
-                            Base::Merge(bp),
-                        )
-                    }
-                },
-                (Some(_), _) => (Some(ChangeKind::Changed), false, Base::Absent),
-                (None, _) => (Some(ChangeKind::Added), false, Base::Absent),
+                ),
+            ));
+        }
+        let base_meta = match base_at {
+            Some(at) => lstat_at(at)?,
+            None => None,
+        };
+        if !meta.is_dir() {
+            let change = if base_meta.is_some() {
+                ChangeKind::Changed
+            } else {
+                ChangeKind::Added
             };
             self.items.push(Item {
-                path: path.clone(),
-                what: What::Dir {
-                    meta,
-                    change,
-                    opaque,
-                },
+                path,
+                what: What::Entry { meta, change },
             });
-            self.walk(&path, &upper_path, &below)?;
+            return Ok(None);
         }
-        Ok(())
+        let (change, opaque, below) = match (base_meta, base_at) {
+            (Some(bm), Some(at)) if bm.is_dir() => match base {
+                Base::Replace(_) => (
+                    Some(ChangeKind::Changed),
+                    false,
+                    Base::Replace(open_dir(at)?),
+                ),
+                _ if xattrs(upper_at, xattr::is_opaque)? => (
+                    Some(ChangeKind::Changed),
+                    true,
+                    Base::Replace(open_dir(at)?),
+                ),
+                _ => {
+                    let differs = dir_differs(upper_at, &meta, at, &bm)?;
+                    (
+                        differs.then_some(ChangeKind::Changed),
+                        false,
+                        Base::Merge(open_dir(at)?),
+                    )
+                }
+            },
+            (Some(_), _) => (Some(ChangeKind::Changed), false, Base::Absent),
+            (None, _) => (Some(ChangeKind::Added), false, Base::Absent),
+        };
+        let below_dir = open_dir(upper_at)?;
+        self.items.push(Item {
+            path,
+            what: What::Dir {
+                meta,
+                change,
+                opaque,
+            },
+        });
+        Ok(Some((below_dir, below)))
     }
 
     /// The changes, in tree order.
@@ -334,21 +414,39 @@ pub fn usage(upper: &Path) -> Result<Usage, PathError> {
     if !lstat(upper)?.is_some_and(|m| m.is_dir()) {
         return Ok(total);
     }
-    let mut stack = vec![upper.to_owned()];
-    while let Some(dir) = stack.pop() {
-        let read = |e| PathError::new("reading", &dir, e);
-        for entry in std::fs::read_dir(&dir).map_err(read)? {
-            let path = entry.map_err(read)?.path();
-            let Some(meta) = lstat(&path)? else { continue };
-            if meta.is_dir() {
-                stack.push(path);
-            } else if !is_whiteout(&meta) {
+    let root = Dir::open(upper).map_err(|e| PathError::new("reading", upper, e))?;
+    // Depth first, without recursion: the directories being read, from the root down, each
+    // with the names it has left; `path` is the deepest's.
+    let mut path = upper.to_owned();
+    let mut open = vec![(names(&root, &path)?.into_iter(), root)];
+    while let Some((names_left, dir)) = open.last_mut() {
+        let Some(name) = names_left.next() else {
+            open.pop();
+            path.pop();
+            continue;
+        };
+        path.push(&name);
+        let at = Place {
+            dir,
+            name: &name,
+            path: &path,
+        };
+        match lstat_at(at)? {
+            Some(meta) if meta.is_dir() => {
+                let below = open_dir(at)?;
+                open.push((names(&below, &path)?.into_iter(), below));
+                continue; // `path` stays that of the directory now read
+            }
+            Some(meta) if !is_whiteout(&meta) => {
                 total.files += 1;
                 if meta.is_file() {
                     total.bytes += meta.len();
                 }
             }
+            // Gone while we read, or a whiteout.
+            _ => {}
         }
+        path.pop();
     }
     Ok(total)
 }
