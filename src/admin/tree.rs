@@ -431,20 +431,28 @@ pub fn usage(upper: &Path) -> Result<Usage, PathError> {
             name: &name,
             path: &path,
         };
-        match lstat_at(at)? {
-            Some(meta) if meta.is_dir() => {
+        // One fstatat per entry (`ls` reads every volume's upper whole): type and size are
+        // all it needs, so not the std `Metadata` that `Dir::lstat` opens the entry for.
+        use rustix::fs::FileType;
+        let st = match rustix::fs::statat(&*dir, &name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Some(st),
+            Err(rustix::io::Errno::NOENT) => None, // gone while we read
+            Err(e) => return Err(PathError::new("looking at", &path, e.into())),
+        };
+        match st.map(|st| (FileType::from_raw_mode(st.st_mode), st)) {
+            Some((FileType::Directory, _)) => {
                 let below = open_dir(at)?;
                 open.push((names(&below, &path)?.into_iter(), below));
                 continue; // `path` stays that of the directory now read
             }
-            Some(meta) if !is_whiteout(&meta) => {
+            Some((FileType::CharacterDevice, st)) if st.st_rdev == 0 => {} // a whiteout
+            Some((kind, st)) => {
                 total.files += 1;
-                if meta.is_file() {
-                    total.bytes += meta.len();
+                if kind == FileType::RegularFile {
+                    total.bytes += st.st_size as u64;
                 }
             }
-            // Gone while we read, or a whiteout.
-            _ => {}
+            None => {}
         }
         path.pop();
     }
