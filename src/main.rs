@@ -198,9 +198,13 @@ struct Opts {
     mount_dir: Option<PathBuf>,
 }
 
+/// The longest timeout taken: a clock reading plus a longer one would overflow.
+const MAX_TIMEOUT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 fn parse_timeout(text: &str) -> Result<Duration, String> {
     match humantime::parse_duration(text) {
         Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
+        Ok(d) if d > MAX_TIMEOUT => Err("must be at most 100 years".into()),
         Ok(d) => Ok(d),
         Err(err) => Err(err.to_string()),
     }

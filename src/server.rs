@@ -108,7 +108,10 @@ pub async fn serve(
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(opts.read_timeout.unwrap_or(HEADER_READ_TIMEOUT))
-        .max_buf_size(MAX_HEAD);
+        .max_buf_size(MAX_HEAD)
+        // A client that shuts its side down after its request (`nc -N`, socat, many
+        // scripts) still gets the answer: the call it asked for runs either way.
+        .half_close(true);
 
     let mut shutdown = pin!(shutdown);
     let mut idle = pin!(async {
@@ -256,6 +259,11 @@ impl Activity {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Whether a request is running.
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::SeqCst) > 0
+    }
+
     /// Whether no request has run for `time` (or since this began, if none ever did).
     fn idle_for_at_least(&self, time: Duration) -> bool {
         self.in_flight.load(Ordering::SeqCst) == 0 && self.last().elapsed() >= time
@@ -337,6 +345,21 @@ impl Connection {
             tokio::select! {
                 result = connection.as_mut() => break result,
                 () = async { drop(stop.wait_for(|stop| *stop).await) } => {
+                    // hyper's graceful shutdown closes at once a connection it has read
+                    // nothing from, and drops a request that waits unread in the socket: one
+                    // sent before the stop, which its client will never send again. So hyper
+                    // reads what is there first; then the shutdown finishes that request.
+                    while has_unread(fd) && !own.busy() {
+                        tokio::select! {
+                            result = connection.as_mut() => {
+                                if let Err(err) = result {
+                                    debug!("connection ended: {}", wire::error_chain(&err));
+                                }
+                                return;
+                            }
+                            () = tokio::task::yield_now() => {}
+                        }
+                    }
                     connection.as_mut().graceful_shutdown();
                     break connection.await;
                 }

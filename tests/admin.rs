@@ -1371,8 +1371,18 @@ fn usage_errors_exit_2_and_serve_options_belong_to_serve() {
         &["no-such-command"],
         &["inspect"],
         &["serve", "--idle-timeout", "0s"],
+        &["serve", "--idle-timeout", "584000000000years"],
+        &["serve", "--read-timeout", "584000000000years"],
     ] {
-        let out = bin().args(args).output().unwrap();
+        // Never the default state directory or socket, should one of them parse after all.
+        let out = bin()
+            .arg("--root")
+            .arg(e.path("never"))
+            .args(args)
+            .arg("--socket")
+            .arg(e.path("never.sock"))
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(out.stdout.is_empty(), "{args:?}");
     }

@@ -212,6 +212,33 @@ fn activate_capabilities_and_malformed_requests() {
     assert_eq!(left, vec![".trash"]);
 }
 
+/// A client that shuts its side of the connection down after its request (`nc -N`, socat)
+/// gets the answer of the call it made.
+#[test]
+fn a_client_that_half_closes_after_its_request_gets_the_answer() {
+    use std::io::{Read, Write};
+    let mut env = Env::new();
+    env.start(&[]);
+    let base = make_base(&env, "base");
+    env.create_ok("v", &base, false);
+    let body = dockerd_body(Some(&json!({ "Name": "v", "ID": id(1) })));
+    let mut c = std::os::unix::net::UnixStream::connect(&env.socket).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        c,
+        "POST /VolumeDriver.Mount HTTP/1.1\r\nHost: plugin\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    c.write_all(&body).unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = String::new();
+    c.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply:?}");
+    assert!(reply.contains(s(&env.mountpoint("v"))), "{reply:?}");
+    env.assert_mounted_once("v");
+}
+
 // ----- 2. Lifecycle ----------------------------------------------------------------------
 
 #[test]

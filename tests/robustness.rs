@@ -1277,3 +1277,97 @@ fn thousands_of_connections(hard_fd_limit: Option<u64>) {
     );
     assert!(alive(pid));
 }
+
+/// A stop answers every request it accepted: under socket activation (the test holds the
+/// listening socket, as systemd does) requests sent just before a SIGTERM are either answered
+/// by the stopping daemon or wait in the socket for the next one. None is dropped unread.
+#[test]
+fn a_stop_answers_every_request_it_has_accepted() {
+    let _serial = serial();
+    raise_own_fd_limit();
+    let mut env = Env::new();
+    let listening = std::os::unix::net::UnixListener::bind(env.dir.join("held.sock")).unwrap();
+    let socket = env.dir.join("held.sock");
+    let root = env.root.to_str().unwrap().to_owned();
+    let start = |env: &mut Env, round: usize| {
+        let log = std::fs::File::create(env.dir.join(format!("stop-{round}.log"))).unwrap();
+        let mut cmd = env.anchor.command(&[
+            "sh",
+            "-c",
+            "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"",
+            common::daemon::BIN,
+            "--root",
+            &root,
+        ]);
+        cmd.stdout(log.try_clone().unwrap()).stderr(log);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&listening);
+        // SAFETY: dup2 is async-signal-safe; the listener outlives the spawn.
+        unsafe {
+            cmd.pre_exec(move || {
+                let held = std::os::fd::BorrowedFd::borrow_raw(fd);
+                let mut three = std::os::fd::OwnedFd::from_raw_fd(3);
+                rustix::io::dup2(held, &mut three).map_err(std::io::Error::from)?;
+                // Also when the listener was fd 3 already (dup2 then changes nothing).
+                rustix::io::fcntl_setfd(&three, rustix::io::FdFlags::empty())
+                    .map_err(std::io::Error::from)?;
+                std::mem::forget(three);
+                Ok(())
+            });
+        }
+        common::daemon::Proc::spawn(cmd, "the socket-activated daemon")
+    };
+    use std::os::fd::FromRawFd;
+    const ROUNDS: usize = 15;
+    const CLIENTS: usize = 300;
+    let mut lost = Vec::new();
+    let mut daemon = start(&mut env, 0);
+    for round in 1..=ROUNDS {
+        // Serving: one request answered.
+        let mut first = Conn::open(&socket).unwrap();
+        assert_eq!(
+            first
+                .request("POST", "/VolumeDriver.List", Some(&dockerd_body(None)))
+                .status,
+            200
+        );
+        let mut clients: Vec<UnixStream> = (0..CLIENTS)
+            .map(|_| UnixStream::connect(&socket).unwrap())
+            .collect();
+        for c in &mut clients {
+            c.write_all(
+                b"POST /VolumeDriver.List HTTP/1.1\r\nHost: plugin\r\nContent-Length: 0\r\n\r\n",
+            )
+            .unwrap();
+        }
+        daemon.signal(rustix::process::Signal::TERM);
+        let status = daemon
+            .wait_timeout(Duration::from_secs(30))
+            .expect("the daemon did not stop");
+        assert!(status.success(), "round {round}: {status}");
+        // The next start serves whatever still waits in the listening socket.
+        daemon = start(&mut env, round);
+        for (i, c) in clients.iter_mut().enumerate() {
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut reply = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !reply.windows(12).any(|w| w == b"{\"Volumes\":[") {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => reply.extend_from_slice(&buf[..n]),
+                }
+            }
+            if !reply.starts_with(b"HTTP/1.1 200") {
+                lost.push((round, i, String::from_utf8_lossy(&reply).into_owned()));
+            }
+        }
+    }
+    daemon.signal(rustix::process::Signal::TERM);
+    daemon.wait_timeout(Duration::from_secs(30));
+    assert!(
+        lost.is_empty(),
+        "{} of {} requests sent before a stop got no answer: {:?}",
+        lost.len(),
+        ROUNDS * CLIENTS,
+        &lost[..lost.len().min(5)]
+    );
+}
