@@ -6,7 +6,8 @@
 //! ROOT/
 //!   .trash/               entries being deleted in the background (discarded uppers,
 //!                         removed volumes); anything here is garbage
-//!   .new-NAME-NONCE/      a volume being created; renamed to NAME when complete
+//!   .new-NAME-NONCE/      a volume being created; renamed to NAME when complete (NAME
+//!                         cut to 100 bytes in it, as in trash entries and temporaries)
 //!   NAME/                 one volume
 //!     metadata.json       {"BaseDirPath": "/abs", "Volatile": false, "CreatedAt": "RFC 3339"}
 //!     upper/              overlay upper layer: the volume's changes
@@ -135,6 +136,16 @@ pub fn nonce() -> String {
     )
 }
 
+/// At most the first 100 bytes of `name`, for the names of temporaries and trash entries,
+/// which add a nonce to it: a volume name or mount ID may be 255 bytes, a file name no longer.
+fn short(name: &str) -> &str {
+    let mut end = name.len().min(100);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
 /// The pid of the process that made the staging directory `file_name`
 /// (`.new-NAME-PID-NANOS-COUNTER`, see [`Root::staging_slot`]); `None` for any other name.
 pub fn staging_creator(file_name: &str) -> Option<u32> {
@@ -152,7 +163,7 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", nonce()));
+    let tmp = dir.join(format!(".{}.tmp-{}", short(&file_name), nonce()));
     let result = (|| {
         let mut f = File::options().write(true).create_new(true).open(&tmp)?;
         f.write_all(contents)?;
@@ -284,12 +295,15 @@ impl Root {
 
     /// A fresh path in the trash for something that used to be `what`.
     pub fn trash_slot(&self, what: &str) -> PathBuf {
-        self.trash().join(format!("{what}-{}", nonce()))
+        self.trash().join(format!("{}-{}", short(what), nonce()))
     }
 
     pub fn staging_slot(&self, name: &VolumeName) -> PathBuf {
-        self.path
-            .join(format!("{STAGING_PREFIX}{name}-{}", nonce()))
+        self.path.join(format!(
+            "{STAGING_PREFIX}{}-{}",
+            short(name.as_str()),
+            nonce()
+        ))
     }
 }
 

@@ -448,6 +448,30 @@ fn bad_names_ids_and_options_change_nothing() {
     check("a conflicting Create");
 }
 
+/// The longest name and mount ID the protocol takes (255 bytes, a file name's limit) work
+/// end to end: the temporaries and trash entries named after them stay within the limit.
+#[test]
+fn names_and_ids_of_255_bytes_work_end_to_end() {
+    let mut env = Env::new();
+    env.start(&[]);
+    let base = make_base(&env, "base");
+    let name = "n".repeat(255);
+    let mount = "m".repeat(255);
+    env.create_ok(&name, &base, true);
+    let mp = env.mount_ok(&name, &mount);
+    std::fs::write(env.seen(&mp).join("new.txt"), "new").unwrap();
+    // The same ID again (`docker cp`): its record is replaced through a temporary.
+    env.mount_ok(&name, &mount);
+    env.unmount_ok(&name, &mount);
+    env.unmount_ok(&name, &mount);
+    // Volatile: the next Mount moves the changes into the trash.
+    let mp = env.mount_ok(&name, &mount);
+    assert!(!env.seen(&mp).join("new.txt").exists());
+    env.unmount_ok(&name, &mount);
+    env.remove(&name).unwrap();
+    assert_eq!(env.list(), Vec::<String>::new());
+}
+
 // ----- 4. Mounting -----------------------------------------------------------------------
 
 #[test]

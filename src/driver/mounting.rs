@@ -202,7 +202,8 @@ impl<S: Sys> Driver<S> {
             discarded = self.prepare_layers(name, vol, meta)?;
         }
         let spec = OverlaySpec {
-            source: format!("docker-on-top:{name}"),
+            // An fsconfig string holds at most 255 bytes: a name that long is cut.
+            source: format!("docker-on-top:{name}").chars().take(255).collect(),
             lower,
             upper: vol.upper(),
             work: vol.work(),
