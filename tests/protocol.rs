@@ -12,9 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Barrier;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::daemon::{
-    BIN, Conn, Env, Proc, comm, dockerd_body, mount_ns, names, request, tree, wait_until,
-};
+use common::daemon::{BIN, Conn, Env, Proc, comm, dockerd_body, names, request, tree, wait_until};
 use serde_json::{Value, json};
 
 /// A mount ID as dockerd makes them: 64 hex digits.
@@ -950,7 +948,7 @@ fn mounts_of_a_client_that_died_are_released_unless_held() {
     let mp = env.mount_ok("v", &id(3));
     env.unmount_ok("v", &id(3));
     mount_from_a_client_that_exits(&env, "v", &id(4));
-    let (mut holder, _) = holder_in_new_namespace(&env, "a container");
+    let (mut holder, _) = env.holder_in_new_namespace("a container");
     env.mount_ok("v", &id(5));
     assert_eq!(
         names(&active),
@@ -967,31 +965,6 @@ fn mounts_of_a_client_that_died_are_released_unless_held() {
     env.assert_not_mounted("v");
 }
 
-/// A process in a new mount namespace copied from the daemon's (`unshare -m sleep`), once it
-/// runs there: it holds a copy of every overlay mounted now, as a container would.
-fn holder_in_new_namespace(env: &Env, what: &str) -> (Proc, u32) {
-    let args = [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sleep",
-        "1000",
-    ];
-    let mut holder = env.spawn_in_ns(&args, what);
-    let hpid = holder.pid();
-    let anchor_ns = env.anchor.ns();
-    wait_until(
-        Duration::from_secs(10),
-        &format!("{what}'s namespace"),
-        || {
-            assert!(holder.try_status().is_none(), "{what} exited");
-            comm(hpid) == "sleep" && mount_ns(&hpid.to_string()) != anchor_ns
-        },
-    );
-    (holder, hpid)
-}
-
 // ----- 10. Held in another mount namespace -----------------------------------------------
 
 #[test]
@@ -1005,7 +978,7 @@ fn volume_held_in_another_namespace_is_neither_removed_nor_mounted_again() {
 
     // A process in a new mount namespace copied from the daemon's: it holds a copy of the
     // overlay, as a container of another engine would.
-    let (mut holder, hpid) = holder_in_new_namespace(&env, "the holder");
+    let (mut holder, hpid) = env.holder_in_new_namespace("the holder");
     let held = std::fs::read_to_string(format!("/proc/{hpid}/mountinfo")).unwrap();
     assert!(
         common::daemon::parse_mountinfo(held.as_bytes())
@@ -1055,7 +1028,7 @@ fn a_held_volatile_sized_volume_is_neither_mounted_again_nor_removed() {
     env.create_sized_ok("v", &base, true, "16Mi");
     let mp = env.mount_ok("v", &id(1));
     std::fs::write(env.seen(&mp).join("data.txt"), "data").unwrap();
-    let (mut holder, hpid) = holder_in_new_namespace(&env, "the holder");
+    let (mut holder, hpid) = env.holder_in_new_namespace("the holder");
     env.unmount_ok("v", &id(1));
     env.assert_not_mounted("v");
     let devices = env.loop_devices();
@@ -1125,7 +1098,7 @@ fn a_go_made_overlay_held_in_another_namespace_is_found() {
         ]);
         std::fs::write(env.seen(&dir.join("mountpoint")).join("work.txt"), "work").unwrap();
     }
-    let (mut holder, hpid) = holder_in_new_namespace(&env, "the holder");
+    let (mut holder, hpid) = env.holder_in_new_namespace("the holder");
 
     let err = env
         .mount("gv", &id(1))

@@ -164,7 +164,7 @@ fn an_xfs_sized_volume_works_and_reports_its_file_system() {
 /// mount its file system twice, each with a journal of its own.
 #[test]
 fn an_image_still_mounted_elsewhere_is_not_attached_again() {
-    use common::daemon::{comm, mount_ns, wait_until};
+    use common::daemon::wait_until;
     let mut env = Env::new();
     env.start(&[]);
     let base = base(&env);
@@ -174,26 +174,7 @@ fn an_image_still_mounted_elsewhere_is_not_attached_again() {
     std::fs::write(env.seen(&mp.join("new.txt")), "new").unwrap();
     env.unmount_ok("s", &mount_id(1));
     // A copy of the namespace, the image's file system attached in it (the overlay not).
-    let mut holder = env.spawn_in_ns(
-        &[
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sleep",
-            "1000",
-        ],
-        "the holder",
-    );
-    let hpid = holder.pid();
-    wait_until(
-        std::time::Duration::from_secs(10),
-        "the holder's namespace",
-        || {
-            assert!(holder.try_status().is_none(), "the holder exited");
-            comm(hpid) == "sleep" && mount_ns(&hpid.to_string()) != env.anchor.ns()
-        },
-    );
+    let (mut holder, _) = env.holder_in_new_namespace("the holder");
     // Detached here only, as when the daemon runs again in a mount namespace of its own.
     let changes = env.volume_dir("s").join("changes");
     env.anchor.run(&["umount", changes.to_str().unwrap()]);

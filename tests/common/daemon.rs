@@ -926,6 +926,32 @@ impl Env {
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         Proc::spawn(cmd, what)
     }
+
+    /// A process in a new mount namespace copied from the daemon's (`unshare -m sleep`), once
+    /// it runs there: it holds a copy of every mount of the namespace now, as a container of
+    /// another engine would. With its pid.
+    pub fn holder_in_new_namespace(&self, what: &str) -> (Proc, u32) {
+        let args = [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sleep",
+            "1000",
+        ];
+        let mut holder = self.spawn_in_ns(&args, what);
+        let hpid = holder.pid();
+        let anchor_ns = self.anchor.ns();
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{what}'s namespace"),
+            || {
+                assert!(holder.try_status().is_none(), "{what} exited");
+                comm(hpid) == "sleep" && mount_ns(&hpid.to_string()) != anchor_ns
+            },
+        );
+        (holder, hpid)
+    }
 }
 
 impl Default for Env {
