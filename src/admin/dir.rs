@@ -14,7 +14,7 @@
 //! tree order, each through its parent.
 
 use std::ffi::{OsStr, OsString};
-use std::fs::{File, Metadata};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -33,6 +33,68 @@ pub struct Dir {
 impl AsFd for Dir {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+}
+
+/// An entry's attributes, as `lstat` gives them. (std's `Metadata` is had only from a path,
+/// which may be too long, or from an open file, which costs an `open` per entry.)
+#[derive(Debug, Clone, Copy)]
+pub struct Stat(rustix::fs::Stat);
+
+// The fields' types differ between architectures (`struct stat` is the kernel's).
+#[allow(clippy::unnecessary_cast)]
+impl Stat {
+    /// `lstat` of `path`; `None` when nothing is there.
+    pub fn of_path(path: &Path) -> io::Result<Option<Stat>> {
+        match rustix::fs::lstat(path) {
+            Ok(st) => Ok(Some(Stat(st))),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn kind(&self) -> FileType {
+        FileType::from_raw_mode(self.0.st_mode as _)
+    }
+    pub fn is_dir(&self) -> bool {
+        self.kind() == FileType::Directory
+    }
+    /// A whiteout: the character device 0/0 overlayfs leaves for a deleted base entry.
+    pub fn is_whiteout(&self) -> bool {
+        self.kind() == FileType::CharacterDevice && self.rdev() == 0
+    }
+    /// Type and permission bits, as `st_mode`.
+    pub fn mode(&self) -> u32 {
+        self.0.st_mode as u32
+    }
+    pub fn uid(&self) -> u32 {
+        self.0.st_uid as u32
+    }
+    pub fn gid(&self) -> u32 {
+        self.0.st_gid as u32
+    }
+    pub fn dev(&self) -> u64 {
+        self.0.st_dev as u64
+    }
+    pub fn ino(&self) -> u64 {
+        self.0.st_ino as u64
+    }
+    pub fn nlink(&self) -> u64 {
+        self.0.st_nlink as u64
+    }
+    pub fn rdev(&self) -> u64 {
+        self.0.st_rdev as u64
+    }
+    pub fn len(&self) -> u64 {
+        self.0.st_size as u64
+    }
+    /// Access time: seconds and nanoseconds.
+    pub fn atime(&self) -> (i64, i64) {
+        (self.0.st_atime as i64, self.0.st_atime_nsec as i64)
+    }
+    /// Modification time: seconds and nanoseconds.
+    pub fn mtime(&self) -> (i64, i64) {
+        (self.0.st_mtime as i64, self.0.st_mtime_nsec as i64)
     }
 }
 
@@ -81,13 +143,10 @@ impl Dir {
         Ok(names)
     }
 
-    /// `lstat` of `name`; `None` when nothing is there. (std has no `fstatat`, so the entry
-    /// itself is opened with `O_PATH`, which follows nothing, opens no device and blocks on
-    /// no FIFO, and that descriptor is `fstat`ed.)
-    pub fn lstat(&self, name: &OsStr) -> io::Result<Option<Metadata>> {
-        let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        match rustix::fs::openat(self, name, flags, Mode::empty()) {
-            Ok(fd) => File::from(fd).metadata().map(Some),
+    /// `lstat` of `name` (one `fstatat`); `None` when nothing is there.
+    pub fn lstat(&self, name: &OsStr) -> io::Result<Option<Stat>> {
+        match rustix::fs::statat(self, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Ok(Some(Stat(st))),
             Err(rustix::io::Errno::NOENT) => Ok(None),
             Err(e) => Err(e.into()),
         }
@@ -337,7 +396,7 @@ mod tests {
         assert!(std::fs::symlink_metadata(tmp.path().join(&deep)).is_err());
         let mut cursor = Cursor::new(Dir::open(tmp.path()).unwrap());
         let parent = cursor.dir_of(&deep).unwrap();
-        assert!(parent.lstat(OsStr::new("f")).unwrap().unwrap().is_file());
+        assert!(parent.lstat(OsStr::new("f")).unwrap().unwrap().kind() == FileType::RegularFile);
         assert_eq!(parent.names().unwrap(), ["f"]);
         // Back up to the root, and down again.
         assert_eq!(
@@ -352,12 +411,7 @@ mod tests {
             err.raw_os_error(),
             Some(rustix::io::Errno::NOTDIR.raw_os_error())
         );
-        assert!(
-            root.lstat(OsStr::new("link"))
-                .unwrap()
-                .unwrap()
-                .is_symlink()
-        );
+        assert!(root.lstat(OsStr::new("link")).unwrap().unwrap().kind() == FileType::Symlink);
         assert!(root.lstat(OsStr::new("none")).unwrap().is_none());
         root.remove_all(OsStr::new("link")).unwrap();
         assert!(tmp.path().join("dd").exists(), "the symlink was followed");

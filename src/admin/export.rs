@@ -14,16 +14,15 @@
 //!   `.wh.` (with everything below it): whoever applies the layer would take it for a whiteout
 //!   or an opaque marker and delete or hide files of the layers below.
 
-use std::fs::{File, Metadata};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use tar::{Builder, EntryType, Header};
 
 use super::PathError;
-use super::dir::{Cursor, Dir, Place};
+use super::dir::{Cursor, Dir, Place, Stat};
 use super::tree::{Plan, What};
 use super::xattr::{self, Xattrs};
 
@@ -112,8 +111,9 @@ pub fn export<W: Write>(plan: &Plan, out: W) -> Result<Exported, ExportError> {
             // Hidden by the opaque marker of a directory above.
             What::Deleted { whiteout: false } => {}
             What::Entry { meta, .. } => {
-                let ft = meta.file_type();
-                if ft.is_socket() {
+                use rustix::fs::FileType;
+                let kind = meta.kind();
+                if kind == FileType::Socket {
                     done.skipped
                         .push((Path::new("/").join(&item.path), "tar cannot hold a socket"));
                     continue;
@@ -132,7 +132,7 @@ pub fn export<W: Write>(plan: &Plan, out: W) -> Result<Exported, ExportError> {
                 if meta.nlink() > 1 {
                     links.insert(key, item.path.clone());
                 }
-                if ft.is_file() {
+                if kind == FileType::RegularFile {
                     let file = (src.dir.open_file(src.name))
                         .map_err(|e| PathError::new("opening", &src_path, e))?;
                     let size = meta.len();
@@ -142,21 +142,21 @@ pub fn export<W: Write>(plan: &Plan, out: W) -> Result<Exported, ExportError> {
                     ar.append_data(&mut h, &item.path, &mut data)
                         .map_err(|e| data.error.take().map_or(w(e), ExportError::Read))?;
                     done.bytes += size;
-                } else if ft.is_symlink() {
+                } else if kind == FileType::Symlink {
                     let target = (src.dir.read_link(src.name))
                         .map_err(|e| PathError::new("reading", &src_path, e))?;
                     let mut h = header(meta, EntryType::Symlink);
                     ar.append_link(&mut h, &item.path, target).map_err(w)?;
                 } else {
-                    let kind = if ft.is_fifo() {
-                        EntryType::Fifo
-                    } else if ft.is_char_device() {
-                        EntryType::Char
-                    } else {
-                        EntryType::Block
-                    };
-                    let mut h = header(meta, kind);
-                    if !ft.is_fifo() {
+                    let mut h = header(
+                        meta,
+                        match kind {
+                            FileType::Fifo => EntryType::Fifo,
+                            FileType::CharacterDevice => EntryType::Char,
+                            _ => EntryType::Block,
+                        },
+                    );
+                    if kind != FileType::Fifo {
                         let dev = meta.rdev();
                         h.set_device_major(rustix::fs::major(dev)).map_err(w)?;
                         h.set_device_minor(rustix::fs::minor(dev)).map_err(w)?;
@@ -172,25 +172,25 @@ pub fn export<W: Write>(plan: &Plan, out: W) -> Result<Exported, ExportError> {
 }
 
 /// A header with the numeric owner, mode and modification time of `meta`.
-fn header(meta: &Metadata, kind: EntryType) -> Header {
+fn header(meta: &Stat, kind: EntryType) -> Header {
     let mut h = Header::new_gnu();
     h.set_entry_type(kind);
     h.set_mode(meta.mode() & 0o7777);
     h.set_uid(u64::from(meta.uid()));
     h.set_gid(u64::from(meta.gid()));
-    h.set_mtime(meta.mtime().max(0) as u64);
+    h.set_mtime(meta.mtime().0.max(0) as u64);
     h.set_size(0);
     h
 }
 
 /// An empty marker file (whiteout or opaque marker), dated like the entry it stands for.
-fn marker(meta: &Metadata) -> Header {
+fn marker(meta: &Stat) -> Header {
     let mut h = Header::new_gnu();
     h.set_entry_type(EntryType::Regular);
     h.set_mode(0o644);
     h.set_uid(0);
     h.set_gid(0);
-    h.set_mtime(meta.mtime().max(0) as u64);
+    h.set_mtime(meta.mtime().0.max(0) as u64);
     h.set_size(0);
     h
 }

@@ -6,15 +6,13 @@
 //! since writing anything changes them; a directory's times are set after its contents).
 
 use std::collections::HashMap;
-use std::fs::Metadata;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{FileType, Timespec, Timestamps};
 
 use super::PathError;
-use super::dir::{Dir, Place};
+use super::dir::{Dir, Place, Stat};
 use super::xattr;
 
 /// What became of one entry.
@@ -54,7 +52,7 @@ impl Copier {
     pub fn copy_entry(
         &mut self,
         src: Place,
-        meta: &Metadata,
+        meta: &Stat,
         at: Place,
         final_rel: &Path,
     ) -> Result<Made, PathError> {
@@ -69,30 +67,26 @@ impl Copier {
                 .map_err(|e| PathError::new("linking", at.path, e))?;
             return Ok(Made::Linked);
         }
-        let ft = meta.file_type();
         let create = |e| PathError::new("creating", at.path, e);
         let mut bytes = 0;
-        if ft.is_file() {
-            let mut from = (src.dir.open_file(src.name))
-                .map_err(|e| PathError::new("opening", src.path, e))?;
-            let mut to = at.dir.create_file(at.name).map_err(create)?;
-            bytes =
-                io::copy(&mut from, &mut to).map_err(|e| PathError::new("copying", src.path, e))?;
-        } else if ft.is_symlink() {
-            let target = (src.dir.read_link(src.name))
-                .map_err(|e| PathError::new("reading", src.path, e))?;
-            at.dir.symlink(&target, at.name).map_err(create)?;
-        } else if ft.is_fifo() || ft.is_char_device() || ft.is_block_device() {
-            let (kind, dev) = if ft.is_fifo() {
-                (FileType::Fifo, 0)
-            } else if ft.is_char_device() {
-                (FileType::CharacterDevice, meta.rdev())
-            } else {
-                (FileType::BlockDevice, meta.rdev())
-            };
-            at.dir.mknod(at.name, kind, dev).map_err(create)?;
-        } else {
-            return Ok(Made::Skipped("a socket cannot be copied"));
+        match meta.kind() {
+            FileType::RegularFile => {
+                let mut from = (src.dir.open_file(src.name))
+                    .map_err(|e| PathError::new("opening", src.path, e))?;
+                let mut to = at.dir.create_file(at.name).map_err(create)?;
+                bytes = io::copy(&mut from, &mut to)
+                    .map_err(|e| PathError::new("copying", src.path, e))?;
+            }
+            FileType::Symlink => {
+                let target = (src.dir.read_link(src.name))
+                    .map_err(|e| PathError::new("reading", src.path, e))?;
+                at.dir.symlink(&target, at.name).map_err(create)?;
+            }
+            kind @ FileType::Fifo => at.dir.mknod(at.name, kind, 0).map_err(create)?,
+            kind @ (FileType::CharacterDevice | FileType::BlockDevice) => {
+                at.dir.mknod(at.name, kind, meta.rdev()).map_err(create)?
+            }
+            _ => return Ok(Made::Skipped("a socket cannot be copied")),
         }
         set_attributes(src, meta, at, true)?;
         set_times(at, meta)?;
@@ -105,22 +99,17 @@ impl Copier {
 
 /// Creates the directory `at` (which must not exist) with the owner, mode and data xattrs of
 /// the upper directory `src`. Its times are set by [`set_times`] once its contents are in.
-pub fn make_dir(src: Place, meta: &Metadata, at: Place) -> Result<(), PathError> {
+pub fn make_dir(src: Place, meta: &Stat, at: Place) -> Result<(), PathError> {
     (at.dir.create_dir(at.name)).map_err(|e| PathError::new("creating", at.path, e))?;
     set_attributes(src, meta, at, true)
 }
 
 /// Gives `at` the owner, mode and data xattrs of the upper entry `src`. `fresh`: `at` was just
 /// created and has no data xattrs of its own; otherwise those `src` lacks are removed.
-pub fn set_attributes(
-    src: Place,
-    meta: &Metadata,
-    at: Place,
-    fresh: bool,
-) -> Result<(), PathError> {
+pub fn set_attributes(src: Place, meta: &Stat, at: Place, fresh: bool) -> Result<(), PathError> {
     (at.dir.chown(at.name, meta.uid(), meta.gid()))
         .map_err(|e| PathError::new("setting the owner of", at.path, e))?;
-    if !meta.file_type().is_symlink() {
+    if meta.kind() != FileType::Symlink {
         (at.dir.chmod(at.name, meta.mode() & 0o7777))
             .map_err(|e| PathError::new("setting the mode of", at.path, e))?;
     }
@@ -138,16 +127,14 @@ pub fn set_attributes(
 }
 
 /// Gives `at` (a symlink itself, not its target) the access and modification times of `meta`.
-pub fn set_times(at: Place, meta: &Metadata) -> Result<(), PathError> {
+pub fn set_times(at: Place, meta: &Stat) -> Result<(), PathError> {
+    let timespec = |(tv_sec, tv_nsec): (i64, i64)| Timespec {
+        tv_sec,
+        tv_nsec: tv_nsec as _,
+    };
     let times = Timestamps {
-        last_access: Timespec {
-            tv_sec: meta.atime(),
-            tv_nsec: meta.atime_nsec() as _,
-        },
-        last_modification: Timespec {
-            tv_sec: meta.mtime(),
-            tv_nsec: meta.mtime_nsec() as _,
-        },
+        last_access: timespec(meta.atime()),
+        last_modification: timespec(meta.mtime()),
     };
     (at.dir.set_times(at.name, &times))
         .map_err(|e| PathError::new("setting the times of", at.path, e))

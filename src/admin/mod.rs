@@ -397,7 +397,7 @@ impl<S: Sys> Admin<S> {
             std::fs::create_dir(&resolved)
                 .map_err(|e| recover_err(PathError::new("creating", dest, e)))?;
             // A directory made here looks like the volume's root.
-            if let Ok(meta) = std::fs::symlink_metadata(&plan.upper) {
+            if let Ok(Some(meta)) = dir::Stat::of_path(&plan.upper) {
                 let open = |path: &Path| {
                     Dir::open(path).map_err(|e| recover_err(PathError::new("opening", path, e)))
                 };

@@ -34,16 +34,14 @@
 //! misread.
 
 use std::ffi::{OsStr, OsString};
-use std::fs::Metadata;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::PathError;
-use super::dir::{Dir, Place};
+use super::dir::{Dir, Place, Stat};
 use super::xattr;
 
 /// How a path differs from the base, with `docker diff`'s letters.
@@ -84,12 +82,12 @@ pub enum What {
     /// changes. `opaque`: it replaced a base directory, whose contents are all hidden (the
     /// top of such a replacement only: below it everything is replaced too).
     Dir {
-        meta: Metadata,
+        meta: Stat,
         change: Option<ChangeKind>,
         opaque: bool,
     },
     /// A file, symlink or special file of the upper.
-    Entry { meta: Metadata, change: ChangeKind },
+    Entry { meta: Stat, change: ChangeKind },
     /// A base entry that is gone: marked by a whiteout, or hidden by an opaque directory above.
     Deleted { whiteout: bool },
 }
@@ -142,21 +140,12 @@ enum Base {
 struct Frame {
     upper: Dir,
     base: Base,
-    children: std::vec::IntoIter<(OsString, Option<Metadata>)>,
+    children: std::vec::IntoIter<(OsString, Option<Stat>)>,
 }
 
 /// `lstat`, `None` when nothing is there.
-fn lstat(path: &Path) -> Result<Option<Metadata>, PathError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) => Ok(Some(m)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(PathError::new("looking at", path, e)),
-    }
-}
-
-/// A whiteout: the character device 0/0 overlayfs leaves for a deleted base entry.
-pub fn is_whiteout(meta: &Metadata) -> bool {
-    meta.file_type().is_char_device() && meta.rdev() == 0
+fn lstat(path: &Path) -> Result<Option<Stat>, PathError> {
+    Stat::of_path(path).map_err(|e| PathError::new("looking at", path, e))
 }
 
 /// The names in the directory at `path`, sorted bytewise.
@@ -165,7 +154,7 @@ fn names(dir: &Dir, path: &Path) -> Result<Vec<OsString>, PathError> {
 }
 
 /// `lstat` of an entry; `None` when nothing is there.
-fn lstat_at(at: Place) -> Result<Option<Metadata>, PathError> {
+fn lstat_at(at: Place) -> Result<Option<Stat>, PathError> {
     (at.dir.lstat(at.name)).map_err(|e| PathError::new("looking at", at.path, e))
 }
 
@@ -181,12 +170,11 @@ fn xattrs<T>(at: Place, read: fn(&Path) -> io::Result<T>) -> Result<T, PathError
 }
 
 /// Whether a directory present in upper and base shows other attributes than the base's.
-fn dir_differs(upper: Place, um: &Metadata, base: Place, bm: &Metadata) -> Result<bool, PathError> {
+fn dir_differs(upper: Place, um: &Stat, base: Place, bm: &Stat) -> Result<bool, PathError> {
     if um.mode() != bm.mode()
         || um.uid() != bm.uid()
         || um.gid() != bm.gid()
         || um.mtime() != bm.mtime()
-        || um.mtime_nsec() != bm.mtime_nsec()
     {
         return Ok(true);
     }
@@ -234,7 +222,7 @@ impl Plan {
     /// entries it hides when it replaced a base directory.
     fn frame(&self, rel: &Path, upper_dir: Dir, base: Base) -> Result<Frame, PathError> {
         let upper_path = self.upper.join(rel);
-        let mut children: Vec<(OsString, Option<Metadata>)> = Vec::new();
+        let mut children: Vec<(OsString, Option<Stat>)> = Vec::new();
         let mut present = Vec::new(); // upper names that are not whiteouts
         for name in names(&upper_dir, &upper_path)? {
             let path = upper_path.join(&name);
@@ -245,7 +233,7 @@ impl Plan {
             })?;
             // Gone while we read (the volume is mounted and in use): nothing to report.
             let Some(meta) = meta else { continue };
-            if !is_whiteout(&meta) {
+            if !meta.is_whiteout() {
                 present.push(name.clone());
             }
             children.push((name, Some(meta)));
@@ -277,7 +265,7 @@ impl Plan {
         upper_dir: &Dir,
         base: &Base,
         name: &OsStr,
-        meta: Option<Metadata>,
+        meta: Option<Stat>,
     ) -> Result<Option<(Dir, Base)>, PathError> {
         let path = rel.join(name);
         let upper_path = self.upper.join(&path);
@@ -307,7 +295,7 @@ impl Plan {
             });
             return Ok(None);
         };
-        if is_whiteout(&meta) {
+        if meta.is_whiteout() {
             if let (Base::Merge(_), Some(at)) = (base, base_at)
                 && lstat_at(at)?.is_some()
             {
@@ -431,28 +419,20 @@ pub fn usage(upper: &Path) -> Result<Usage, PathError> {
             name: &name,
             path: &path,
         };
-        // One fstatat per entry (`ls` reads every volume's upper whole): type and size are
-        // all it needs, so not the std `Metadata` that `Dir::lstat` opens the entry for.
-        use rustix::fs::FileType;
-        let st = match rustix::fs::statat(&*dir, &name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => Some(st),
-            Err(rustix::io::Errno::NOENT) => None, // gone while we read
-            Err(e) => return Err(PathError::new("looking at", &path, e.into())),
-        };
-        match st.map(|st| (FileType::from_raw_mode(st.st_mode), st)) {
-            Some((FileType::Directory, _)) => {
+        match lstat_at(at)? {
+            Some(st) if st.is_dir() => {
                 let below = open_dir(at)?;
                 open.push((names(&below, &path)?.into_iter(), below));
                 continue; // `path` stays that of the directory now read
             }
-            Some((FileType::CharacterDevice, st)) if st.st_rdev == 0 => {} // a whiteout
-            Some((kind, st)) => {
+            Some(st) if st.is_whiteout() => {}
+            Some(st) => {
                 total.files += 1;
-                if kind == FileType::RegularFile {
-                    total.bytes += st.st_size as u64;
+                if st.kind() == rustix::fs::FileType::RegularFile {
+                    total.bytes += st.len();
                 }
             }
-            None => {}
+            None => {} // gone while we read
         }
         path.pop();
     }
@@ -620,7 +600,7 @@ pub(crate) mod tests {
         std::fs::create_dir(l.upper.join("d")).unwrap();
         std::fs::write(l.upper.join("d/f"), "new").unwrap();
         let same = std::fs::metadata(l.base.join("d")).unwrap();
-        let t = |m: &Metadata| {
+        let t = |m: &std::fs::Metadata| {
             std::fs::FileTimes::new()
                 .set_accessed(m.accessed().unwrap())
                 .set_modified(m.modified().unwrap())
