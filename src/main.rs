@@ -194,6 +194,8 @@ struct Opts {
     legacy_mount_api: bool,
     read_timeout: Option<Duration>,
     allowed_bases: Vec<PathBuf>,
+    /// Where `allowed_bases` came from, for messages: the option or the environment.
+    allowed_bases_from: &'static str,
     host_root: Option<PathBuf>,
     mount_dir: Option<PathBuf>,
 }
@@ -259,20 +261,23 @@ fn main() -> ExitCode {
     match command {
         Command::Serve(args) => {
             logging::init();
+            let (allowed_bases, allowed_bases_from) = if args.allowed_bases.is_empty() {
+                let listed = std::env::var_os(ALLOWED_BASES_ENV).unwrap_or_default();
+                let dirs = std::env::split_paths(&listed)
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .collect();
+                (dirs, ALLOWED_BASES_ENV)
+            } else {
+                (args.allowed_bases, "--allowed-base")
+            };
             let opts = Opts {
                 socket: args.socket,
                 root: cli.root,
                 idle_timeout: args.idle_timeout,
                 legacy_mount_api: args.legacy_mount_api,
                 read_timeout: args.read_timeout,
-                allowed_bases: if args.allowed_bases.is_empty() {
-                    let listed = std::env::var_os(ALLOWED_BASES_ENV).unwrap_or_default();
-                    std::env::split_paths(&listed)
-                        .filter(|p| !p.as_os_str().is_empty())
-                        .collect()
-                } else {
-                    args.allowed_bases
-                },
+                allowed_bases,
+                allowed_bases_from,
                 host_root: args.host_root,
                 mount_dir: args.mount_dir,
             };
@@ -621,7 +626,8 @@ fn serve(opts: Opts) -> Result<()> {
             .with_context(|| format!("cannot use --host-root {}", dir.display()))?,
         None => HostRoot::default(),
     };
-    let allowed_bases = AllowedBases::new(&opts.allowed_bases, &host_root)?;
+    let allowed_bases = AllowedBases::new(&opts.allowed_bases, &host_root)
+        .with_context(|| format!("cannot use {}", opts.allowed_bases_from))?;
     if !allowed_bases.dirs().is_empty() {
         let dirs: Vec<String> = (allowed_bases.dirs().iter())
             .map(|d| d.display().to_string())

@@ -87,18 +87,19 @@ pub enum OptionsError {
     },
 }
 
-/// Why an `--allowed-base` directory was refused at startup.
+/// Why an allowed base directory was refused at startup (the caller says where it was given:
+/// `--allowed-base` or `DOCKER_ON_TOP_ALLOWED_BASES`).
 #[derive(Debug, Error)]
 pub enum AllowedBaseError {
-    #[error("--allowed-base {path:?} is not an absolute path")]
+    #[error("allowed base {path:?} is not an absolute path")]
     Relative { path: PathBuf },
-    #[error("--allowed-base {path:?} cannot be used")]
+    #[error("allowed base {path:?} cannot be used")]
     Unusable {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("--allowed-base {path:?} is not a directory")]
+    #[error("allowed base {path:?} is not a directory")]
     NotDirectory { path: PathBuf },
 }
 

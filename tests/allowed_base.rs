@@ -89,6 +89,8 @@ fn create_refuses_bases_outside_the_allowed_directories() {
     assert!(err.contains("cannot be used"), "{err}");
 }
 
+/// A bad allowed base stops the daemon at start, with a message that names where it was
+/// given: the option, or the environment variable a managed plugin's settings set.
 #[test]
 fn a_bad_allowed_base_stops_the_daemon_at_start() {
     let mut env = Env::new();
@@ -98,25 +100,39 @@ fn a_bad_allowed_base_stops_the_daemon_at_start() {
         (env.dir.join("file"), "is not a directory"),
         ("relative/dir".into(), "is not an absolute path"),
     ] {
-        let (mut cmd, log) = env.daemon_command(&["--allowed-base", arg.to_str().unwrap()]);
-        let mut child = cmd.spawn().unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
+        let arg = arg.to_str().unwrap();
+        for (from, by_env) in [
+            ("--allowed-base", false),
+            ("DOCKER_ON_TOP_ALLOWED_BASES", true),
+        ] {
+            let extra: &[&str] = if by_env {
+                &[]
+            } else {
+                &["--allowed-base", arg]
+            };
+            let (mut cmd, log) = env.daemon_command(extra);
+            if by_env {
+                cmd.env("DOCKER_ON_TOP_ALLOWED_BASES", arg);
             }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("the daemon started with --allowed-base {arg:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        assert_eq!(status.code(), Some(1), "{arg:?}");
-        let text = std::fs::read_to_string(&log).unwrap();
-        assert!(
-            text.contains("--allowed-base") && text.contains(why),
-            "{arg:?}: unclear message {text:?}"
-        );
+            let mut child = cmd.spawn().unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("the daemon started with {from} {arg:?}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert_eq!(status.code(), Some(1), "{from} {arg:?}");
+            let text = std::fs::read_to_string(&log).unwrap();
+            assert!(
+                text.contains(&format!("cannot use {from}: allowed base {arg:?} {why}")),
+                "{from} {arg:?}: unclear message {text:?}"
+            );
+        }
     }
 }
 

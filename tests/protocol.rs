@@ -1422,3 +1422,26 @@ fn socket_activation_serves_fd_3_and_leaves_the_socket() {
         "--socket was created despite socket activation"
     );
 }
+
+/// Sockets passed to another process (LISTEN_PID names a wrapper that forked the plugin
+/// instead of exec-ing it) are not the plugin's: it says so, and binds `--socket` itself.
+#[test]
+fn sockets_passed_to_another_process_are_named_and_left_alone() {
+    let mut env = Env::new();
+    env.start_adjusted(&[], |cmd| {
+        cmd.env("LISTEN_PID", "1").env("LISTEN_FDS", "1");
+    });
+    let r = request(
+        &env.socket,
+        "POST",
+        "/Plugin.Activate",
+        Some(&dockerd_body(None)),
+    );
+    assert_eq!(r.status, 200);
+    let logs = env.logs();
+    assert!(
+        logs.contains("ignoring the 1 socket(s) passed to process 1")
+            && logs.contains("a wrapper must exec the plugin"),
+        "{logs}"
+    );
+}

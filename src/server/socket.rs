@@ -152,6 +152,21 @@ pub fn listen(socket: &Path) -> io::Result<Listening> {
 fn activated() -> Result<Option<UnixListener>, ListenError> {
     use rustix::net::{AddressFamily, SocketType, sockopt};
 
+    // Sockets passed to another process (a wrapper that forked instead of exec-ing, so that
+    // LISTEN_PID names it): not ours. Said, since the socket bound instead then finds the
+    // path taken by systemd's.
+    if let (Some(fds), Ok(pid)) = (std::env::var_os("LISTEN_FDS"), std::env::var("LISTEN_PID"))
+        && pid
+            .parse::<u32>()
+            .is_ok_and(|pid| pid != std::process::id())
+    {
+        warn!(
+            "ignoring the {} socket(s) passed to process {pid}: this is process {} \
+             (a wrapper must exec the plugin)",
+            fds.to_string_lossy(),
+            std::process::id()
+        );
+    }
     let mut fds = sd_notify::listen_fds().map_err(ListenError::ListenFds)?;
     let fd = match (fds.len(), fds.next()) {
         (1, Some(fd)) => fd,
