@@ -390,7 +390,7 @@ impl Plan {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "PascalCase")]
 pub struct Usage {
-    /// Apparent size of its regular files.
+    /// Apparent size of its regular files, each hard-linked file counted once.
     pub bytes: u64,
     /// Its files, symlinks and special files; not directories, not whiteouts.
     pub files: u64,
@@ -402,6 +402,8 @@ pub fn usage(upper: &Path) -> Result<Usage, PathError> {
     if !lstat(upper)?.is_some_and(|m| m.is_dir()) {
         return Ok(total);
     }
+    // Files of more than one name, seen once already: their bytes are on the disk once.
+    let mut linked = std::collections::HashSet::new();
     let root = Dir::open(upper).map_err(|e| PathError::new("reading", upper, e))?;
     // Depth first, without recursion: the directories being read, from the root down, each
     // with the names it has left; `path` is the deepest's.
@@ -428,7 +430,9 @@ pub fn usage(upper: &Path) -> Result<Usage, PathError> {
             Some(st) if st.is_whiteout() => {}
             Some(st) => {
                 total.files += 1;
-                if st.kind() == rustix::fs::FileType::RegularFile {
+                if st.kind() == rustix::fs::FileType::RegularFile
+                    && (st.nlink() == 1 || linked.insert((st.dev(), st.ino())))
+                {
                     total.bytes += st.len();
                 }
             }
@@ -573,6 +577,12 @@ pub(crate) mod tests {
         let plan = Plan::read(&l.upper.join("none"), Some(&l.base)).unwrap();
         assert!(plan.items.is_empty());
         assert_eq!(usage(&l.upper.join("none")).unwrap(), Usage::default());
+        std::fs::hard_link(l.upper.join("d/f"), l.upper.join("g")).unwrap();
+        assert_eq!(
+            usage(&l.upper).unwrap(),
+            Usage { bytes: 1, files: 2 },
+            "a file of two names holds its bytes once"
+        );
     }
 
     #[test]
