@@ -60,6 +60,8 @@ install:
 	install -m 0755 "$(BIN)" "$(DESTDIR)$(BINDIR)/docker-on-top"
 	install -m 0644 README.md "$(DESTDIR)$(DOCDIR)/README.md"
 	install -m 0644 $(addprefix dist/man/,$(MANPAGES)) "$(DESTDIR)$(MANDIR)/"
+	sed -e 's|/usr/share/doc/docker-on-top/|$(DOCDIR)/|' dist/man/docker-on-top.8 \
+		> "$(DESTDIR)$(MANDIR)/docker-on-top.8"
 	install -m 0644 dist/completions/docker-on-top.bash "$(DESTDIR)$(BASHCOMPDIR)/docker-on-top"
 	install -m 0644 dist/completions/_docker-on-top "$(DESTDIR)$(ZSHCOMPDIR)/_docker-on-top"
 	install -m 0644 dist/completions/docker-on-top.fish "$(DESTDIR)$(FISHCOMPDIR)/docker-on-top.fish"

@@ -551,6 +551,7 @@ fn man_page(cmd: &clap::Command, title: &str, sub: bool, out: &mut dyn Write) ->
     if sub {
         writeln!(w, "\\fBdocker-on-top\\fR(8)")?;
     } else {
+        // The package's path; `make install` writes its DOCDIR instead.
         writeln!(
             w,
             "\\fBdocker-volume-create\\fR(1), \\fBpodman-volume-create\\fR(1), \

@@ -186,18 +186,24 @@ fn make_install_follows_prefix_and_destdir() {
         std::fs::read_to_string(units.join("docker-on-top.socket")).unwrap(),
         read("docker-on-top.socket")
     );
-    // The man pages and the completions, as dist/ has them.
+    // The man pages and the completions, as dist/ has them; the main page's SEE ALSO names
+    // the README where it was installed.
     let man = dest.join("opt/dot/share/man/man8");
-    for page in [
-        "docker-on-top.8",
-        "docker-on-top-serve.8",
-        "docker-on-top-commit.8",
-    ] {
+    for page in ["docker-on-top-serve.8", "docker-on-top-commit.8"] {
         assert_eq!(
             std::fs::read_to_string(man.join(page)).unwrap(),
             read(&format!("dist/man/{page}"))
         );
     }
+    let main_page = read("dist/man/docker-on-top.8");
+    assert!(main_page.contains("/usr/share/doc/docker-on-top/README.md"));
+    assert_eq!(
+        std::fs::read_to_string(man.join("docker-on-top.8")).unwrap(),
+        main_page.replace(
+            "/usr/share/doc/docker-on-top/README.md",
+            "/opt/dot/share/doc/docker-on-top/README.md"
+        )
+    );
     for (installed, source) in [
         (
             "bash-completion/completions/docker-on-top",
