@@ -146,6 +146,15 @@ pub enum DriverError {
         #[source]
         source: OptionsError,
     },
+    #[error(
+        "the base directory of volume {name}, {base:?}, is in the overlay of a volume of this \
+         plugin (its changes are in {upper:?}): a volume cannot be made of another one"
+    )]
+    BaseInVolume {
+        name: VolumeName,
+        base: PathBuf,
+        upper: PathBuf,
+    },
     #[error("the base directory of volume {name} is unusable: {base:?}")]
     BaseGone {
         name: VolumeName,
@@ -461,6 +470,34 @@ impl<S: Sys> Driver<S> {
                 source,
             },
         })
+    }
+
+    /// Opens the base for a Mount or a Create: [`Driver::open_base`], and refused when it lies
+    /// in the overlay of one of this root's volumes (reached through `--mount-dir`, or a bind
+    /// of a mountpoint). The overlay made of it would hold that volume's overlay as its lower
+    /// layer, out of every mount table: the volume's next last Unmount would leave its overlay
+    /// alive, the next Mount would mount a second one on the same upper, and Remove would
+    /// delete the upper from under the first.
+    pub(crate) fn open_lower(
+        &self,
+        name: &VolumeName,
+        meta: &Metadata,
+    ) -> Result<OpenedBase, DriverError> {
+        let base = self.open_base(name, meta, false)?;
+        let upper =
+            (self.sys.overlay_upper_below(base.fd())).map_err(|source| DriverError::BaseGone {
+                name: name.clone(),
+                base: meta.base.clone(),
+                source,
+            })?;
+        match upper {
+            Some(upper) if self.root.holds_upper(&upper) => Err(DriverError::BaseInVolume {
+                name: name.clone(),
+                base: base.real_path().to_owned(),
+                upper,
+            }),
+            _ => Ok(base),
+        }
     }
 
     /// Processes of other mount namespaces that hold a copy of the volume's overlay.

@@ -390,6 +390,12 @@ impl OpenedBase {
     pub fn real_path(&self) -> &Path {
         &self.real
     }
+
+    /// The open directory itself.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.dir.as_fd()
+    }
 }
 
 /// The file system of a sized volume's image.

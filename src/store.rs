@@ -277,6 +277,14 @@ impl Root {
         &self.path
     }
 
+    /// Whether an overlay's `upperdir=`, as the mount table shows it, lies in this root: a
+    /// plain path (the new mount API), or one escaped for mount(2)'s option string.
+    pub fn holds_upper(&self, upper: &Path) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let escaped = crate::sys::escape_option_path(self.path.as_os_str());
+        upper.starts_with(&self.path) || upper.starts_with(std::ffi::OsStr::from_bytes(&escaped))
+    }
+
     /// Where overlays are mounted, if not in the volumes' own directories.
     pub fn mount_dir(&self) -> Option<&Path> {
         self.mount_dir.as_deref()

@@ -10,6 +10,7 @@
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -152,6 +153,9 @@ pub trait Sys: Send + Sync + 'static {
     fn is_mount_root(&self, target: &Path) -> Result<bool, SysError>;
     /// Size and bytes used of the file system at `target` (one statfs).
     fn fs_usage(&self, target: &Path) -> io::Result<(u64, u64)>;
+    /// When the directory `dir` lies in an overlay this mount namespace lists, that overlay's
+    /// `upperdir=` as its mounter gave it. On any other file system one `fstatfs` says so.
+    fn overlay_upper_below(&self, dir: BorrowedFd<'_>) -> io::Result<Option<PathBuf>>;
 }
 
 /// The real kernel.
@@ -334,6 +338,18 @@ impl Sys for RealSys {
 
     fn fs_usage(&self, target: &Path) -> io::Result<(u64, u64)> {
         image::usage(target)
+    }
+
+    fn overlay_upper_below(&self, dir: BorrowedFd<'_>) -> io::Result<Option<PathBuf>> {
+        if rustix::fs::fstatfs(dir)?.f_type != OVERLAYFS_SUPER_MAGIC {
+            return Ok(None);
+        }
+        // An overlay reports its own device for its directories.
+        let dev = rustix::fs::fstat(dir)?.st_dev;
+        let dev = (rustix::fs::major(dev), rustix::fs::minor(dev));
+        let mounts = mountinfo::parse(&std::fs::read("/proc/self/mountinfo")?);
+        Ok(mountinfo::overlay_upper_of(&mounts, dev)
+            .map(|upper| PathBuf::from(OsStr::from_bytes(upper))))
     }
 
     fn process_start_time(&self, pid: u32) -> Option<u64> {
@@ -612,6 +628,8 @@ pub struct RecordingState {
     pub boot_id: String,
     /// Where an image is attached ([`Sys::attach_image`]), and which.
     pub attached: std::collections::HashMap<PathBuf, PathBuf>,
+    /// What [`Sys::overlay_upper_below`] answers for every base.
+    pub base_overlay_upper: Option<PathBuf>,
 }
 
 impl Sys for RecordingSys {
@@ -731,6 +749,10 @@ impl Sys for RecordingSys {
 
     fn fs_usage(&self, _target: &Path) -> io::Result<(u64, u64)> {
         Ok((1 << 30, 4096))
+    }
+
+    fn overlay_upper_below(&self, _dir: BorrowedFd<'_>) -> io::Result<Option<PathBuf>> {
+        Ok(self.state.lock().unwrap().base_overlay_upper.clone())
     }
 }
 

@@ -587,6 +587,16 @@ fn main() -> ExitCode {
                 e.mounted("shared")?,
                 "the overlay is not in the propagated mount"
             );
+            // The overlay, as the host sees it through the propagated mount, is no base.
+            let inside = format!("base={}", e.propagated().join("shared").display());
+            let err = e.docker_fails(&[
+                "volume", "create", "--driver", PLUGIN, "-o", &inside, "stacked",
+            ])?;
+            ensure!(
+                err.contains("is in the overlay of a volume of this plugin")
+                    && !e.state.join("stacked").exists(),
+                "a volume made of the mounted overlay of another: {err}"
+            );
             ensure!(
                 e.records("shared")?.len() == 2,
                 "records: {:?}",

@@ -1445,3 +1445,68 @@ fn sockets_passed_to_another_process_are_named_and_left_alone() {
         "{logs}"
     );
 }
+
+/// A base inside the overlay of one of the plugin's own volumes (reached through
+/// `--mount-dir`, as a managed plugin's propagated mount is reached through `/host`) is refused
+/// at Create and again at Mount: the overlay made of it would keep the other volume's overlay
+/// alive as its lower layer, out of every mount table, and that volume's next Mount would put a
+/// second overlay on the same upper.
+#[test]
+fn a_base_inside_a_volumes_overlay_is_refused_at_create_and_at_mount() {
+    let mut env = Env::new();
+    let mounts = env.dir.join("mounts");
+    env.start(&["--mount-dir", s(&mounts)]);
+    let base = make_base(&env, "base");
+    env.create_ok("a", &base, false);
+    let call =
+        |endpoint: &str, args: Value| common::daemon::call(&env.socket, endpoint, Some(&args));
+    let mount =
+        |name: &str, n: u32| call("/VolumeDriver.Mount", json!({ "Name": name, "ID": id(n) }));
+    let unmount = |name: &str, n: u32| {
+        call(
+            "/VolumeDriver.Unmount",
+            json!({ "Name": name, "ID": id(n) }),
+        )
+        .unwrap();
+    };
+    let a_mp = mounts.join("a");
+    assert_eq!(mount("a", 1).unwrap()["Mountpoint"], s(&a_mp));
+    let inside = a_mp.join("sub");
+    std::fs::create_dir(env.seen(&inside)).unwrap();
+    let upper = env.volume_dir("a").join("upper");
+    let refused = |err: String| {
+        assert!(
+            err.contains("is in the overlay of a volume of this plugin")
+                && err.contains(&format!("{upper:?}")),
+            "unclear error {err:?}"
+        );
+    };
+    for dir in [&a_mp, &inside] {
+        refused(
+            env.create("b", &[("base", s(dir))])
+                .expect_err("made a volume of another one"),
+        );
+        assert!(!env.root.join("b").exists(), "a refused Create left b");
+    }
+
+    // Made while a is not mounted (its mountpoint an empty directory), refused once it is.
+    unmount("a", 1);
+    env.create("b", &[("base", s(&a_mp))]).unwrap();
+    mount("a", 2).unwrap();
+    refused(mount("b", 3).expect_err("mounted a volume on another one"));
+    assert!(
+        env.overlays_at(&mounts.join("b")).is_empty(),
+        "b is mounted"
+    );
+    assert!(
+        names(&env.root.join("b/activemounts")).is_empty(),
+        "a refused Mount left a record"
+    );
+    unmount("a", 2);
+    let b = mount("b", 3).unwrap();
+    assert_eq!(b["Mountpoint"], s(&mounts.join("b")));
+    unmount("b", 3);
+    for name in ["b", "a"] {
+        env.remove(name).unwrap();
+    }
+}

@@ -44,6 +44,9 @@ impl<S: Sys> Driver<S> {
             created_at: Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
             size: opts.size,
         };
+        // As a Mount would refuse it, a base in one of our volumes' overlays (the Mount
+        // checks again: that overlay may be mounted after this Create).
+        drop(self.open_lower(name, &meta)?);
         let staging = VolumeDir::new(self.root.staging_slot(name), opts.size.is_some());
         let mut image_err = None;
         let built = (|| -> io::Result<()> {

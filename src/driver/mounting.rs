@@ -75,7 +75,7 @@ impl<S: Sys> Driver<S> {
         // Checked before any step: a refused base changes nothing.
         let base = steps
             .mount
-            .then(|| self.open_base(name, &meta, false))
+            .then(|| self.open_lower(name, &meta))
             .transpose()?;
         let lower = base.as_ref().map(OpenedBase::fd_path);
         self.carry_out(name, &vol, &steps, &mut records, strays, &gone)?;

@@ -14,6 +14,8 @@ use super::escape_option_path;
 pub struct Mount {
     pub id: u64,
     pub parent: u64,
+    /// Its file system's device, `(major, minor)`, as its directories' `st_dev` shows it.
+    pub dev: (u32, u32),
     /// The directory of its file system mounted here (not `/` for a bind of a subdirectory).
     pub root: PathBuf,
     pub mount_point: PathBuf,
@@ -57,11 +59,16 @@ pub fn parse(info: &[u8]) -> Vec<Mount> {
             continue;
         };
         let path = |field: &[u8]| PathBuf::from(OsStr::from_bytes(&unescape(field)));
-        let (Some(_dev), Some(root), Some(mount_point), Some(_options)) =
+        let (Some(dev), Some(root), Some(mount_point), Some(_options)) =
             (fields.next(), fields.next(), fields.next(), fields.next())
         else {
             continue;
         };
+        let dev = std::str::from_utf8(dev).ok().and_then(|dev| {
+            let (major, minor) = dev.split_once(':')?;
+            Some((major.parse().ok()?, minor.parse().ok()?))
+        });
+        let Some(dev) = dev else { continue };
         let tagged = |optional: &[u8], tag: &[u8]| -> Option<u64> {
             std::str::from_utf8(optional.strip_prefix(tag)?)
                 .ok()?
@@ -77,6 +84,7 @@ pub fn parse(info: &[u8]) -> Vec<Mount> {
         found.push(Mount {
             id,
             parent,
+            dev,
             root: path(root),
             mount_point: path(mount_point),
             shared,
@@ -85,6 +93,13 @@ pub fn parse(info: &[u8]) -> Vec<Mount> {
         });
     }
     found
+}
+
+/// The `upperdir=` of the overlay whose device is `dev`, if the mount table lists one.
+pub fn overlay_upper_of(mounts: &[Mount], dev: (u32, u32)) -> Option<&[u8]> {
+    (mounts.iter())
+        .find(|m| m.dev == dev && m.upper.is_some())
+        .and_then(|m| m.upper.as_deref())
 }
 
 /// Whether a mountinfo text lists an overlay with `upperdir` equal to `upper`. Cheaper than
@@ -212,6 +227,16 @@ mod tests {
     const OURS: &[u8] = b"20 1 8:1 / / rw - ext4 /dev/root rw\n\
         30 20 0:40 / /p rw shared:1 - tmpfs t rw\n\
         31 30 0:41 / /p/v rw shared:2 - overlay o rw,upperdir=/u,workdir=/w\n";
+
+    #[test]
+    fn an_overlay_is_found_by_its_device() {
+        let mounts = parse(OURS);
+        assert_eq!(mounts[2].dev, (0, 41));
+        assert_eq!(overlay_upper_of(&mounts, (0, 41)), Some(&b"/u"[..]));
+        assert_eq!(overlay_upper_of(&mounts, (0, 40)), None, "a tmpfs");
+        assert_eq!(overlay_upper_of(&mounts, (0, 99)), None);
+        assert!(parse(b"20 1 x / / rw - ext4 /dev/root rw\n").is_empty());
+    }
 
     fn holds_in(theirs: &[u8]) -> bool {
         let reach = Reach::of(&parse(OURS), Path::new("/u"));
