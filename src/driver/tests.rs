@@ -169,6 +169,33 @@ fn an_upper_holds_entries_as_its_stat_or_its_first_entry_says() {
     assert!(holds_entries(&dir).unwrap(), "many files");
 }
 
+/// A base in an overlay whose upper is in this root is another volume's overlay: refused at
+/// Create and at Mount, with nothing made or mounted. An overlay of anything else is a base
+/// like any other.
+#[test]
+fn a_base_in_one_of_our_overlays_is_refused() {
+    let f = fixture();
+    f.create("v", false);
+    let ours = f.vol("other").upper();
+    f.sys().base_overlay_upper = Some(ours.clone());
+    let mut o = BTreeMap::new();
+    o.insert("base".to_string(), f.base.to_str().unwrap().to_string());
+    let err = f.driver.create(&name("w"), &o).unwrap_err();
+    assert!(
+        matches!(&err, DriverError::BaseInVolume { upper, .. } if *upper == ours),
+        "{err}"
+    );
+    assert!(!f.vol("w").path.exists());
+    let err = f.driver.mount(&name("v"), &id("a"), None).unwrap_err();
+    assert!(matches!(err, DriverError::BaseInVolume { .. }), "{err}");
+    assert!(f.calls().is_empty(), "{:?}", f.calls());
+    assert_eq!(f.count("v", "a"), None);
+
+    f.sys().base_overlay_upper = Some(PathBuf::from("/var/lib/docker/overlay2/x/diff"));
+    f.driver.mount(&name("v"), &id("a"), None).unwrap();
+    f.driver.create(&name("w"), &o).unwrap();
+}
+
 #[test]
 fn unknown_volume_errors() {
     let f = fixture();
