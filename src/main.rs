@@ -655,7 +655,7 @@ fn serve(opts: Opts) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let result = runtime.block_on(async {
-        let stop = stop_signal().context("cannot install the signal handlers")?;
+        let (stop, hurry) = stop_signals().context("cannot install the signal handlers")?;
         let listening = server::listen(&opts.socket).context("cannot acquire the plugin socket")?;
         let how = match &listening {
             Listening::Activated(_) => "socket activated",
@@ -672,7 +672,7 @@ fn serve(opts: Opts) -> Result<()> {
             idle_timeout: opts.idle_timeout,
             read_timeout: opts.read_timeout,
         };
-        server::serve(listener, driver.clone(), serve_opts, stop)
+        server::serve(listener, driver.clone(), serve_opts, stop, hurry)
             .await
             .context("cannot accept connections")
     });
@@ -680,16 +680,37 @@ fn serve(opts: Opts) -> Result<()> {
     result
 }
 
-/// Completes on SIGTERM or SIGINT. Installed before the service reports ready, so that no
-/// early signal kills the process without a clean shutdown.
-fn stop_signal() -> std::io::Result<impl Future<Output = ()>> {
+/// The first future completes on SIGTERM or SIGINT, the second on the signal after it (a
+/// second Ctrl-C, a second `systemctl kill`): stop, then stop waiting for clients. Installed
+/// before the service reports ready, so that no early signal kills the process without a
+/// clean shutdown.
+fn stop_signals() -> std::io::Result<(impl Future<Output = ()>, impl Future<Output = ()>)> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        let name = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        };
-        info!("received {name}, stopping");
-    })
+    let (count_tx, count_rx) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            let count = *count_tx.borrow() + 1;
+            if count == 1 {
+                info!("received {name}, stopping");
+            }
+            if count_tx.send(count).is_err() {
+                break;
+            }
+        }
+    });
+    let after = |n: u32| {
+        let mut rx = count_rx.clone();
+        async move {
+            // An error: the counter is gone with the runtime, and no signal will come.
+            if rx.wait_for(|&count| count >= n).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    Ok((after(1), after(2)))
 }

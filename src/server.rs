@@ -85,7 +85,8 @@ pub struct ServeOptions {
 /// [`ServeOptions::idle_timeout`], until no request has been in flight for that long.
 ///
 /// Then it tells systemd it is stopping, closes the listener, lets every open connection
-/// finish the request it is on (for at most [`DRAIN_TIMEOUT`]) and returns. The caller tells
+/// finish the request it is on (for at most [`DRAIN_TIMEOUT`], or until `hurry` completes)
+/// and returns. The caller tells
 /// systemd it is ready before calling this. Queries run on the runtime's own thread and calls
 /// that change state on its blocking pool (see `run`). Errors only when accepting fails
 /// persistently.
@@ -94,6 +95,7 @@ pub async fn serve(
     driver: Arc<Driver>,
     opts: ServeOptions,
     shutdown: impl Future<Output = ()>,
+    hurry: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let body_timeout = opts.read_timeout.unwrap_or(BODY_READ_TIMEOUT);
     let app = router(Arc::new(Shared {
@@ -177,15 +179,22 @@ pub async fn serve(
     drop(listener);
     let _ = stop_tx.send(true);
     let all = u32::try_from(limit).expect("the connection limit fits in u32");
-    if tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all))
-        .await
-        .is_err()
-    {
-        warn!(
-            "{} connections still open after {}, stopping anyway",
-            limit - slots.available_permits(),
-            humantime::format_duration(DRAIN_TIMEOUT)
-        );
+    let open = || limit - slots.available_permits();
+    tokio::select! {
+        drained = tokio::time::timeout(DRAIN_TIMEOUT, slots.acquire_many(all)) => {
+            if drained.is_err() {
+                warn!(
+                    "{} connections still open after {}, stopping anyway",
+                    open(),
+                    humantime::format_duration(DRAIN_TIMEOUT)
+                );
+            }
+        }
+        () = hurry => {
+            let n = open();
+            let plural = if n == 1 { "" } else { "s" };
+            warn!("signalled again: stopping without waiting for {n} open connection{plural}");
+        }
     }
     result
 }

@@ -1326,6 +1326,42 @@ fn sigterm_finishes_the_request_in_flight() {
     env.assert_mounted_once("v");
 }
 
+/// A stop waits for a client still sending its request (up to the body timeout), but a second
+/// signal ends the wait: Ctrl-C twice, or `systemctl kill` after a stop, needs no SIGKILL.
+#[test]
+fn a_second_signal_stops_without_waiting_for_slow_clients() {
+    use std::io::Write;
+    let mut env = Env::new();
+    env.start(&[]);
+    let mut slow = std::os::unix::net::UnixStream::connect(&env.socket).unwrap();
+    slow.write_all(
+        b"POST /VolumeDriver.Get HTTP/1.1\r\nHost: plugin\r\nContent-Length: 100\r\n\r\n{\"Na",
+    )
+    .unwrap();
+    let mut daemon = env.daemon.take().unwrap();
+    // The body has begun: the request is the daemon's once its head is read.
+    std::thread::sleep(Duration::from_millis(200));
+    daemon.signal(rustix::process::Signal::TERM);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        daemon.try_status().is_none(),
+        "the first signal did not wait for the request being sent"
+    );
+    let second = Instant::now();
+    daemon.signal(rustix::process::Signal::INT);
+    let status = daemon
+        .wait_timeout(Duration::from_secs(5))
+        .expect("the daemon did not exit after a second signal");
+    assert!(second.elapsed() < Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0), "{status}");
+    let logs = env.logs();
+    assert!(
+        logs.contains("signalled again: stopping without waiting for 1 open connection\n"),
+        "{logs}"
+    );
+    assert!(!env.socket.exists(), "the socket file is still there");
+}
+
 #[test]
 fn idle_timeout_exits_by_itself() {
     let mut env = Env::new();
