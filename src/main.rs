@@ -240,17 +240,16 @@ fn main() -> ExitCode {
     };
     // A serve option before another command is a usage error, not silently ignored.
     if let Some((sub, _)) = matches.subcommand() {
-        let ids: Vec<String> = (ServeArgs::augment_args(clap::Command::new("serve")))
+        let args: Vec<(String, String)> = (ServeArgs::augment_args(clap::Command::new("serve")))
             .get_arguments()
-            .map(|a| a.get_id().to_string())
+            .filter_map(|a| Some((a.get_id().to_string(), a.get_long()?.to_owned())))
             .collect();
-        for id in ids {
+        for (id, long) in args {
             if matches.value_source(&id) == Some(clap::parser::ValueSource::CommandLine) {
                 cmd.error(
                     clap::error::ErrorKind::ArgumentConflict,
                     format!(
-                        "--{0} goes after `serve` (`docker-on-top serve --{0} ...`), not before `{sub}`",
-                        id.replace('_', "-")
+                        "--{long} goes after `serve` (`docker-on-top serve --{long} ...`), not before `{sub}`"
                     ),
                 )
                 .exit();
@@ -412,19 +411,23 @@ fn admin(root: &Path, command: Command) -> Result<()> {
         }
         Command::Reset { name: n, verbose } => {
             let vol = name(&n)?;
-            let upper = admin.driver().root().volume(&vol).upper();
+            let dir = admin.driver().root().volume(&vol);
+            // A sized volume's changes go with its image, and a fresh image takes its place.
+            let (changes, made) = if dir.sized() {
+                (dir.image(), "made a fresh image at")
+            } else {
+                (dir.upper(), "made anew, empty:")
+            };
             let done = admin.reset(&vol)?;
             warn(&done.warnings);
-            match (&done.trashed, verbose.verbose) {
-                (Some(trashed), true) => {
-                    writeln!(out, "moved {} to {}", upper.display(), trashed.display())?;
-                    if done.warnings.is_empty() {
-                        writeln!(out, "deleted {}", trashed.display())?;
-                    }
-                    writeln!(out, "made {} anew, empty", upper.display())?;
+            if verbose.verbose {
+                if let Some(trashed) = &done.trashed {
+                    writeln!(out, "moved {} to {}", changes.display(), trashed.display())?;
                 }
-                (None, true) => writeln!(out, "made {} anew, empty", upper.display())?,
-                (_, false) => {}
+                writeln!(out, "{made} {}", changes.display())?;
+                if let Some(trashed) = done.trashed.as_ref().filter(|_| done.warnings.is_empty()) {
+                    writeln!(out, "deleted {}", trashed.display())?;
+                }
             }
             writeln!(out, "volume {n}: changes discarded")?;
         }

@@ -1080,13 +1080,17 @@ fn reset_discards_the_changes_of_an_unmounted_volume_only() {
     let upper = e.upper("v");
     let out = e.ok(&["reset", "v", "-v"]);
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.last(), Some(&"volume v: changes discarded"), "{out}");
-    assert!(lines.len() >= 2, "{out}");
-    assert!(
-        lines[..lines.len() - 1]
-            .iter()
-            .all(|l| l.contains(upper.to_str().unwrap()) || l.starts_with("deleted ")),
-        "{out}"
+    let trashed = lines[0]
+        .strip_prefix(&format!("moved {} to ", upper.display()))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert_eq!(
+        lines[1..],
+        [
+            format!("made anew, empty: {}", upper.display()),
+            format!("deleted {trashed}"),
+            "volume v: changes discarded".to_owned()
+        ],
+        "the steps in the order they were done"
     );
     assert_eq!(e.ok(&["changes", "v"]), "");
     assert_eq!(std::fs::read_dir(e.upper("v")).unwrap().count(), 0);
@@ -1348,7 +1352,19 @@ fn admin_commands_work_on_a_sized_volume_attached_or_not() {
     write(&mp.join("scratch.txt"), "x");
     e.unmount("s", "b");
     detach();
-    e.ok(&["reset", "s"]);
+    // -v names the image: it goes, with the changes in it, and a fresh one takes its place.
+    let out = e.ok(&["reset", "s", "-v"]);
+    let image = vol.image();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[0].starts_with(&format!("moved {} to ", image.display())),
+        "{out}"
+    );
+    assert_eq!(
+        lines[1],
+        format!("made a fresh image at {}", image.display())
+    );
+    assert!(lines[2].starts_with("deleted "), "{out}");
     assert_eq!(e.ok(&["changes", "s"]), "");
     assert!(e.trash_is_empty());
     e.driver.remove(&name("s")).unwrap();
@@ -1386,6 +1402,21 @@ fn usage_errors_exit_2_and_serve_options_belong_to_serve() {
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         assert!(out.stdout.is_empty(), "{args:?}");
     }
+    // A serve option before a command is named as it is spelt.
+    let out = bin()
+        .args(["--allowed-base", "/", "--root"])
+        .arg(e.path("never"))
+        .arg("ls")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "--allowed-base goes after `serve` (`docker-on-top serve --allowed-base ...`)"
+        ),
+        "{err}"
+    );
     let out = bin().arg("--version").output().unwrap();
     assert!(out.status.success());
     assert_eq!(
