@@ -12,7 +12,7 @@ use std::io::{self, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
@@ -679,9 +679,22 @@ fn serve(opts: Opts) -> Result<()> {
             .await
             .context("cannot accept connections")
     });
-    runtime.shutdown_timeout(Duration::from_secs(10));
+    // Calls still running on the driver (a Mount waiting for a volume's lock, say) get this
+    // long, and are then cut short as a crash would cut them: the next start recovers.
+    let started = Instant::now();
+    runtime.shutdown_timeout(SHUTDOWN_TIMEOUT);
+    if started.elapsed() >= SHUTDOWN_TIMEOUT {
+        log::warn!(
+            "calls on the driver still running after {} were cut short",
+            humantime::format_duration(SHUTDOWN_TIMEOUT)
+        );
+    }
     result
 }
+
+/// How long a stop waits for the calls still running on the driver once the connections are
+/// done with (or given up on).
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The first future completes on SIGTERM or SIGINT, the second on the signal after it (a
 /// second Ctrl-C, a second `systemctl kill`): stop, then stop waiting for clients. Installed

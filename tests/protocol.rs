@@ -1362,6 +1362,65 @@ fn a_second_signal_stops_without_waiting_for_slow_clients() {
     assert!(!env.socket.exists(), "the socket file is still there");
 }
 
+/// After a second signal, a call still running on the driver (a Mount waiting for the volume's
+/// lock) gets 10 s and is then cut short, as a crash would cut it, and said so; the next start
+/// serves the volume as usual.
+#[test]
+fn a_second_signal_cuts_driver_calls_short_after_10_s() {
+    let mut env = Env::new();
+    env.start(&[]);
+    let base = make_base(&env, "base");
+    env.create_ok("v", &base, false);
+    let vol_dir = std::fs::File::open(env.volume_dir("v")).unwrap();
+    vol_dir.lock().unwrap();
+    let ino = vol_dir.metadata().unwrap().ino();
+    let mut daemon = env.daemon.take().unwrap();
+    let pid = daemon.pid();
+    let (mount, status, after_second) = std::thread::scope(|scope| {
+        // Raw: the answer never comes, the connection just closes.
+        let mount = scope.spawn(|| {
+            use std::io::{Read, Write};
+            let body = dockerd_body(Some(&json!({ "Name": "v", "ID": id(1) })));
+            let mut c = std::os::unix::net::UnixStream::connect(&env.socket).unwrap();
+            write!(
+                c,
+                "POST /VolumeDriver.Mount HTTP/1.1\r\nHost: plugin\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .unwrap();
+            c.write_all(&body).unwrap();
+            let mut answer = String::new();
+            let _ = c.read_to_string(&mut answer);
+            answer
+        });
+        wait_until(
+            Duration::from_secs(10),
+            "the Mount to wait for the lock",
+            || waits_for_flock(pid, ino),
+        );
+        daemon.signal(rustix::process::Signal::TERM);
+        std::thread::sleep(Duration::from_millis(300));
+        let second = Instant::now();
+        daemon.signal(rustix::process::Signal::TERM);
+        let status = daemon.wait_timeout(Duration::from_secs(20));
+        (mount.join().unwrap(), status, second.elapsed())
+    });
+    let status = status.expect("the daemon did not exit after a second signal");
+    assert_eq!(status.code(), Some(0), "{status}");
+    assert!(after_second >= Duration::from_secs(9), "{after_second:?}");
+    assert_eq!(mount, "", "the cut Mount answered");
+    let logs = env.logs();
+    assert!(
+        logs.contains("calls on the driver still running after 10s were cut short"),
+        "{logs}"
+    );
+    drop(vol_dir);
+    env.start(&[]);
+    env.mount_ok("v", &id(2));
+    env.unmount_ok("v", &id(2));
+    env.assert_not_mounted("v");
+}
+
 #[test]
 fn idle_timeout_exits_by_itself() {
     let mut env = Env::new();
