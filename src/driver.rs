@@ -147,13 +147,14 @@ pub enum DriverError {
         source: OptionsError,
     },
     #[error(
-        "the base directory of volume {name}, {base:?}, is in the overlay of a volume of this \
-         plugin (its changes are in {upper:?}): a volume cannot be made of another one"
+        "the base directory of volume {name}, {base:?}, is in a file system this plugin mounted \
+         for a volume ({at:?}): a volume cannot be made of another one"
     )]
     BaseInVolume {
         name: VolumeName,
         base: PathBuf,
-        upper: PathBuf,
+        /// The volume's upper (an overlay), or where its image's file system is mounted.
+        at: PathBuf,
     },
     #[error("the base directory of volume {name} is unusable: {base:?}")]
     BaseGone {
@@ -473,30 +474,39 @@ impl<S: Sys> Driver<S> {
     }
 
     /// Opens the base for a Mount or a Create: [`Driver::open_base`], and refused when it lies
-    /// in the overlay of one of this root's volumes (reached through `--mount-dir`, or a bind
-    /// of a mountpoint). The overlay made of it would hold that volume's overlay as its lower
-    /// layer, out of every mount table: the volume's next last Unmount would leave its overlay
-    /// alive, the next Mount would mount a second one on the same upper, and Remove would
-    /// delete the upper from under the first.
+    /// in a file system mounted for one of this root's volumes: its overlay (reached through
+    /// `--mount-dir`, or a bind of a mountpoint), or a sized volume's image (a bind of its
+    /// `upper/`). The overlay made of it would hold that file system as its lower layer, out
+    /// of every mount table: the volume's next last Unmount would leave its overlay alive, the
+    /// next Mount would mount a second one on the same upper (or fail to attach the image),
+    /// and Remove would delete the upper from under the first.
     pub(crate) fn open_lower(
         &self,
         name: &VolumeName,
         meta: &Metadata,
     ) -> Result<OpenedBase, DriverError> {
         let base = self.open_base(name, meta, false)?;
-        let upper =
-            (self.sys.overlay_upper_below(base.fd())).map_err(|source| DriverError::BaseGone {
+        let mounts =
+            (self.sys.mounts_of_fs(base.fd())).map_err(|source| DriverError::BaseGone {
                 name: name.clone(),
                 base: meta.base.clone(),
                 source,
             })?;
-        match upper {
-            Some(upper) if self.root.holds_upper(&upper) => Err(DriverError::BaseInVolume {
+        // An overlay of ours shows its upper; an image's file system, where we mounted it.
+        let ours = mounts.into_iter().find_map(|m| match m.upper {
+            Some(upper) => self.root.holds_upper(&upper).then_some(upper),
+            None => self
+                .root
+                .holds_mount_point(&m.mount_point)
+                .then_some(m.mount_point),
+        });
+        match ours {
+            Some(at) => Err(DriverError::BaseInVolume {
                 name: name.clone(),
                 base: base.real_path().to_owned(),
-                upper,
+                at,
             }),
-            _ => Ok(base),
+            None => Ok(base),
         }
     }
 

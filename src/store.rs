@@ -285,6 +285,14 @@ impl Root {
         upper.starts_with(&self.path) || upper.starts_with(std::ffi::OsStr::from_bytes(&escaped))
     }
 
+    /// Whether a mount point is one of those this root's volumes use: below the root (an
+    /// image's file system, an overlay), or below the mount directory. The root itself may be
+    /// a mount point of the host's.
+    pub fn holds_mount_point(&self, path: &Path) -> bool {
+        let below = |dir: &Path| path != dir && path.starts_with(dir);
+        below(&self.path) || self.mount_dir.as_deref().is_some_and(below)
+    }
+
     /// Where overlays are mounted, if not in the volumes' own directories.
     pub fn mount_dir(&self) -> Option<&Path> {
         self.mount_dir.as_deref()

@@ -27,6 +27,8 @@ pub use mountinfo::mountinfo_has_overlay_upper;
 
 /// `statfs(2)` magic of overlayfs.
 const OVERLAYFS_SUPER_MAGIC: i64 = 0x794c_7630;
+/// The major number of loop devices (`/dev/loopN`), which hold sized volumes' images.
+const LOOP_MAJOR: u32 = 7;
 
 /// The overlay options every mount sets, whatever the distribution's defaults: with these off,
 /// changing the base while the volume is unmounted is safe (see facts.md).
@@ -116,6 +118,14 @@ impl SysError {
     }
 }
 
+/// One mount of a file system ([`Sys::mounts_of_fs`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsMount {
+    pub mount_point: PathBuf,
+    /// An overlay's `upperdir=`, as its mounter gave it.
+    pub upper: Option<PathBuf>,
+}
+
 /// The mount operations the driver needs.
 pub trait Sys: Send + Sync + 'static {
     /// Mounts an overlay as described. The caller guarantees nothing is mounted on the target.
@@ -153,9 +163,11 @@ pub trait Sys: Send + Sync + 'static {
     fn is_mount_root(&self, target: &Path) -> Result<bool, SysError>;
     /// Size and bytes used of the file system at `target` (one statfs).
     fn fs_usage(&self, target: &Path) -> io::Result<(u64, u64)>;
-    /// When the directory `dir` lies in an overlay this mount namespace lists, that overlay's
-    /// `upperdir=` as its mounter gave it. On any other file system one `fstatfs` says so.
-    fn overlay_upper_below(&self, dir: BorrowedFd<'_>) -> io::Result<Option<PathBuf>>;
+    /// Where this mount namespace has the file system of the directory `dir` mounted, and an
+    /// overlay's `upperdir=` as its mounter gave it; asked only of what this plugin mounts, an
+    /// overlay or a loop device's file system (an `fstat` and an `fstatfs` tell), empty for
+    /// anything else.
+    fn mounts_of_fs(&self, dir: BorrowedFd<'_>) -> io::Result<Vec<FsMount>>;
 }
 
 /// The real kernel.
@@ -340,16 +352,23 @@ impl Sys for RealSys {
         image::usage(target)
     }
 
-    fn overlay_upper_below(&self, dir: BorrowedFd<'_>) -> io::Result<Option<PathBuf>> {
-        if rustix::fs::fstatfs(dir)?.f_type != OVERLAYFS_SUPER_MAGIC {
-            return Ok(None);
-        }
+    fn mounts_of_fs(&self, dir: BorrowedFd<'_>) -> io::Result<Vec<FsMount>> {
         // An overlay reports its own device for its directories.
         let dev = rustix::fs::fstat(dir)?.st_dev;
         let dev = (rustix::fs::major(dev), rustix::fs::minor(dev));
+        if dev.0 != LOOP_MAJOR && rustix::fs::fstatfs(dir)?.f_type != OVERLAYFS_SUPER_MAGIC {
+            return Ok(Vec::new());
+        }
         let mounts = mountinfo::parse(&std::fs::read("/proc/self/mountinfo")?);
-        Ok(mountinfo::overlay_upper_of(&mounts, dev)
-            .map(|upper| PathBuf::from(OsStr::from_bytes(upper))))
+        Ok(mountinfo::mounts_of_device(&mounts, dev)
+            .map(|m| FsMount {
+                mount_point: m.mount_point.clone(),
+                upper: m
+                    .upper
+                    .as_deref()
+                    .map(|u| PathBuf::from(OsStr::from_bytes(u))),
+            })
+            .collect())
     }
 
     fn process_start_time(&self, pid: u32) -> Option<u64> {
@@ -628,8 +647,8 @@ pub struct RecordingState {
     pub boot_id: String,
     /// Where an image is attached ([`Sys::attach_image`]), and which.
     pub attached: std::collections::HashMap<PathBuf, PathBuf>,
-    /// What [`Sys::overlay_upper_below`] answers for every base.
-    pub base_overlay_upper: Option<PathBuf>,
+    /// What [`Sys::mounts_of_fs`] answers for every base.
+    pub base_mounts: Vec<FsMount>,
 }
 
 impl Sys for RecordingSys {
@@ -751,8 +770,8 @@ impl Sys for RecordingSys {
         Ok((1 << 30, 4096))
     }
 
-    fn overlay_upper_below(&self, _dir: BorrowedFd<'_>) -> io::Result<Option<PathBuf>> {
-        Ok(self.state.lock().unwrap().base_overlay_upper.clone())
+    fn mounts_of_fs(&self, _dir: BorrowedFd<'_>) -> io::Result<Vec<FsMount>> {
+        Ok(self.state.lock().unwrap().base_mounts.clone())
     }
 }
 

@@ -593,7 +593,7 @@ fn main() -> ExitCode {
                 "volume", "create", "--driver", PLUGIN, "-o", &inside, "stacked",
             ])?;
             ensure!(
-                err.contains("is in the overlay of a volume of this plugin")
+                err.contains("is in a file system this plugin mounted for a volume")
                     && !e.state.join("stacked").exists(),
                 "a volume made of the mounted overlay of another: {err}"
             );

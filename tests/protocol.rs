@@ -1571,7 +1571,7 @@ fn a_base_inside_a_volumes_overlay_is_refused_at_create_and_at_mount() {
     let upper = env.volume_dir("a").join("upper");
     let refused = |err: String| {
         assert!(
-            err.contains("is in the overlay of a volume of this plugin")
+            err.contains("is in a file system this plugin mounted for a volume")
                 && err.contains(&format!("{upper:?}")),
             "unclear error {err:?}"
         );

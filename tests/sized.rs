@@ -225,3 +225,58 @@ fn an_image_still_mounted_elsewhere_is_not_attached_again() {
     env.remove("s").unwrap();
     assert_nothing_left(&env);
 }
+
+/// A base in a sized volume's image file system, reached through a bind mount of its `upper/`
+/// (no overlay, and no trace of the source in the path), is refused at Create and at Mount:
+/// the overlay made of it would keep the image's file system mounted out of every mount table,
+/// and the volume could not attach its image again.
+#[test]
+fn a_bind_of_a_sized_volumes_changes_is_no_base() {
+    let mut env = Env::new();
+    env.start(&[]);
+    let base = base(&env);
+    env.create("s", &[("base", &base), ("size", "16Mi")])
+        .unwrap();
+    env.mount_ok("s", &mount_id(1));
+    let bound = env.dir.join("bound");
+    std::fs::create_dir(&bound).unwrap();
+    let upper = env.volume_dir("s").join("changes/upper");
+    env.anchor.run(&[
+        "mount",
+        "--bind",
+        upper.to_str().unwrap(),
+        bound.to_str().unwrap(),
+    ]);
+    let refused = |err: String| {
+        assert!(
+            err.contains("is in a file system this plugin mounted for a volume")
+                && err.contains(&format!("{:?}", env.volume_dir("s").join("changes"))),
+            "unclear error {err:?}"
+        );
+    };
+    refused(
+        env.create("d", &[("base", bound.to_str().unwrap())])
+            .expect_err("made a volume of a sized volume's changes"),
+    );
+    assert!(!env.root.join("d").exists());
+    // Made before the bind, refused at Mount once it is there.
+    env.anchor.run(&["umount", bound.to_str().unwrap()]);
+    env.create("d", &[("base", bound.to_str().unwrap())])
+        .unwrap();
+    env.anchor.run(&[
+        "mount",
+        "--bind",
+        upper.to_str().unwrap(),
+        bound.to_str().unwrap(),
+    ]);
+    refused(env.mount("d", &mount_id(2)).expect_err("mounted it"));
+    env.anchor.run(&["umount", bound.to_str().unwrap()]);
+    env.unmount_ok("s", &mount_id(1));
+    let mp = env.mount_ok("d", &mount_id(2));
+    env.unmount_ok("d", &mount_id(2));
+    drop(mp);
+    for name in ["d", "s"] {
+        env.remove(name).unwrap();
+    }
+    assert_nothing_left(&env);
+}

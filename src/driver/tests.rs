@@ -169,29 +169,50 @@ fn an_upper_holds_entries_as_its_stat_or_its_first_entry_says() {
     assert!(holds_entries(&dir).unwrap(), "many files");
 }
 
-/// A base in an overlay whose upper is in this root is another volume's overlay: refused at
-/// Create and at Mount, with nothing made or mounted. An overlay of anything else is a base
-/// like any other.
+/// A base in a file system this root's volumes mounted (an overlay whose upper is in the root,
+/// an image's file system mounted below it) is refused at Create and at Mount, with nothing
+/// made or mounted. Anything else mounted elsewhere is a base like any other.
 #[test]
-fn a_base_in_one_of_our_overlays_is_refused() {
+fn a_base_in_a_file_system_of_our_volumes_is_refused() {
+    use crate::sys::FsMount;
     let f = fixture();
     f.create("v", false);
-    let ours = f.vol("other").upper();
-    f.sys().base_overlay_upper = Some(ours.clone());
+    let root = f.driver.root().path().to_owned();
+    let mount = |at: &str, upper: Option<PathBuf>| FsMount {
+        mount_point: PathBuf::from(at),
+        upper,
+    };
     let mut o = BTreeMap::new();
     o.insert("base".to_string(), f.base.to_str().unwrap().to_string());
-    let err = f.driver.create(&name("w"), &o).unwrap_err();
-    assert!(
-        matches!(&err, DriverError::BaseInVolume { upper, .. } if *upper == ours),
-        "{err}"
-    );
-    assert!(!f.vol("w").path.exists());
-    let err = f.driver.mount(&name("v"), &id("a"), None).unwrap_err();
-    assert!(matches!(err, DriverError::BaseInVolume { .. }), "{err}");
-    assert!(f.calls().is_empty(), "{:?}", f.calls());
-    assert_eq!(f.count("v", "a"), None);
-
-    f.sys().base_overlay_upper = Some(PathBuf::from("/var/lib/docker/overlay2/x/diff"));
+    let refused = [
+        // An overlay of ours, wherever it is seen.
+        vec![mount("/elsewhere", Some(f.vol("other").upper()))],
+        // A sized volume's image, mounted in its directory (and bound elsewhere).
+        vec![
+            mount("/bound", None),
+            mount(f.vol("other").changes().to_str().unwrap(), None),
+        ],
+    ];
+    for mounts in refused {
+        f.sys().base_mounts = mounts.clone();
+        let err = f.driver.create(&name("w"), &o).unwrap_err();
+        assert!(matches!(err, DriverError::BaseInVolume { .. }), "{err}");
+        assert!(!f.vol("w").path.exists());
+        let err = f.driver.mount(&name("v"), &id("a"), None).unwrap_err();
+        assert!(matches!(err, DriverError::BaseInVolume { .. }), "{err}");
+        assert!(f.calls().is_empty(), "{:?}", f.calls());
+        assert_eq!(f.count("v", "a"), None);
+    }
+    // A foreign overlay; a loop device's file system mounted at the root itself (the host's
+    // choice) or elsewhere.
+    f.sys().base_mounts = vec![
+        mount(
+            "/srv/x",
+            Some(PathBuf::from("/var/lib/docker/overlay2/x/diff")),
+        ),
+        mount(root.to_str().unwrap(), None),
+        mount("/mnt/iso", None),
+    ];
     f.driver.mount(&name("v"), &id("a"), None).unwrap();
     f.driver.create(&name("w"), &o).unwrap();
 }

@@ -95,11 +95,9 @@ pub fn parse(info: &[u8]) -> Vec<Mount> {
     found
 }
 
-/// The `upperdir=` of the overlay whose device is `dev`, if the mount table lists one.
-pub fn overlay_upper_of(mounts: &[Mount], dev: (u32, u32)) -> Option<&[u8]> {
-    (mounts.iter())
-        .find(|m| m.dev == dev && m.upper.is_some())
-        .and_then(|m| m.upper.as_deref())
+/// The mounts of the file system whose device is `dev`.
+pub fn mounts_of_device(mounts: &[Mount], dev: (u32, u32)) -> impl Iterator<Item = &Mount> {
+    mounts.iter().filter(move |m| m.dev == dev)
 }
 
 /// Whether a mountinfo text lists an overlay with `upperdir` equal to `upper`. Cheaper than
@@ -229,12 +227,18 @@ mod tests {
         31 30 0:41 / /p/v rw shared:2 - overlay o rw,upperdir=/u,workdir=/w\n";
 
     #[test]
-    fn an_overlay_is_found_by_its_device() {
+    fn a_file_systems_mounts_are_found_by_its_device() {
         let mounts = parse(OURS);
         assert_eq!(mounts[2].dev, (0, 41));
-        assert_eq!(overlay_upper_of(&mounts, (0, 41)), Some(&b"/u"[..]));
-        assert_eq!(overlay_upper_of(&mounts, (0, 40)), None, "a tmpfs");
-        assert_eq!(overlay_upper_of(&mounts, (0, 99)), None);
+        let of = |dev| -> Vec<&Path> {
+            mounts_of_device(&mounts, dev)
+                .map(|m| m.mount_point.as_path())
+                .collect()
+        };
+        assert_eq!(of((0, 41)), [Path::new("/p/v")]);
+        assert_eq!(mounts[2].upper.as_deref(), Some(&b"/u"[..]));
+        assert_eq!(of((0, 40)), [Path::new("/p")]);
+        assert!(of((0, 99)).is_empty());
         assert!(parse(b"20 1 x / / rw - ext4 /dev/root rw\n").is_empty());
     }
 
