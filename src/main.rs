@@ -511,7 +511,12 @@ fn generate(what: Generated, dir: &Path) -> Result<()> {
             ] {
                 write(file, &|w| {
                     let mut script = Vec::new();
-                    clap_complete::generate(shell, &mut cmd.clone(), "docker-on-top", &mut script);
+                    clap_complete::generate(
+                        shell,
+                        &mut visible(&cmd),
+                        "docker-on-top",
+                        &mut script,
+                    );
                     if shell == Shell::Bash {
                         // clap_complete names the subcommands' cases of a hyphenated binary
                         // in another spelling than the one it looks them up by (clap-rs/clap
@@ -526,6 +531,29 @@ fn generate(what: Generated, dir: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `cmd` (built) without its hidden arguments and subcommands, for the completions:
+/// clap_complete offers hidden items too (clap-rs/clap#1335), and clap cannot remove any.
+fn visible(cmd: &clap::Command) -> clap::Command {
+    let mut shown = clap::Command::new(cmd.get_name().to_owned())
+        // The built command's own help and version flags are among its arguments.
+        .disable_help_flag(true)
+        .disable_version_flag(true)
+        .disable_help_subcommand(true);
+    if let Some(about) = cmd.get_about() {
+        shown = shown.about(about.clone());
+    }
+    if let Some(version) = cmd.get_version() {
+        shown = shown.version(version.to_owned());
+    }
+    for arg in cmd.get_arguments().filter(|a| !a.is_hide_set()) {
+        shown = shown.arg(arg.clone());
+    }
+    for sub in cmd.get_subcommands().filter(|c| !c.is_hide_set()) {
+        shown = shown.subcommand(visible(sub));
+    }
+    shown
 }
 
 /// One man page: clap_mangen's sections, then EXIT STATUS and SEE ALSO.

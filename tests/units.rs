@@ -335,4 +335,26 @@ fn the_bash_completion_completes_after_a_subcommand() {
     ] {
         assert!(top.lines().any(|w| w == command), "<TAB>: {top:?}");
     }
+    // What --help hides, completion does not offer: `generate`, the top level's copies of the
+    // serve options, serve's --read-timeout.
+    assert!(!top.lines().any(|w| w == "generate"), "<TAB>: {top:?}");
+    let top_options = complete("docker-on-top --");
+    assert!(
+        top_options.lines().any(|w| w == "--root"),
+        "{top_options:?}"
+    );
+    assert!(
+        !top_options.lines().any(|w| w == "--socket"),
+        "{top_options:?}"
+    );
+    let serve = complete("docker-on-top serve --");
+    assert!(serve.lines().any(|w| w == "--idle-timeout"), "{serve:?}");
+    assert!(!serve.lines().any(|w| w == "--read-timeout"), "{serve:?}");
+    for script in ["_docker-on-top", "docker-on-top.fish"] {
+        let text = read(&format!("dist/completions/{script}"));
+        assert!(
+            !text.contains("read-timeout") && !text.contains("generate"),
+            "{script} offers hidden items"
+        );
+    }
 }

@@ -25,9 +25,6 @@ _docker__on__top() {
             docker__on__top,export)
                 cmd="docker__on__top__subcmd__export"
                 ;;
-            docker__on__top,generate)
-                cmd="docker__on__top__subcmd__generate"
-                ;;
             docker__on__top,inspect)
                 cmd="docker__on__top__subcmd__inspect"
                 ;;
@@ -50,37 +47,13 @@ _docker__on__top() {
 
     case "${cmd}" in
         docker__on__top)
-            opts="-h -V --root --socket --idle-timeout --legacy-mount-api --read-timeout --allowed-base --host-root --mount-dir --help --version serve ls inspect changes recover export reset commit generate"
+            opts="-h -V --root --help --version serve ls inspect changes recover export reset commit"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 1 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
             fi
             case "${prev}" in
                 --root)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --socket)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --idle-timeout)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --read-timeout)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --allowed-base)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --host-root)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --mount-dir)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
@@ -142,24 +115,6 @@ _docker__on__top() {
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;
-                --root)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                *)
-                    COMPREPLY=()
-                    ;;
-            esac
-            COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-            return 0
-            ;;
-        docker__on__top__subcmd__generate)
-            opts="-h --root --help man completions"
-            if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
-                COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
-                return 0
-            fi
-            case "${prev}" in
                 --root)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
@@ -244,7 +199,7 @@ _docker__on__top() {
             return 0
             ;;
         docker__on__top__subcmd__serve)
-            opts="-h --socket --idle-timeout --legacy-mount-api --read-timeout --allowed-base --host-root --mount-dir --root --help"
+            opts="-h --socket --idle-timeout --legacy-mount-api --allowed-base --host-root --mount-dir --root --help"
             if [[ ${cur} == -* || ${COMP_CWORD} -eq 2 ]] ; then
                 COMPREPLY=( $(compgen -W "${opts}" -- "${cur}") )
                 return 0
@@ -255,10 +210,6 @@ _docker__on__top() {
                     return 0
                     ;;
                 --idle-timeout)
-                    COMPREPLY=($(compgen -f "${cur}"))
-                    return 0
-                    ;;
-                --read-timeout)
                     COMPREPLY=($(compgen -f "${cur}"))
                     return 0
                     ;;

@@ -1,6 +1,6 @@
 # Print an optspec for argparse to handle cmd's options that are independent of any subcommand.
 function __fish_docker_on_top_global_optspecs
-    string join \n root= socket= idle-timeout= legacy-mount-api read-timeout= allowed-base= host-root= mount-dir= h/help V/version
+    string join \n root= h/help V/version
 end
 
 function __fish_docker_on_top_needs_command
@@ -25,13 +25,6 @@ function __fish_docker_on_top_using_subcommand
 end
 
 complete -c docker-on-top -n "__fish_docker_on_top_needs_command" -l root -d 'The state directory' -r -F
-complete -c docker-on-top -n "__fish_docker_on_top_needs_command" -l socket -d 'The plugin socket to create (ignored when systemd passes one)' -r -F
-complete -c docker-on-top -n "__fish_docker_on_top_needs_command" -l idle-timeout -d 'Exit once no request has arrived for this long (e.g. 30s, 5min)' -r
-complete -c docker-on-top -n "__fish_docker_on_top_needs_command" -l read-timeout -d 'How long a client may take to send a request\'s headers, and then its body (default 30s); a connection that takes longer is closed. Advanced: the tests shorten it' -r
-complete -c docker-on-top -n "__fish_docker_on_top_needs_command" -l allowed-base -d 'Only create volumes whose base is DIR or lies inside it (repeatable; default: any directory, or the colon-separated list in DOCKER_ON_TOP_ALLOWED_BASES). Paths are compared after resolving symlinks, component by component' -r -F
-complete -c docker-on-top -n "__fish_docker_on_top_needs_command" -l host-root -d 'The host\'s / is mounted at DIR (a managed plugin\'s view): bases are host paths, looked up under DIR as if it were /' -r -F
-complete -c docker-on-top -n "__fish_docker_on_top_needs_command" -l mount-dir -d 'Mount each volume at DIR/NAME instead of in its directory under --root (a managed plugin\'s propagated mount)' -r -F
-complete -c docker-on-top -n "__fish_docker_on_top_needs_command" -l legacy-mount-api -d 'Mount with legacy mount(2) even where the new mount API works'
 complete -c docker-on-top -n "__fish_docker_on_top_needs_command" -s h -l help -d 'Print help (see more with \'--help\')'
 complete -c docker-on-top -n "__fish_docker_on_top_needs_command" -s V -l version -d 'Print version'
 complete -c docker-on-top -n "__fish_docker_on_top_needs_command" -f -a "serve" -d 'Serve the plugin socket (the default command)'
@@ -42,10 +35,8 @@ complete -c docker-on-top -n "__fish_docker_on_top_needs_command" -f -a "recover
 complete -c docker-on-top -n "__fish_docker_on_top_needs_command" -f -a "export" -d 'Write a volume\'s changes as a tar stream (OCI layer whiteouts)'
 complete -c docker-on-top -n "__fish_docker_on_top_needs_command" -f -a "reset" -d 'Discard the changes of a volume that is not mounted'
 complete -c docker-on-top -n "__fish_docker_on_top_needs_command" -f -a "commit" -d 'Apply the changes of a volume that is not mounted to its base, then reset it'
-complete -c docker-on-top -n "__fish_docker_on_top_needs_command" -f -a "generate" -d 'Write the man pages or the shell completions into DIR (for packaging)'
 complete -c docker-on-top -n "__fish_docker_on_top_using_subcommand serve" -l socket -d 'The plugin socket to create (ignored when systemd passes one)' -r -F
 complete -c docker-on-top -n "__fish_docker_on_top_using_subcommand serve" -l idle-timeout -d 'Exit once no request has arrived for this long (e.g. 30s, 5min)' -r
-complete -c docker-on-top -n "__fish_docker_on_top_using_subcommand serve" -l read-timeout -d 'How long a client may take to send a request\'s headers, and then its body (default 30s); a connection that takes longer is closed. Advanced: the tests shorten it' -r
 complete -c docker-on-top -n "__fish_docker_on_top_using_subcommand serve" -l allowed-base -d 'Only create volumes whose base is DIR or lies inside it (repeatable; default: any directory, or the colon-separated list in DOCKER_ON_TOP_ALLOWED_BASES). Paths are compared after resolving symlinks, component by component' -r -F
 complete -c docker-on-top -n "__fish_docker_on_top_using_subcommand serve" -l host-root -d 'The host\'s / is mounted at DIR (a managed plugin\'s view): bases are host paths, looked up under DIR as if it were /' -r -F
 complete -c docker-on-top -n "__fish_docker_on_top_using_subcommand serve" -l mount-dir -d 'Mount each volume at DIR/NAME instead of in its directory under --root (a managed plugin\'s propagated mount)' -r -F
@@ -74,5 +65,3 @@ complete -c docker-on-top -n "__fish_docker_on_top_using_subcommand commit" -l r
 complete -c docker-on-top -n "__fish_docker_on_top_using_subcommand commit" -l yes -d 'Really do it; without it, only list what would change'
 complete -c docker-on-top -n "__fish_docker_on_top_using_subcommand commit" -s v -l verbose -d 'One line per action taken, then the summary'
 complete -c docker-on-top -n "__fish_docker_on_top_using_subcommand commit" -s h -l help -d 'Print help (see more with \'--help\')'
-complete -c docker-on-top -n "__fish_docker_on_top_using_subcommand generate" -l root -d 'The state directory' -r -F
-complete -c docker-on-top -n "__fish_docker_on_top_using_subcommand generate" -s h -l help -d 'Print help (see more with \'--help\')'
