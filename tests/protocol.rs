@@ -1284,28 +1284,38 @@ fn waits_for_flock(pid: u32, ino: u64) -> bool {
         })
 }
 
-#[test]
-fn sigterm_finishes_the_request_in_flight() {
-    let mut env = Env::new();
+/// Starts a daemon with a volume `v` whose lock the test then holds, so that a Mount stays in
+/// flight inside the daemon: the lock's file, its inode (for [`waits_for_flock`]) and the
+/// daemon, taken out of `env`.
+fn daemon_with_v_locked(env: &mut Env) -> (std::fs::File, u64, Proc) {
     env.start(&[]);
-    let base = make_base(&env, "base");
+    let base = make_base(env, "base");
     env.create_ok("v", &base, false);
-
-    // Hold the volume's lock so that a Mount stays in flight inside the daemon.
     let vol_dir = std::fs::File::open(env.volume_dir("v")).unwrap();
     vol_dir.lock().unwrap();
     let ino = vol_dir.metadata().unwrap().ino();
-    let mut daemon = env.daemon.take().unwrap();
-    let pid = daemon.pid();
+    (vol_dir, ino, env.daemon.take().unwrap())
+}
+
+/// Once the daemon's Mount waits for the lock of [`daemon_with_v_locked`], a SIGTERM, and
+/// 300 ms for the daemon to take it.
+fn term_once_the_mount_waits(daemon: &Proc, ino: u64) {
+    wait_until(
+        Duration::from_secs(10),
+        "the Mount to wait for the lock",
+        || waits_for_flock(daemon.pid(), ino),
+    );
+    daemon.signal(rustix::process::Signal::TERM);
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn sigterm_finishes_the_request_in_flight() {
+    let mut env = Env::new();
+    let (vol_dir, ino, mut daemon) = daemon_with_v_locked(&mut env);
     let (mount, status) = std::thread::scope(|scope| {
         let mount = scope.spawn(|| env.mount("v", &id(1)));
-        wait_until(
-            Duration::from_secs(10),
-            "the Mount to wait for the lock",
-            || waits_for_flock(pid, ino),
-        );
-        daemon.signal(rustix::process::Signal::TERM);
-        std::thread::sleep(Duration::from_millis(300));
+        term_once_the_mount_waits(&daemon, ino);
         assert!(
             daemon.try_status().is_none(),
             "the daemon exited with a request in flight"
@@ -1368,14 +1378,7 @@ fn a_second_signal_stops_without_waiting_for_slow_clients() {
 #[test]
 fn a_second_signal_cuts_driver_calls_short_after_10_s() {
     let mut env = Env::new();
-    env.start(&[]);
-    let base = make_base(&env, "base");
-    env.create_ok("v", &base, false);
-    let vol_dir = std::fs::File::open(env.volume_dir("v")).unwrap();
-    vol_dir.lock().unwrap();
-    let ino = vol_dir.metadata().unwrap().ino();
-    let mut daemon = env.daemon.take().unwrap();
-    let pid = daemon.pid();
+    let (vol_dir, ino, mut daemon) = daemon_with_v_locked(&mut env);
     let (mount, status, after_second) = std::thread::scope(|scope| {
         // Raw: the answer never comes, the connection just closes.
         let mount = scope.spawn(|| {
@@ -1393,13 +1396,7 @@ fn a_second_signal_cuts_driver_calls_short_after_10_s() {
             let _ = c.read_to_string(&mut answer);
             answer
         });
-        wait_until(
-            Duration::from_secs(10),
-            "the Mount to wait for the lock",
-            || waits_for_flock(pid, ino),
-        );
-        daemon.signal(rustix::process::Signal::TERM);
-        std::thread::sleep(Duration::from_millis(300));
+        term_once_the_mount_waits(&daemon, ino);
         let second = Instant::now();
         daemon.signal(rustix::process::Signal::TERM);
         let status = daemon.wait_timeout(Duration::from_secs(20));
