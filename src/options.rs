@@ -78,7 +78,7 @@ pub enum OptionsError {
     )]
     NeedsSize { key: &'static str },
     #[error(
-        "base {path:?} is outside the directories this plugin allows (--allowed-base {allowed}); ask the host's administrator"
+        "base {path:?} is outside the directories this plugin allows ({allowed}); ask the host's administrator"
     )]
     BaseNotAllowed {
         path: PathBuf,

@@ -67,7 +67,7 @@ fn create_refuses_bases_outside_the_allowed_directories() {
             ));
         assert!(
             err.contains("is outside the directories this plugin allows")
-                && err.contains(&format!("--allowed-base {}", allowed.display())),
+                && err.contains(&format!("allows ({}", allowed.display())),
             "{name}: unclear error {err:?}"
         );
         assert!(
