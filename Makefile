@@ -28,7 +28,8 @@ BASHCOMPDIR ?= $(PREFIX)/share/bash-completion/completions
 ZSHCOMPDIR ?= $(PREFIX)/share/zsh/site-functions
 FISHCOMPDIR ?= $(PREFIX)/share/fish/vendor_completions.d
 DESTDIR ?=
-BIN ?= target/release/docker-on-top
+# The binary that install and plugin use: what `make` built, in CARGO_TARGET_DIR if set.
+BIN ?= $(or $(CARGO_TARGET_DIR),target)/release/docker-on-top
 STATE_DIR := /var/lib/docker-on-top
 SYSTEMCTL ?= systemctl
 
