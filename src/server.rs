@@ -86,10 +86,9 @@ pub struct ServeOptions {
 ///
 /// Then it tells systemd it is stopping, closes the listener, lets every open connection
 /// finish the request it is on (for at most [`DRAIN_TIMEOUT`], or until `hurry` completes)
-/// and returns. The caller tells
-/// systemd it is ready before calling this. Queries run on the runtime's own thread and calls
-/// that change state on its blocking pool (see `run`). Errors only when accepting fails
-/// persistently.
+/// and returns. The caller tells systemd it is ready before calling this. Queries run on the
+/// runtime's own thread and calls that change state on its blocking pool (see `run`). Errors
+/// only when accepting fails persistently.
 pub async fn serve(
     listener: UnixListener,
     driver: Arc<Driver>,
