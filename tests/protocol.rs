@@ -1467,16 +1467,22 @@ fn socket_activation_serves_fd_3_and_leaves_the_socket() {
     cmd.stdout(file.try_clone().unwrap()).stderr(file);
     let mut daemon = Proc::spawn(cmd, "systemd-socket-activate");
     let pid = daemon.pid();
+    // The socket's file appears at its bind, before it listens: until then a connection is
+    // refused.
+    let mut first = None;
     wait_until(Duration::from_secs(10), "the activation socket", || {
         assert!(
             daemon.try_status().is_none(),
             "systemd-socket-activate exited"
         );
-        socket.exists()
+        first = Conn::open(&socket).ok();
+        first.is_some()
     });
     let empty = dockerd_body(None);
     // The first connection starts the daemon; its request waits in the queue.
-    let r = request(&socket, "POST", "/Plugin.Activate", Some(&empty));
+    let r = first
+        .unwrap()
+        .request("POST", "/Plugin.Activate", Some(&empty));
     let text = || std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(r.status, 200, "{}", text());
     assert_eq!(r.json(), json!({ "Implements": ["VolumeDriver"] }));
