@@ -494,7 +494,9 @@ impl<S: Sys> Driver<S> {
             })?;
         // An overlay of ours shows its upper; an image's file system, where we mounted it.
         let ours = mounts.into_iter().find_map(|m| match m.upper {
-            Some(upper) => self.root.holds_upper(&upper).then_some(upper),
+            Some(upper) => {
+                crate::sys::mountinfo::upper_is_in(&upper, self.root.path()).then_some(upper)
+            }
             None => self
                 .root
                 .holds_mount_point(&m.mount_point)

@@ -277,14 +277,6 @@ impl Root {
         &self.path
     }
 
-    /// Whether an overlay's `upperdir=`, as the mount table shows it, lies in this root: a
-    /// plain path (the new mount API), or one escaped for mount(2)'s option string.
-    pub fn holds_upper(&self, upper: &Path) -> bool {
-        use std::os::unix::ffi::OsStrExt;
-        let escaped = crate::sys::escape_option_path(self.path.as_os_str());
-        upper.starts_with(&self.path) || upper.starts_with(std::ffi::OsStr::from_bytes(&escaped))
-    }
-
     /// Whether a mount point is one of those this root's volumes use: below the root (an
     /// image's file system, an overlay), or below the mount directory. The root itself may be
     /// a mount point of the host's.

@@ -44,6 +44,12 @@ fn is_upper(shown: &[u8], upper: &Path) -> bool {
     shown == upper || shown == Path::new(OsStr::from_bytes(&escape_option_path(upper.as_os_str())))
 }
 
+/// Whether an overlay's `upperdir=`, as [`is_upper`] reads it, lies in the directory `dir`.
+pub fn upper_is_in(shown: &Path, dir: &Path) -> bool {
+    let escaped = escape_option_path(dir.as_os_str());
+    shown.starts_with(dir) || shown.starts_with(OsStr::from_bytes(&escaped))
+}
+
 /// The mounts a mountinfo text lists ("ID PARENT DEV ROOT MOUNTPOINT OPTIONS [OPTIONAL...] -
 /// FSTYPE SOURCE SUPER_OPTIONS"); lines that do not parse are left out.
 pub fn parse(info: &[u8]) -> Vec<Mount> {
@@ -240,6 +246,15 @@ mod tests {
         assert_eq!(of((0, 40)), [Path::new("/p")]);
         assert!(of((0, 99)).is_empty());
         assert!(parse(b"20 1 x / / rw - ext4 /dev/root rw\n").is_empty());
+    }
+
+    #[test]
+    fn an_upper_lies_in_a_directory_plain_or_escaped() {
+        let dir = Path::new("/r,o:t");
+        assert!(upper_is_in(Path::new("/r,o:t/v/upper"), dir));
+        assert!(upper_is_in(Path::new("/r\\,o\\:t/v/upper"), dir), "mount(2)'s form");
+        assert!(!upper_is_in(Path::new("/r,o:t2/v/upper"), dir));
+        assert!(!upper_is_in(Path::new("/elsewhere/upper"), dir));
     }
 
     fn holds_in(theirs: &[u8]) -> bool {
