@@ -30,23 +30,22 @@ impl<S: Sys> Driver<S> {
         if vol.path.exists() {
             return self.check_same_options(name, &vol, &opts);
         }
-        let base_meta = self
-            .host_root
-            .dir_metadata(opts.base.path())
-            .map_err(|source| DriverError::BaseGone {
-                name: name.clone(),
-                base: opts.base.path().to_owned(),
-                source,
-            })?;
         let meta = Metadata {
             base: opts.base.path().to_owned(),
             volatile: opts.volatile,
             created_at: Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
             size: opts.size,
         };
-        // As a Mount would refuse it, a base in one of our volumes' overlays (the Mount
-        // checks again: that overlay may be mounted after this Create).
-        drop(self.open_lower(name, &meta)?);
+        // Refused as a Mount would refuse it (which checks again: a volume's overlay may come
+        // there after this Create); the upper takes the owner and mode of that very directory.
+        let base = self.open_lower(name, &meta)?;
+        let base_meta =
+            std::fs::metadata(base.fd_path()).map_err(|source| DriverError::BaseGone {
+                name: name.clone(),
+                base: opts.base.path().to_owned(),
+                source,
+            })?;
+        drop(base);
         let staging = VolumeDir::new(self.root.staging_slot(name), opts.size.is_some());
         let mut image_err = None;
         let built = (|| -> io::Result<()> {

@@ -252,7 +252,10 @@ mod tests {
     fn an_upper_lies_in_a_directory_plain_or_escaped() {
         let dir = Path::new("/r,o:t");
         assert!(upper_is_in(Path::new("/r,o:t/v/upper"), dir));
-        assert!(upper_is_in(Path::new("/r\\,o\\:t/v/upper"), dir), "mount(2)'s form");
+        assert!(
+            upper_is_in(Path::new("/r\\,o\\:t/v/upper"), dir),
+            "mount(2)'s form"
+        );
         assert!(!upper_is_in(Path::new("/r,o:t2/v/upper"), dir));
         assert!(!upper_is_in(Path::new("/elsewhere/upper"), dir));
     }
