@@ -1148,6 +1148,41 @@ fn overlay_mount_id(env: &Env, name: &str) -> String {
     line.split(' ').next().unwrap().to_owned()
 }
 
+/// Files written into a volume's bare mountpoint directory (by a container given it while no
+/// overlay was mounted there) are not lost: the next Mount warns where they are, and they are
+/// there again once the volume is unmounted.
+#[test]
+fn files_in_a_bare_mountpoint_are_reported_and_kept() {
+    let mut env = Env::new();
+    env.start(&[]);
+    let base = make_base(&env, "base");
+    env.create_ok("v", &base, false);
+    let mp = env.mount_ok("v", &id(1));
+    env.unmount_ok("v", &id(1));
+    env.assert_not_mounted("v");
+    std::fs::write(env.seen(&mp).join("stray.txt"), "stray").unwrap();
+    let warning = "volume v: files were written into";
+    assert!(!env.logs().contains(warning), "warned too early");
+
+    env.mount_ok("v", &id(2));
+    assert!(
+        !env.seen(&mp).join("stray.txt").exists(),
+        "not under the overlay"
+    );
+    let logs = env.logs();
+    assert!(
+        logs.lines().any(|l| l.contains(warning)
+            && l.contains(&format!("{:?}", env.mountpoint("v")))
+            && l.contains("hidden while the volume is mounted")),
+        "no warning about the stray file:\n{logs}"
+    );
+    env.unmount_ok("v", &id(2));
+    assert_eq!(
+        std::fs::read_to_string(env.seen(&mp).join("stray.txt")).unwrap(),
+        "stray"
+    );
+}
+
 /// The last Unmount of a busy mountpoint answers OK (its mount is released, and dockerd would
 /// never repeat it): the record goes, the overlay stays mounted, the log says
 /// why. The next Mount of a persistent volume reuses that overlay; a volatile one's is refused

@@ -209,6 +209,16 @@ impl<S: Sys> Driver<S> {
             work: vol.work(),
             target: vol.mountpoint(),
         };
+        // A container given the bare directory wrote there: dockerd binds it when the overlay
+        // was unmounted under it, as dockerd 20.10 can do to a managed plugin's at its restart
+        // (docs/plugin.md). The overlay hides those files; the admin is told where they are.
+        if std::fs::read_dir(&spec.target).is_ok_and(|mut entries| entries.next().is_some()) {
+            log::warn!(
+                "volume {name}: files were written into {:?} while no overlay was mounted on it; \
+                 they stay there, hidden while the volume is mounted",
+                spec.target
+            );
+        }
         let mounted = match self.sys.mount_overlay(&spec) {
             Err(e) if !plan.discard && e.is_not_found() => {
                 self.prepare_layers(name, vol, meta)?;
