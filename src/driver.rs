@@ -156,6 +156,13 @@ pub enum DriverError {
         /// The volume's upper (an overlay), or where its image's file system is mounted.
         at: PathBuf,
     },
+    /// A managed plugin whose propagated mount dockerd cut off (see [`Driver::on_cut_off`]).
+    #[error(
+        "volume {name} was mounted where dockerd (pid {pid}) cannot see it: the plugin's mount \
+         directory no longer reaches dockerd's mount namespace, and the plugin stops for dockerd \
+         to start it again with one that does"
+    )]
+    CutOff { name: VolumeName, pid: u32 },
     #[error("the base directory of volume {name} is unusable: {base:?}")]
     BaseGone {
         name: VolumeName,
@@ -247,6 +254,11 @@ pub struct Driver<S: Sys = RealSys> {
     janitor: OnceLock<Janitor>,
     allowed_bases: AllowedBases,
     host_root: HostRoot,
+    /// Whether each Mount asks if its client sees the overlay: the mount directory is a
+    /// shared mount, whose mounts are meant to reach dockerd ([`Driver::on_cut_off`]).
+    mounts_reach_client: bool,
+    /// What to do once dockerd no longer sees our mounts ([`Driver::on_cut_off`]).
+    cut_off: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Driver<RealSys> {
@@ -262,6 +274,11 @@ impl Driver<RealSys> {
                     root: dir.clone(),
                     source,
                 })?;
+            let dir = driver.root.mount_dir().expect("just set");
+            driver.mounts_reach_client = crate::sys::is_in_shared_mount(dir).unwrap_or(false);
+            if driver.mounts_reach_client {
+                log::debug!("{dir:?} is a shared mount: each Mount checks that dockerd sees it");
+            }
         }
         Ok(driver)
     }
@@ -281,6 +298,8 @@ impl<S: Sys> Driver<S> {
             sys: Arc::new(sys),
             boot_id,
             janitor: OnceLock::new(),
+            mounts_reach_client: false,
+            cut_off: OnceLock::new(),
             allowed_bases: AllowedBases::anywhere(),
             host_root: HostRoot::default(),
         })
@@ -290,6 +309,19 @@ impl<S: Sys> Driver<S> {
     pub fn with_allowed_bases(mut self, allowed: AllowedBases) -> Self {
         self.allowed_bases = allowed;
         self
+    }
+
+    /// Sets what to do when a Mount finds that its client does not see the overlay mounted for
+    /// it (called once per such Mount, after the overlay is gone again and before the error is
+    /// answered): `main` stops the daemon. Only with a mount directory (`--mount-dir`) that is a
+    /// shared mount, as the managed plugin's propagated mount is. dockerd 20.10, restarted while the plugin runs, stops
+    /// the plugin and starts it again, and now and then leaves the new one with mounts that do
+    /// not reach where dockerd binds volumes from (likely its `HandleExitEvent`, which unmounts
+    /// everything under the plugin's directory meanwhile). Every later Mount would give
+    /// containers the bare directory; a plugin that stops is started again with a propagated
+    /// mount that works. The first call wins.
+    pub fn on_cut_off(&self, hook: impl Fn() + Send + Sync + 'static) {
+        let _ = self.cut_off.set(Box::new(hook));
     }
 
     pub fn root(&self) -> &Root {

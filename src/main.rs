@@ -675,6 +675,12 @@ fn serve(opts: Opts) -> Result<()> {
     })
     .with_context(|| format!("cannot open the state directory {}", opts.root.display()))?;
     let driver = Arc::new(driver);
+    // A Mount that dockerd cannot see stops the daemon (see `Driver::on_cut_off`).
+    let (cut_tx, mut cut_rx) = tokio::sync::watch::channel(false);
+    let cut_off = cut_rx.clone();
+    driver.on_cut_off(move || {
+        cut_tx.send_replace(true);
+    });
 
     // This thread accepts connections and serves their requests (see `server::run`).
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -686,7 +692,13 @@ fn serve(opts: Opts) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let result = runtime.block_on(async {
-        let (stop, hurry) = stop_signals().context("cannot install the signal handlers")?;
+        let (signalled, hurry) = stop_signals().context("cannot install the signal handlers")?;
+        let stop = async move {
+            tokio::select! {
+                () = signalled => {}
+                _ = cut_rx.wait_for(|&cut| cut) => {}
+            }
+        };
         let listening = server::listen(&opts.socket).context("cannot acquire the plugin socket")?;
         let how = match &listening {
             Listening::Activated(_) => "socket activated",
@@ -715,6 +727,14 @@ fn serve(opts: Opts) -> Result<()> {
         log::warn!(
             "calls on the driver still running after {} were cut short",
             humantime::format_duration(SHUTDOWN_TIMEOUT)
+        );
+    }
+    if let Some(dir) = opts.mount_dir.as_deref().filter(|_| *cut_off.borrow()) {
+        result?;
+        bail!(
+            "stopped because dockerd no longer sees what is mounted in {}: dockerd starts the \
+             plugin again (if it does not, `docker plugin disable -f` and `docker plugin enable` it)",
+            dir.display()
         );
     }
     result

@@ -168,6 +168,11 @@ pub trait Sys: Send + Sync + 'static {
     /// overlay or a loop device's file system (an `fstat` and an `fstatfs` tell), empty for
     /// anything else.
     fn mounts_of_fs(&self, dir: BorrowedFd<'_>) -> io::Result<Vec<FsMount>>;
+    /// Whether process `pid` can see the file system mounted at `target`: its mount namespace
+    /// is ours, or has a copy of that mount where a path lookup finds it (a managed plugin's
+    /// mounts reach dockerd's namespace through the propagated mount). `true` for a process
+    /// that is gone.
+    fn seen_by(&self, pid: u32, target: &Path) -> io::Result<bool>;
 }
 
 /// The real kernel.
@@ -371,6 +376,28 @@ impl Sys for RealSys {
             .collect())
     }
 
+    fn seen_by(&self, pid: u32, target: &Path) -> io::Result<bool> {
+        let gone = |e: &io::Error| {
+            e.kind() == io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(rustix::io::Errno::SRCH.raw_os_error())
+        };
+        let theirs = match std::fs::metadata(format!("/proc/{pid}/ns/mnt")) {
+            Err(e) if gone(&e) => return Ok(true),
+            found => found?.ino(),
+        };
+        if theirs == std::fs::metadata("/proc/self/ns/mnt")?.ino() {
+            return Ok(true);
+        }
+        // An overlay reports its own device for its directories.
+        let dev = rustix::fs::stat(target)?.st_dev;
+        let dev = (rustix::fs::major(dev), rustix::fs::minor(dev));
+        let info = match std::fs::read(format!("/proc/{pid}/mountinfo")) {
+            Err(e) if gone(&e) => return Ok(true),
+            found => found?,
+        };
+        Ok(mountinfo::text_shows_device(&info, dev))
+    }
+
     fn process_start_time(&self, pid: u32) -> Option<u64> {
         // One read: the line is a few hundred bytes, and a growing buffer costs a read each.
         let path = format!("/proc/{pid}/stat");
@@ -387,6 +414,14 @@ impl Sys for RealSys {
         }
         parse_start_time(&buf[..n])
     }
+}
+
+/// Whether the directory `dir` lies in a shared mount (one with a peer group) of this mount
+/// namespace: what is mounted there reaches other namespaces, as a managed plugin's propagated
+/// mount reaches dockerd's.
+pub fn is_in_shared_mount(dir: &Path) -> io::Result<bool> {
+    let mounts = mountinfo::parse(&std::fs::read("/proc/self/mountinfo")?);
+    Ok(mountinfo::lookup(&mounts, dir).is_some_and(|m| m.shared.is_some()))
 }
 
 /// The file system type (`statfs` magic) of what is mounted exactly at `target`; `None` when
@@ -649,6 +684,8 @@ pub struct RecordingState {
     pub attached: std::collections::HashMap<PathBuf, PathBuf>,
     /// What [`Sys::mounts_of_fs`] answers for every base.
     pub base_mounts: Vec<FsMount>,
+    /// Processes that see none of our mounts ([`Sys::seen_by`]).
+    pub blind: HashSet<u32>,
 }
 
 impl Sys for RecordingSys {
@@ -772,6 +809,10 @@ impl Sys for RecordingSys {
 
     fn mounts_of_fs(&self, _dir: BorrowedFd<'_>) -> io::Result<Vec<FsMount>> {
         Ok(self.state.lock().unwrap().base_mounts.clone())
+    }
+
+    fn seen_by(&self, pid: u32, _target: &Path) -> io::Result<bool> {
+        Ok(!self.state.lock().unwrap().blind.contains(&pid))
     }
 }
 

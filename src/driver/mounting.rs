@@ -84,6 +84,29 @@ impl<S: Sys> Driver<S> {
             None => false,
         };
         drop(base);
+        // Asked when this Mount mounted: dockerd 20.10 cuts a plugin off when it starts it
+        // again, before the plugin has mounted anything.
+        let cut_off = steps
+            .mount
+            .then(|| self.cut_off_from(name, &mountpoint, client));
+        if let Some(pid) = cut_off.flatten() {
+            match self.unmount_overlay(name, &vol) {
+                Ok(_) => log::info!("unmounted volume {name} again: dockerd cannot see it"),
+                Err(e) => log::warn!("{}", crate::error_chain(&e)),
+            }
+            if discarded {
+                self.kick_janitor();
+            }
+            let err = DriverError::CutOff {
+                name: name.clone(),
+                pid,
+            };
+            log::error!("{err}");
+            if let Some(hook) = self.cut_off.get() {
+                hook();
+            }
+            return Err(err);
+        }
 
         let previous = records.iter().find(|(rid, _)| rid == id).map(|(_, r)| r);
         let record = MountRecord {
@@ -123,6 +146,29 @@ impl<S: Sys> Driver<S> {
             log::info!("mounted volume {name} at {mountpoint:?}");
         }
         Ok(mountpoint)
+    }
+
+    /// The client's pid when it cannot see the overlay at `mountpoint` (see
+    /// [`Driver::on_cut_off`]); asked only with a mount directory that is a shared mount.
+    /// When we cannot tell, the Mount goes on as it always has.
+    fn cut_off_from(
+        &self,
+        name: &VolumeName,
+        mountpoint: &Path,
+        client: Option<Client>,
+    ) -> Option<u32> {
+        let client = client.filter(|_| self.mounts_reach_client)?;
+        match self.sys.seen_by(client.pid, mountpoint) {
+            Ok(true) => None,
+            Ok(false) => Some(client.pid),
+            Err(e) => {
+                log::warn!(
+                    "volume {name}: cannot tell whether dockerd (pid {}) sees the mount: {e}",
+                    client.pid
+                );
+                None
+            }
+        }
     }
 
     /// Which row of the table the records put the volume in.

@@ -701,6 +701,67 @@ fn a_mount_dir_holds_the_overlays_and_the_volume_directory_the_rest() {
     assert!(f.driver.list().unwrap().is_empty());
 }
 
+/// A managed plugin's Mount that its client (dockerd) cannot see: refused, the overlay it
+/// made unmounted again, nothing recorded, and the hook (`main` stops the daemon) called once
+/// per such Mount. Without a mount directory that is a shared mount, the client's view is not
+/// asked.
+#[test]
+fn a_mount_its_client_cannot_see_is_refused_and_undone() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut f = fixture();
+    f.create("v", false);
+    {
+        let mut s = f.sys();
+        s.processes.insert(7, 9);
+        s.blind.insert(7);
+    }
+    let client = f.driver.client(Some(7));
+    // The service: dockerd shares our mount namespace, nothing is asked.
+    f.driver.mount_as(&name("v"), &id("a"), client).unwrap();
+    f.unmount(&name("v"), &id("a")).unwrap();
+
+    let dir = f._tmp.path().join("propagated/volumes");
+    f.driver.root = f.driver.root.clone().with_mount_dir(&dir).unwrap();
+    // A mount directory that is no shared mount reaches nobody: nothing is asked.
+    f.driver.mount_as(&name("v"), &id("a"), client).unwrap();
+    f.unmount(&name("v"), &id("a")).unwrap();
+    // As `Driver::open` finds a shared one.
+    f.driver.mounts_reach_client = true;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    f.driver.on_cut_off(move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+    });
+    f.sys().calls.clear();
+    let err = f.driver.mount_as(&name("v"), &id("b"), client).unwrap_err();
+    assert!(matches!(err, DriverError::CutOff { pid: 7, .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "volume v was mounted where dockerd (pid 7) cannot see it: the plugin's mount directory \
+         no longer reaches dockerd's mount namespace, and the plugin stops for dockerd to start \
+         it again with one that does"
+    );
+    // (The first mount in a new mount directory misses its mountpoint and is made again.)
+    assert!(
+        f.calls().ends_with(&["mount".into(), "unmount".into()]),
+        "{:?}",
+        f.calls()
+    );
+    assert!(f.sys().mounted.is_empty());
+    assert!(f.vol("v").read_records().unwrap().is_empty());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // Asked only by a Mount that mounts (dockerd cuts a plugin off as it starts it again,
+    // before anything is mounted): one more use of a mounted overlay is counted.
+    f.sys().processes.insert(8, 3);
+    let seeing = f.driver.client(Some(8));
+    f.driver.mount_as(&name("v"), &id("c"), seeing).unwrap();
+    f.driver.mount_as(&name("v"), &id("d"), client).unwrap();
+    assert_eq!(f.sys().mounted.len(), 1);
+    assert_eq!((f.count("v", "c"), f.count("v", "d")), (Some(1), Some(1)));
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
 // The admin commands' locks and reset (`locked.rs`).
 
 #[test]

@@ -106,6 +106,66 @@ pub fn mounts_of_device(mounts: &[Mount], dev: (u32, u32)) -> impl Iterator<Item
     mounts.iter().filter(move |m| m.dev == dev)
 }
 
+/// Whether some mount of the file system `dev` is what a path lookup finds at its mount
+/// point: a copy with nothing mounted on top of it or on a directory above it in its parent
+/// (a managed plugin's overlay, as dockerd's namespace has it, is where dockerd binds it from).
+pub fn shows_device(mounts: &[Mount], dev: (u32, u32)) -> bool {
+    mounts_of_device(mounts, dev)
+        .any(|copy| lookup(mounts, &copy.mount_point).is_some_and(|found| found.dev == dev))
+}
+
+/// [`shows_device`] of a mountinfo text, parsing only the lines that can matter: the mounts of
+/// `dev`, and those on their mount points or on a directory above one (a busy dockerd's table
+/// has hundreds of lines, of which a handful matter).
+pub fn text_shows_device(info: &[u8], dev: (u32, u32)) -> bool {
+    let dev_field = format!("{}:{}", dev.0, dev.1);
+    // The device and the (escaped) mount point of a line.
+    fn fields(line: &[u8]) -> Option<(&[u8], &[u8])> {
+        let mut fields = line.split(|&b| b == b' ').skip(2);
+        let dev = fields.next()?;
+        Some((dev, fields.nth(1)?))
+    }
+    let lines: Vec<&[u8]> = info.split(|&b| b == b'\n').collect();
+    let copies: Vec<&[u8]> = (lines.iter())
+        .filter_map(|line| fields(line).filter(|(d, _)| *d == dev_field.as_bytes()))
+        .map(|(_, mount_point)| mount_point)
+        .collect();
+    if copies.is_empty() {
+        return false;
+    }
+    // Escaping leaves `/` alone: a directory above is a prefix ending at a `/`.
+    let above = |dir: &[u8], of: &[u8]| {
+        of.starts_with(dir) && (dir.len() == of.len() || dir == b"/" || of[dir.len()] == b'/')
+    };
+    let wanted: Vec<u8> = (lines.iter())
+        .filter(|line| {
+            fields(line)
+                .is_some_and(|(_, mount_point)| copies.iter().any(|c| above(mount_point, c)))
+        })
+        .flat_map(|line| line.iter().chain(b"\n"))
+        .copied()
+        .collect();
+    shows_device(&parse(&wanted), dev)
+}
+
+/// The mount a path lookup of the absolute `path` ends on: from the namespace's root, into the
+/// mount on the first directory of the path that has one, and so on (a mount on a mount point
+/// is a child of the one it covers).
+pub fn lookup<'a>(mounts: &'a [Mount], path: &Path) -> Option<&'a Mount> {
+    let mut at = (mounts.iter()).find(|m| !mounts.iter().any(|p| p.id == m.parent))?;
+    // A mount table is a tree; the bound guards against one that is not.
+    for _ in 0..mounts.len() {
+        let next = (mounts.iter())
+            .filter(|m| m.parent == at.id && m.id != at.id && path.starts_with(&m.mount_point))
+            .min_by_key(|m| m.mount_point.components().count());
+        match next {
+            Some(next) => at = next,
+            None => break,
+        }
+    }
+    Some(at)
+}
+
 /// Whether a mountinfo text lists an overlay with `upperdir` equal to `upper`. Cheaper than
 /// a full parse: it looks only at the file system type and the options of each line (most mount
 /// namespaces a look reads hold no copy).
@@ -246,6 +306,71 @@ mod tests {
         assert_eq!(of((0, 40)), [Path::new("/p")]);
         assert!(of((0, 99)).is_empty());
         assert!(parse(b"20 1 x / / rw - ext4 /dev/root rw\n").is_empty());
+    }
+
+    /// dockerd's namespace: its shared data root (group 2) at /d, the plugin's propagated
+    /// mount bound on /d/p (a peer), and the overlay (0:50) propagated to both.
+    const DOCKERD: &str = "1 0 8:1 / / rw - ext4 /dev/root rw\n\
+        50 1 8:1 /d /d rw shared:2 - ext4 /dev/root rw\n\
+        51 50 8:1 /d/p /d/p rw shared:2 - ext4 /dev/root rw\n\
+        90 50 0:50 / /d/p/v rw shared:6 - overlay o rw,upperdir=/u,workdir=/w\n\
+        91 51 0:50 / /d/p/v rw shared:6 - overlay o rw,upperdir=/u,workdir=/w\n";
+
+    #[test]
+    fn a_device_shows_where_a_lookup_of_its_mount_point_ends() {
+        let shows = |info: &str| {
+            let parsed = shows_device(&parse(info.as_bytes()), (0, 50));
+            let filtered = text_shows_device(info.as_bytes(), (0, 50));
+            assert_eq!(
+                parsed, filtered,
+                "the filtered text answers otherwise: {info}"
+            );
+            // Mounts elsewhere change nothing.
+            let more = format!(
+                "{info}70 1 0:70 / /d/px rw - tmpfs t rw\n71 50 0:71 / /d/q rw - tmpfs t rw\n"
+            );
+            assert_eq!(
+                text_shows_device(more.as_bytes(), (0, 50)),
+                parsed,
+                "{more}"
+            );
+            parsed
+        };
+        assert!(shows(DOCKERD));
+        // The propagated mount taken away: the copy on the data root is found.
+        assert!(shows(
+            &DOCKERD
+                .replace("51 50 8:1 /d/p /d/p rw shared:2 - ext4 /dev/root rw\n", "")
+                .replace(
+                    "91 51 0:50 / /d/p/v rw shared:6 - overlay o rw,upperdir=/u,workdir=/w\n",
+                    ""
+                )
+        ));
+        // The propagated mount no longer a peer: its plain directory covers the copy below.
+        assert!(!shows(&DOCKERD.replace(
+            "91 51 0:50 / /d/p/v rw shared:6 - overlay o rw,upperdir=/u,workdir=/w\n",
+            ""
+        )));
+        // Something mounted on top of the copies.
+        assert!(!shows(&format!(
+            "{DOCKERD}95 91 0:60 / /d/p/v rw - tmpfs t rw\n"
+        )));
+        // Something mounted on a directory above them, later.
+        assert!(!shows(&format!(
+            "{DOCKERD}96 51 0:61 / /d/p rw - tmpfs t rw\n"
+        )));
+        // No copy at all.
+        assert!(!shows("1 0 8:1 / / rw - ext4 /dev/root rw\n"));
+    }
+
+    #[test]
+    fn a_lookup_ends_on_the_mount_a_path_is_in() {
+        let mounts = parse(DOCKERD.as_bytes());
+        let at = |path: &str| lookup(&mounts, Path::new(path)).map(|m| m.id);
+        assert_eq!(at("/etc"), Some(1));
+        assert_eq!(at("/d/x"), Some(50));
+        assert_eq!(at("/d/p"), Some(51));
+        assert_eq!(at("/d/p/v/deeper"), Some(91));
     }
 
     #[test]
