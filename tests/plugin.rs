@@ -96,9 +96,10 @@ impl Env {
     /// What a container with `volume` at /x sees there (`ls /x`), just after dockerd's restart:
     /// read from the file the container writes into the volume, not from `docker run`'s output.
     ///
-    /// Now and then (in the full suite about once in 40 runs) dockerd 20.10's restart leaves the
-    /// plugin started again with mounts that no longer reach the place dockerd binds volumes
-    /// from: before the plugin checked, containers got the bare `propagated-mount/NAME`. The
+    /// Now and then (once in CI, once in four full runs of the suite here) dockerd 20.10's
+    /// restart leaves the plugin started again with mounts that no longer reach the place
+    /// dockerd binds volumes from: before the plugin checked, containers got the bare
+    /// `propagated-mount/NAME`. The
     /// plugin now refuses that Mount and stops, dockerd starts it again, and the container is
     /// run once more.
     fn ls_after_restart(&self, volume: &str) -> Res<String> {
