@@ -8,6 +8,14 @@ use std::path::Path;
 
 use docker_on_top::sys::{OverlaySpec, RealSys, Sys, SysError};
 
+/// Held by every test here: they run one at a time. Run beside another test's overlay
+/// unmounts, an unmount that dropped the last user sometimes did not see its superblock shut
+/// down before it returned (6 in 100 runs of this binary, none in 60 run one test at a time;
+/// the cause in the kernel is not known). It then says it cannot tell
+/// (`Unmounted::no_copy_left` false), which is safe: the driver makes the full look at the
+/// next Mount. What these tests check is the answer when nothing else unmounts meanwhile.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn layout(dir: &Path) -> OverlaySpec {
     for d in ["lower", "upper", "work", "mnt"] {
         std::fs::create_dir_all(dir.join(d)).unwrap();
@@ -59,16 +67,19 @@ fn mount_roundtrip(sys: &RealSys, parent: &str) {
 
 #[test]
 fn fd_api_mounts_paths_with_separators() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     mount_roundtrip(&RealSys::default(), "a b,c:d\\e");
 }
 
 #[test]
 fn legacy_api_mounts_paths_with_separators() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     mount_roundtrip(&RealSys::new(true), "a b,c:d\\e");
 }
 
 #[test]
 fn busy_unmount_is_reported_not_forced() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     common::private_mount_namespace();
     let tmp = tempfile::tempdir().unwrap();
     let spec = layout(tmp.path());
@@ -89,6 +100,7 @@ fn busy_unmount_is_reported_not_forced() {
 /// every namespace's mount table.
 #[test]
 fn unmount_tells_whether_a_copy_lives_on_elsewhere() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     common::private_mount_namespace();
     let tmp = tempfile::tempdir().unwrap();
     let spec = layout(tmp.path());
@@ -141,6 +153,7 @@ fn unmount_tells_whether_a_copy_lives_on_elsewhere() {
 /// thread's next unmount, with a descriptor free again, makes the instance and can tell again.
 #[test]
 fn unmount_watch_is_made_again_after_it_could_not_be() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     // A whole process: the descriptor limit is the process's.
     if !as_whole_process("unmount_watch_is_made_again_after_it_could_not_be") {
         return;
@@ -203,6 +216,7 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 /// mounted; writing past its size fails with ENOSPC; unmounting it detaches the device.
 #[test]
 fn an_image_caps_what_is_written_and_its_loop_device_goes_with_its_unmount() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     use docker_on_top::options::FsType;
     common::private_mount_namespace();
     let tmp = tempfile::tempdir().unwrap();
@@ -281,6 +295,7 @@ fn an_image_caps_what_is_written_and_its_loop_device_goes_with_its_unmount() {
 /// fails with ENOSPC and leaves no image behind.
 #[test]
 fn a_reserved_image_takes_its_space_or_fails_leaving_nothing() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     use docker_on_top::options::FsType;
     common::private_mount_namespace();
     let tmp = tempfile::tempdir().unwrap();
@@ -407,6 +422,7 @@ fn copies_in(pid: &str, upper: &Path) -> Vec<Option<u64>> {
 /// holder.
 #[test]
 fn a_copy_in_our_peer_group_is_no_holder_and_a_private_one_is() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if !as_whole_process("a_copy_in_our_peer_group_is_no_holder_and_a_private_one_is") {
         return;
     }
@@ -455,6 +471,7 @@ fn a_copy_in_our_peer_group_is_no_holder_and_a_private_one_is() {
 /// ours reaches it: it holds the overlay.
 #[test]
 fn a_bind_of_a_peer_elsewhere_is_a_holder() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if !as_whole_process("a_bind_of_a_peer_elsewhere_is_a_holder") {
         return;
     }
