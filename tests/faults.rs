@@ -203,14 +203,25 @@ fn read_only_state_directory_refuses_changes_clearly_and_recovers() {
 
 // ----- (b) Full state directory ------------------------------------------------------------
 
-/// Fills the filesystem of `dir` with `dir/.filler` (again, if something was freed since:
-/// the janitor deletes what was moved to the trash in the background, so it waits for the
-/// trash to be empty first).
-fn fill(dir: &Path) -> PathBuf {
+/// Fills the file system of the state root with `ROOT/.filler` (again, if something was freed
+/// since). The janitor deletes what was moved to the trash in the background, so this first
+/// waits until it has deleted everything there: until its log says so, for an entry can
+/// vanish from the listing while its unlink, which frees the space, is still under way (a
+/// Create then found room once in 15 runs).
+fn fill(env: &Env) -> PathBuf {
+    let dir = env.seen(&env.root);
     let trash = dir.join(".trash");
-    wait_until(Duration::from_secs(10), "the trash to be emptied", || {
-        names(&trash).is_empty()
-    });
+    let pending: Vec<String> = (names(&trash).into_iter())
+        .map(|n| format!("deleted {:?}", env.root.join(".trash").join(n)))
+        .collect();
+    wait_until(
+        Duration::from_secs(10),
+        "the janitor to empty the trash",
+        || {
+            let logs = env.logs();
+            names(&trash).is_empty() && pending.iter().all(|line| logs.contains(line))
+        },
+    );
     let filler = dir.join(".filler");
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -244,7 +255,7 @@ fn full_state_directory_refuses_changes_clearly_and_recovers() {
     env.assert_not_mounted("p");
 
     let root = env.seen(&env.root);
-    let filler = fill(&root);
+    let filler = fill(&env);
 
     let err = env
         .create("new", &[("base", s(&base))])
@@ -252,7 +263,7 @@ fn full_state_directory_refuses_changes_clearly_and_recovers() {
     println!("full: Create: {err}");
     assert_mentions("Create", &err, &["new", "state directory is full"]);
     for name in ["p", "t"] {
-        fill(&root);
+        fill(&env);
         let err = env
             .mount(name, "b")
             .expect_err("Mount on a full state directory");
