@@ -313,13 +313,13 @@ impl<S: Sys> Driver<S> {
 
     /// Sets what to do when a Mount finds that its client does not see the overlay mounted for
     /// it (called once per such Mount, after the overlay is gone again and before the error is
-    /// answered): `main` stops the daemon. Only with a mount directory (`--mount-dir`) that is a
-    /// shared mount, as the managed plugin's propagated mount is. dockerd 20.10, restarted while the plugin runs, stops
-    /// the plugin and starts it again, and now and then leaves the new one with mounts that do
-    /// not reach where dockerd binds volumes from (likely its `HandleExitEvent`, which unmounts
-    /// everything under the plugin's directory meanwhile). Every later Mount would give
-    /// containers the bare directory; a plugin that stops is started again with a propagated
-    /// mount that works. The first call wins.
+    /// answered): `main` stops the daemon. Only with a mount directory (`--mount-dir`) that is
+    /// a shared mount, as the managed plugin's propagated mount is. dockerd 20.10, restarted
+    /// while the plugin runs, stops the plugin and starts it again, and now and then leaves the
+    /// new one with mounts that do not reach where dockerd binds volumes from (likely its
+    /// `HandleExitEvent`, which unmounts everything under the plugin's directory meanwhile).
+    /// Every later Mount would give containers the bare directory; a plugin that stops is
+    /// started again with a propagated mount that works. The first call wins.
     pub fn on_cut_off(&self, hook: impl Fn() + Send + Sync + 'static) {
         let _ = self.cut_off.set(Box::new(hook));
     }

@@ -395,7 +395,7 @@ impl Sys for RealSys {
             Err(e) if gone(&e) => return Ok(true),
             found => found?,
         };
-        Ok(mountinfo::text_shows_device(&info, dev))
+        Ok(mountinfo::shows_device(&mountinfo::parse(&info), dev))
     }
 
     fn process_start_time(&self, pid: u32) -> Option<u64> {
