@@ -124,12 +124,12 @@ impl Env {
     }
 
     /// Whether the trash holds nothing but what a last Unmount leaves there for the daemon's
-    /// janitor (its record and overlayfs' `work/`, renamed): no discarded changes.
+    /// janitor (overlayfs' `work/`, renamed): no discarded changes.
     fn trash_is_empty(&self) -> bool {
         std::fs::read_dir(self.driver.root().trash())
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .all(|n| n.starts_with("record-") || n.starts_with("work-"))
+            .all(|n| n.starts_with("work-"))
     }
 }
 

@@ -351,17 +351,12 @@ impl<S: Sys> Driver<S> {
                 Ok(())
             }
             plan @ (UnmountPlan::Release | UnmountPlan::ReleaseAndUnmount) => {
-                // The last record into the trash (the janitor deletes it): a rename costs the
-                // request less than deleting a file does.
-                let deleted = if plan == UnmountPlan::ReleaseAndUnmount {
-                    match std::fs::rename(vol.record(id), self.root.trash_slot("record")) {
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-                        result => result,
-                    }
-                } else {
-                    vol.delete_record(id)
-                }
-                .map_err(Self::io_err(name, "deleting the mount record"));
+                // Deleted, not renamed into the trash: the umount2 below syncs the upper's
+                // file system, which would write out the data of a record still there
+                // (BENCHMARKS.md, "The last record").
+                let deleted = vol
+                    .delete_record(id)
+                    .map_err(Self::io_err(name, "deleting the mount record"));
                 log::debug!("volume {name}: mount ID {id} released");
                 failpoint!("unmount.released");
                 if plan == UnmountPlan::ReleaseAndUnmount {
