@@ -418,15 +418,39 @@ pub fn execute_for<S: Sys>(driver: &Driver<S>, call: Call, peer: &Peer) -> Reply
         Call::List => {
             return match driver.list() {
                 Ok(names) => list_reply(&names),
-                Err(err) => Reply::error(500, &err),
+                Err(err) => Reply::error(driver_status(&err), &err),
             };
         }
     };
     match result {
         Ok(body) => Reply::ok(body),
+        Err(err) => Reply::error(driver_status(&err), &err),
+    }
+}
+
+/// The HTTP status of a driver error. dockerd and Podman fail on any status but 200 and show
+/// the `Err` text; the status says in the log whose the fault is: the request's (4xx, logged
+/// at info) or the host's (500, a warning).
+fn driver_status(err: &DriverError) -> u16 {
+    match err {
         // dockerd asks Get before every Create: a missing volume is an everyday answer.
-        Err(err @ DriverError::NoSuchVolume(_)) => Reply::error(404, &err),
-        Err(err) => Reply::error(500, &err),
+        DriverError::NoSuchVolume(_) => 404,
+        DriverError::Options { .. } | DriverError::BaseInVolume { .. } => 400,
+        DriverError::BaseRefused { .. } => 403,
+        // The volume is not in the state the request needs: asked again later, it may pass.
+        DriverError::Conflict { .. }
+        | DriverError::UnknownMountId { .. }
+        | DriverError::HeldElsewhere { .. }
+        | DriverError::Busy { .. }
+        | DriverError::Mounted { .. } => 409,
+        DriverError::Mount { .. }
+        | DriverError::Image { .. }
+        | DriverError::Unmount { .. }
+        | DriverError::Inspect { .. }
+        | DriverError::CutOff { .. }
+        | DriverError::BaseGone { .. }
+        | DriverError::Io { .. }
+        | DriverError::Root { .. } => 500,
     }
 }
 

@@ -14,20 +14,20 @@
 //! installs, enables and starts only the socket; the first `docker volume create` starts the
 //! service; `docker run -v` works; after `systemctl stop docker-on-top.service` the next docker
 //! command starts it again with the data intact; `--idle-timeout` (a drop-in) makes it exit and
-//! come back; `journalctl -u docker-on-top` has the log with priorities (`-p warning`
-//! filters); `systemd-analyze verify` passes for the installed units; the service shares PID 1's
-//! mount namespace, with the unit's capabilities, no new privileges and a system call filter,
-//! and `systemd-analyze security` gives it no worse an exposure score than 4.6; what overlayfs
-//! does with the service's credentials works (a base only its owner may read, whiteouts, opaque
-//! directories, copy-up of owners, set-group-ID bits, file capabilities and device nodes), and
-//! so do the admin commands run from a shell; a volatile volume's changes are kept until the
-//! next mount, then discarded, and the janitor empties the trash; a copy of an overlay held in
-//! another mount namespace is found and refuses the next Mount; the records of a killed
-//! dockerd are released at the next Mount; a reboot (container restart, clean shutdown through
-//! SIGRTMIN+3) stops dockerd before the plugin, starts the socket before dockerd, and leaves the
-//! volumes usable (a `--restart always` container comes back with its volume); `dpkg -r` stops
-//! the units and keeps the volumes; `dpkg -P` keeps a state directory that holds volumes and
-//! removes an empty one.
+//! come back; `journalctl -u docker-on-top` has the log with priorities (`-p warning` shows a Mount
+//! over a deleted base, not a refused Create); `systemd-analyze verify` passes for the installed
+//! units; the service shares PID 1's mount namespace, with the unit's capabilities, no new
+//! privileges and a system call filter, and `systemd-analyze security` gives it no worse an
+//! exposure score than 4.6; what overlayfs does with the service's credentials works (a base only
+//! its owner may read, whiteouts, opaque directories, copy-up of owners, set-group-ID bits, file
+//! capabilities and device nodes), and so do the admin commands run from a shell; a volatile
+//! volume's changes are kept until the next mount, then discarded, and the janitor empties the
+//! trash; a copy of an overlay held in another mount namespace is found and refuses the next Mount;
+//! the records of a killed dockerd are released at the next Mount; a reboot (container restart,
+//! clean shutdown through SIGRTMIN+3) stops dockerd before the plugin, starts the socket before
+//! dockerd, and leaves the volumes usable (a `--restart always` container comes back with its
+//! volume); `dpkg -r` stops the units and keeps the volumes; `dpkg -P` keeps a state directory that
+//! holds volumes and removes an empty one.
 //!
 //! The root filesystem is cached in `/var/cache/docker-on-top-test/` under a key made of the
 //! package list, suite, mirror and recipe version; it is built when missing (about 3 minutes).
@@ -647,20 +647,32 @@ systemctl restart docker-on-top.service"#)?;
 
     report.step("journalctl -u docker-on-top shows the log with priorities", || {
         let m = m()?;
+        // A request that cannot be right is the client's fault: an info line (a 400).
         let out = m.sh("docker volume create --driver docker-on-top -o base=/nonexistent bad")?;
         ensure!(!out.ok, "a volume over a missing base was created");
+        // A base deleted under a volume is the host's: its Mount fails with a warning (a 500).
+        m.ok("mkdir -p /srv/gone-base && docker volume create --driver docker-on-top -o base=/srv/gone-base gone >/dev/null && rmdir /srv/gone-base")?;
+        let out = m.sh(&format!(
+            "docker run --name gone-user --network none -v gone:/x {INNER_IMAGE} true"
+        ))?;
+        ensure!(!out.ok, "a container ran on a volume whose base is gone");
+        m.ok("docker rm -f gone-user >/dev/null && docker volume rm gone >/dev/null")?;
         let all = m.ok("journalctl -u docker-on-top --no-pager -o cat")?;
         ensure!(
             all.contains("serving on /run/docker/plugins/docker-on-top.sock (socket activated)"),
             "the journal lacks the start line: {all}"
         );
+        ensure!(
+            all.contains("/VolumeDriver.Create bad: 400") && all.contains("/nonexistent"),
+            "the journal lacks the refused Create: {all}"
+        );
         let warnings = m.ok("journalctl -u docker-on-top -p warning --no-pager -o cat")?;
         ensure!(
-            warnings.contains("/VolumeDriver.Create bad") && warnings.contains("/nonexistent"),
-            "`journalctl -p warning` lacks the refused Create: {warnings:?}"
+            warnings.contains("/VolumeDriver.Mount gone") && warnings.contains("/srv/gone-base"),
+            "`journalctl -p warning` lacks the Mount over a deleted base: {warnings:?}"
         );
         ensure!(
-            !warnings.contains("serving on"),
+            !warnings.contains("serving on") && !warnings.contains("/VolumeDriver.Create bad"),
             "`journalctl -p warning` shows info lines: {warnings:?}"
         );
         let prios = m.ok(

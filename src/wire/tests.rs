@@ -338,7 +338,8 @@ fn activate_and_capabilities_replies() {
 }
 
 /// Driver errors become replies: a missing volume is a 404 (dockerd's Get before every
-/// Create), anything else a 500; both `{"Err": ...}` with the whole chain of causes.
+/// Create), a request that cannot be right a 400, one the volume's state refuses a 409, a
+/// failure of the host a 500; all `{"Err": ...}` with the whole chain of causes.
 #[test]
 fn driver_errors_map_to_statuses_and_messages() {
     let root = tempfile::tempdir().unwrap();
@@ -356,7 +357,7 @@ fn driver_errors_map_to_statuses_and_messages() {
     assert_eq!(missing.status, 404);
     assert_eq!(missing.error_message(), Some("volume nope does not exist"));
     let bad = create(json!({ "base": base, "volatile": "maybe" }));
-    assert_eq!(bad.status, 500);
+    assert_eq!(bad.status, 400);
     assert_eq!(
         bad.error_message(),
         Some(
@@ -365,7 +366,7 @@ fn driver_errors_map_to_statuses_and_messages() {
     );
     assert_eq!(create(json!({ "base": base })), Reply::ok(json!({})));
     let conflict = create(json!({ "base": base, "volatile": "true" }));
-    assert_eq!(conflict.status, 500);
+    assert_eq!(conflict.status, 409);
     assert!(
         conflict
             .error_message()
@@ -380,7 +381,7 @@ fn driver_errors_map_to_statuses_and_messages() {
         },
         None,
     );
-    assert_eq!(unknown.status, 500);
+    assert_eq!(unknown.status, 409);
     assert!(
         unknown
             .error_message()
@@ -398,6 +399,133 @@ fn driver_errors_map_to_statuses_and_messages() {
     assert_eq!(mounted.status, 200);
     let list = execute(&driver, Call::List, None).encode();
     assert_eq!(list, br#"{"Volumes":[{"Name":"v1"}]}"#);
+}
+
+/// Every driver error's status, row by row: whose fault it is decides (see `driver_status`).
+#[test]
+fn each_driver_error_has_the_status_of_whose_fault_it_is() {
+    let name = vol("v1");
+    let path = PathBuf::from("/p");
+    let id = MountId::parse(ID).unwrap();
+    let io = || std::io::Error::other("cause");
+    let sys = || crate::sys::SysError::Busy;
+    let options = || crate::options::OptionsError::MissingBase;
+    let n = || name.clone();
+    let rows: Vec<(DriverError, u16)> = vec![
+        (DriverError::NoSuchVolume(n()), 404),
+        (
+            DriverError::Options {
+                name: n(),
+                source: options(),
+            },
+            400,
+        ),
+        (
+            DriverError::BaseInVolume {
+                name: n(),
+                base: path.clone(),
+                at: path.clone(),
+            },
+            400,
+        ),
+        (
+            DriverError::BaseRefused {
+                name: n(),
+                source: options(),
+            },
+            403,
+        ),
+        (
+            DriverError::Conflict {
+                name: n(),
+                base: path.clone(),
+                volatile: false,
+                size: None,
+            },
+            409,
+        ),
+        (DriverError::UnknownMountId { name: n(), id }, 409),
+        (
+            DriverError::HeldElsewhere {
+                name: n(),
+                holder: crate::sys::Holder {
+                    pid: 1,
+                    command: "sh".into(),
+                },
+            },
+            409,
+        ),
+        (
+            DriverError::Busy {
+                name: n(),
+                mountpoint: path.clone(),
+            },
+            409,
+        ),
+        (
+            DriverError::Mounted {
+                name: n(),
+                mountpoint: path.clone(),
+                mounts: 1,
+            },
+            409,
+        ),
+        (
+            DriverError::Mount {
+                name: n(),
+                source: sys(),
+            },
+            500,
+        ),
+        (
+            DriverError::Image {
+                name: n(),
+                source: sys(),
+            },
+            500,
+        ),
+        (
+            DriverError::Unmount {
+                name: n(),
+                source: sys(),
+            },
+            500,
+        ),
+        (
+            DriverError::Inspect {
+                name: n(),
+                source: sys(),
+            },
+            500,
+        ),
+        (DriverError::CutOff { name: n(), pid: 1 }, 500),
+        (
+            DriverError::BaseGone {
+                name: n(),
+                base: path.clone(),
+                source: io(),
+            },
+            500,
+        ),
+        (
+            DriverError::Io {
+                name: n(),
+                action: "writing",
+                source: io(),
+            },
+            500,
+        ),
+        (
+            DriverError::Root {
+                root: path.clone(),
+                source: io(),
+            },
+            500,
+        ),
+    ];
+    for (err, status) in rows {
+        assert_eq!(driver_status(&err), status, "{err}");
+    }
 }
 
 fn any_path() -> impl Strategy<Value = String> {
