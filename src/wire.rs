@@ -306,11 +306,66 @@ struct MountBody {
 }
 
 /// Decodes a JSON object into `T`. Derived `Deserialize` would also take an array, reading its
-/// elements as the fields in order; dockerd only ever sends objects.
+/// elements as the fields in order; dockerd only ever sends objects. A key named twice in one
+/// object is refused: which of the two a reader takes differs between JSON parsers (a `Value`
+/// keeps the last, silently), so such a request means nothing certain.
 fn object<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, serde_json::Error> {
+    serde_json::from_slice::<UniqueKeys>(body)?;
     match serde_json::from_slice::<Value>(body)? {
         value @ Value::Object(_) => serde_json::from_value(value),
         _ => Err(serde::de::Error::custom("the body must be a JSON object")),
+    }
+}
+
+/// Any JSON value in which no object names a key twice (keys compared once unescaped).
+struct UniqueKeys;
+
+impl<'de> Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueKeys)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for UniqueKeys {
+    type Value = UniqueKeys;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<UniqueKeys>()?.is_some() {}
+        Ok(self)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        let mut seen = std::collections::BTreeSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            map.next_value::<UniqueKeys>()?;
+            if seen.contains(&key) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "key {key:?} appears twice in one object"
+                )));
+            }
+            seen.insert(key);
+        }
+        Ok(self)
     }
 }
 

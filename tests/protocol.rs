@@ -134,6 +134,16 @@ fn activate_capabilities_and_malformed_requests() {
     let create = json!({ "Name": "v", "Opts": { "base": s(&base) } }).to_string();
     // An array is not an object, even if its items are the fields in order.
     let create_array = json!(["v", { "base": s(&base) }]).to_string();
+    // A key named twice: which one counts differs between parsers.
+    let create_twice = format!(
+        r#"{{"Name":"v","Name":"w","Opts":{{"base":{:?}}}}}"#,
+        s(&base)
+    );
+    let base_twice = format!(
+        r#"{{"Name":"v","Opts":{{"base":{:?},"base":{:?}}}}}"#,
+        s(&base),
+        s(&base)
+    );
     let cases: Vec<(&str, &str, Option<&[u8]>)> = vec![
         ("POST", "/VolumeDriver.Frobnicate", Some(b"{}")),
         ("POST", "/", Some(b"")),
@@ -176,6 +186,12 @@ fn activate_capabilities_and_malformed_requests() {
             Some(b"{\"Name\":\"v\",\"ID\":[]}"),
         ),
         ("POST", "/VolumeDriver.Path", Some(b"\xff\xfe")),
+        (
+            "POST",
+            "/VolumeDriver.Create",
+            Some(create_twice.as_bytes()),
+        ),
+        ("POST", "/VolumeDriver.Create", Some(base_twice.as_bytes())),
     ];
     let mut wrong = Vec::new();
     for (method, path, body) in cases {
