@@ -484,15 +484,16 @@ pub fn execute_for<S: Sys>(driver: &Driver<S>, call: Call, peer: &Peer) -> Reply
 }
 
 /// The HTTP status of a driver error. dockerd and Podman fail on any status but 200 and show
-/// the `Err` text; the status says in the log whose the fault is: the request's (4xx, logged
-/// at info) or the host's (500, a warning).
+/// the `Err` text; the status tells the log whose fault it is: the request's (4xx, logged at
+/// info) or the host's (500, a warning).
 fn driver_status(err: &DriverError) -> u16 {
     match err {
         // dockerd asks Get before every Create: a missing volume is an everyday answer.
         DriverError::NoSuchVolume(_) => 404,
         DriverError::Options { .. } | DriverError::BaseInVolume { .. } => 400,
         DriverError::BaseRefused { .. } => 403,
-        // The volume is not in the state the request needs: asked again later, it may pass.
+        // The volume's state refuses the request (its options, its mounts, its users): the
+        // request may pass once that changes.
         DriverError::Conflict { .. }
         | DriverError::UnknownMountId { .. }
         | DriverError::HeldElsewhere { .. }
