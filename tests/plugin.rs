@@ -99,9 +99,8 @@ impl Env {
     /// Now and then (once in CI, once in four full runs of the suite here) dockerd 20.10's
     /// restart leaves the plugin started again with mounts that no longer reach the place
     /// dockerd binds volumes from: before the plugin checked, containers got the bare
-    /// `propagated-mount/NAME`. The
-    /// plugin now refuses that Mount and stops, dockerd starts it again, and the container is
-    /// run once more.
+    /// `propagated-mount/NAME`. The plugin now refuses that Mount and stops, dockerd starts it
+    /// again, and the container is run once more.
     fn ls_after_restart(&self, volume: &str) -> Res<String> {
         let script = "ls /x > /tmp/seen && cp /tmp/seen /x/seen.txt";
         let before = self.plugin_pids();
